@@ -1,0 +1,112 @@
+"""Load the frozen parts of the stack (MT encoder, LLM, tokenizers) from a folder, a hub id or an inline config."""
+
+from __future__ import annotations
+
+import inspect
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
+
+from mtllm_train.config import ConfigError, ModelConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "uint8": torch.uint8}
+
+
+def _is_local_path(spec: str) -> bool:
+    return spec.startswith(("/", "./", "../", "~")) or Path(spec).exists()
+
+
+def _from_pretrained(loader, spec: str, key: str, **kwargs):
+    """Call `loader.from_pretrained(spec)`, turning "not found" into one line naming the config key."""
+    if _is_local_path(spec) and not Path(spec).expanduser().is_dir():
+        raise ConfigError(f"{key}: {spec!r} is not a folder (expected a model folder or a hub id)")
+    try:
+        return loader.from_pretrained(str(Path(spec).expanduser()) if _is_local_path(spec) else spec, **kwargs)
+    except (OSError, ValueError) as err:
+        cause = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"{key}: cannot load {spec!r}: not a local model folder and not in the local "
+                          f"Hugging Face cache ({cause})") from None
+
+
+def load_tokenizer(spec: str, key: str) -> PreTrainedTokenizerBase:
+    return _from_pretrained(AutoTokenizer, spec, key)
+
+
+def quantization_config(cfg: ModelConfig) -> BitsAndBytesConfig | None:
+    if cfg.quantization == "none":
+        return None
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=cfg.quantization,
+        bnb_4bit_use_double_quant=cfg.quant_double,
+        bnb_4bit_compute_dtype=DTYPES[cfg.quant_compute_dtype],
+        bnb_4bit_quant_storage=DTYPES[cfg.quant_storage_dtype],
+    )
+
+
+def _load_model(spec: str | dict, key: str, cfg: ModelConfig, quantize: bool) -> nn.Module:
+    dtype = DTYPES[cfg.dtype]
+    quant = quantization_config(cfg) if quantize else None
+    if isinstance(spec, str):
+        return _from_pretrained(AutoModel, spec, key, dtype=dtype, quantization_config=quant)
+    spec = dict(spec)
+    model_type = spec.pop("model_type", None)
+    if model_type is None:
+        raise ConfigError(f"{key}: an inline config needs 'model_type' (e.g. llama, gpt2, m2m_100, bert)")
+    try:
+        hf_config = AutoConfig.for_model(model_type, **spec)
+    except ValueError as err:
+        raise ConfigError(f"{key}: {err}") from None
+    # Same seed on every rank: every process builds identical random weights.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.init_seed)
+        model = AutoModel.from_config(hf_config, dtype=dtype)
+    if quant is None:
+        return model
+    # Quantization happens while loading weights, so go through the same from_pretrained path as a real model.
+    with tempfile.TemporaryDirectory() as folder:
+        model.save_pretrained(folder)
+        return AutoModel.from_pretrained(folder, dtype=dtype, quantization_config=quant)
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    module.requires_grad_(False)
+    return module.eval()
+
+
+def build_mt_encoder(cfg: ModelConfig) -> nn.Module:
+    """The encoder of an encoder-decoder (M2M100/NLLB) or an encoder-only model (BERT/XLM-R), frozen."""
+    model = _load_model(cfg.mt_encoder, "model.mt_encoder", cfg, quantize=False)
+    if getattr(model.config, "is_encoder_decoder", False):
+        model = model.get_encoder()
+    return freeze(model)
+
+
+def make_bidirectional(model: nn.Module) -> None:
+    """Turn causal self-attention into full attention (the LLM2Vec setting).
+
+    `config.is_causal = False` makes transformers build a bidirectional (padding-only) mask; kernels that
+    run without a mask (flash-attention, SDPA's fast path) read each attention module's own `is_causal`
+    flag instead, so that is cleared too. tests/test_stack.py checks both with and without a mask.
+    """
+    attention_modules = [m for m in model.modules() if hasattr(m, "is_causal") and isinstance(m, nn.Module)]
+    if not attention_modules:
+        raise ConfigError(f"model.bidirectional: {type(model).__name__} has no attention modules with an "
+                          f"is_causal flag; bidirectional attention is supported for Llama-family and GPT-2 models")
+    model.config.is_causal = False
+    for module in attention_modules:
+        module.is_causal = False
+
+
+def build_llm(cfg: ModelConfig) -> nn.Module:
+    """The English LLM without its LM head, frozen, optionally 4-bit and bidirectional."""
+    model = _load_model(cfg.llm, "model.llm", cfg, quantize=True)
+    if "inputs_embeds" not in inspect.signature(model.forward).parameters:
+        raise ConfigError(f"model.llm: {type(model).__name__} does not accept inputs_embeds; the stack feeds the "
+                          f"projected MT-encoder states to the LLM as inputs_embeds (use e.g. Llama, GPT-2, BERT)")
+    if cfg.bidirectional:
+        make_bidirectional(model)
+    return freeze(model)

@@ -1,0 +1,53 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from mtllm_train.config import load_config  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_CONFIG = ROOT / "configs" / "tiny.yaml"
+
+# A GPT-2 the size of the tiny Llama, sharing its tokenizer (the paper's GPT-2 setting, scaled down).
+TINY_GPT2 = {"model_type": "gpt2", "vocab_size": 2000, "n_embd": 64, "n_layer": 2, "n_head": 4,
+             "n_positions": 1024, "bos_token_id": 1, "eos_token_id": 2}
+
+
+@pytest.fixture(autouse=True)
+def _root_cwd(monkeypatch):
+    # Config paths (tokenizers, shards) are relative to the project root, as for a user of the CLI.
+    monkeypatch.chdir(ROOT)
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def tiny_cfg():
+    return load_config(TINY_CONFIG)
+
+
+TEXTS = [
+    "The river flows through the old town before it reaches the sea.",
+    "Anarchism is a political philosophy that rejects involuntary hierarchy.",
+    "Water boils at a lower temperature high in the mountains.",
+    "She wrote three novels and a book of short stories.",
+]
+
+
+def tokenize_views(cfg, texts=TEXTS):
+    """Both views of `texts` as padded tensors (right padding), the way the trainer feeds the stack."""
+    from mtllm_train.model import load_tokenizer
+
+    llm_tok = load_tokenizer(cfg.model.llm_tokenizer, "model.llm_tokenizer")
+    mt_tok = load_tokenizer(cfg.model.mt_tokenizer, "model.mt_tokenizer")
+    mt_tok.src_lang = "eng_Latn"
+    llm_tok.pad_token, llm_tok.padding_side = llm_tok.eos_token, "right"
+    llm = llm_tok(texts, padding=True, return_tensors="pt")
+    mt = mt_tok(texts, padding=True, return_tensors="pt")
+    return {"mt_input_ids": mt.input_ids, "mt_attention_mask": mt.attention_mask,
+            "llm_input_ids": llm.input_ids, "llm_attention_mask": llm.attention_mask}

@@ -1,0 +1,39 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from mtllm_train.model.tiny_tokenizers import build_tiny_tokenizers
+
+
+def test_help_lists_commands():
+    out = subprocess.run([sys.executable, "-m", "mtllm_train", "--help"], capture_output=True, text=True, check=True)
+    assert "usage: mtllm" in out.stdout and "demo" in out.stdout
+
+
+def test_console_script_is_installed():
+    out = subprocess.run(["mtllm", "--help"], capture_output=True, text=True, check=True,
+                         env={"PATH": f"{sys.prefix}/bin"})
+    assert "usage: mtllm" in out.stdout
+
+
+def test_committed_tiny_tokenizers_rebuild_identically(tmp_path):
+    llm_dir, mt_dir = build_tiny_tokenizers("shards/sample/enwiki_sample.jsonl", tmp_path)
+    for built, committed in ((llm_dir, "configs/tiny/llm_tokenizer"), (mt_dir, "configs/tiny/mt_tokenizer")):
+        assert sorted(p.name for p in built.iterdir()) == ["tokenizer.json", "tokenizer_config.json"]
+        assert (built / "tokenizer.json").read_bytes() == (Path(committed) / "tokenizer.json").read_bytes()
+        # transformers records whether the hub was offline when saving; that is not part of the tokenizer.
+        built_config, committed_config = (json.loads((Path(d) / "tokenizer_config.json").read_text())
+                                          for d in (built, committed))
+        built_config.pop("local_files_only"), committed_config.pop("local_files_only")
+        assert built_config == committed_config
+
+
+def test_tiny_mt_tokenizer_knows_nllb_language_codes():
+    from mtllm_train.model import load_tokenizer
+
+    mt_tok = load_tokenizer("configs/tiny/mt_tokenizer", "model.mt_tokenizer")
+    mt_tok.src_lang = "ell_Grek"
+    ids = mt_tok("Hello").input_ids
+    assert mt_tok.convert_ids_to_tokens(ids)[0] == "ell_Grek" and ids[-1] == mt_tok.eos_token_id
+    assert mt_tok.convert_tokens_to_ids("ell_Latn") == mt_tok.unk_token_id
