@@ -22,6 +22,19 @@ def _tiny_tokenizers(args: argparse.Namespace) -> None:
     print(f"wrote {llm_dir} and {mt_dir}")
 
 
+def _shards_build(args: argparse.Namespace) -> None:
+    from mtllm_train.data.shard_writer import build_shards
+
+    build_shards(args.input, args.out, args.llm_tokenizer, args.mt_tokenizer, args.mt_lang, args.max_length,
+                 args.shard_size, args.workers, args.text_field)
+
+
+def _shards_inspect(args: argparse.Namespace) -> int:
+    from mtllm_train.data.inspect_shards import inspect_shards
+
+    return 1 if inspect_shards(args.dir, args.batch_size, args.group_batches) else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mtllm", description="Self-distillation training of MT-encoder + LLM stacks.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="<command>")
@@ -29,6 +42,25 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="run the end-to-end demo on tiny models (CPU, no model hub)")
     demo.add_argument("--workdir", default="runs/demo", help="where the demo writes its files (default: runs/demo)")
     demo.set_defaults(func=_demo)
+
+    shards = commands.add_parser("shards", help="build and inspect pre-tokenized shards")
+    shard_commands = shards.add_subparsers(dest="shards_command", required=True, metavar="<shards command>")
+    build = shard_commands.add_parser("build", help="pre-tokenize documents into aligned webdataset shards")
+    build.add_argument("--input", nargs="+", required=True, help="jsonl(.gz), parquet or txt files")
+    build.add_argument("--out", required=True, help="output folder (rerun the same command to resume)")
+    build.add_argument("--llm-tokenizer", required=True, help="the LLM's tokenizer (folder or hub id)")
+    build.add_argument("--mt-tokenizer", required=True, help="the MT encoder's tokenizer (folder or hub id)")
+    build.add_argument("--mt-lang", default="eng_Latn", help="source-language code of the MT view (default eng_Latn)")
+    build.add_argument("--max-length", type=int, default=512, help="max tokens per view; both views cover the same text")
+    build.add_argument("--shard-size", type=int, default=10_000, help="documents per shard (default 10000)")
+    build.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1)")
+    build.add_argument("--text-field", default="text", help="the text field/column of jsonl and parquet inputs")
+    build.set_defaults(func=_shards_build)
+    inspect = shard_commands.add_parser("inspect", help="counts, length histograms, padding efficiency, checksums")
+    inspect.add_argument("dir", help="a shard folder with manifest.json")
+    inspect.add_argument("--batch-size", type=int, default=8, help="micro batch size for the padding estimate")
+    inspect.add_argument("--group-batches", type=int, default=16, help="batches per length-grouping buffer")
+    inspect.set_defaults(func=_shards_inspect)
 
     tok = commands.add_parser("tiny-tokenizers", help="train the tiny demo/test tokenizers from an English jsonl")
     tok.add_argument("--corpus", default="shards/sample/enwiki_sample.jsonl", help="jsonl with a 'text' field")
@@ -42,11 +74,10 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        return args.func(args) or 0
     except ConfigError as err:
         print(f"mtllm: error: {err}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ from pathlib import Path
 import torch
 
 from mtllm_train.config import load_config
-from mtllm_train.model import build_stack, fvu, load_tokenizer, mse, trainable_parameters
+from mtllm_train.model.loading import load_tokenizer
+from mtllm_train.model.loss import fvu, mse
+from mtllm_train.model.stack import build_stack, trainable_parameters
 
 SAMPLE = Path("shards/sample/enwiki_sample.jsonl")
 

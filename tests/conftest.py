@@ -41,7 +41,7 @@ TEXTS = [
 
 def tokenize_views(cfg, texts=TEXTS):
     """Both views of `texts` as padded tensors (right padding), the way the trainer feeds the stack."""
-    from mtllm_train.model import load_tokenizer
+    from mtllm_train.model.loading import load_tokenizer
 
     llm_tok = load_tokenizer(cfg.model.llm_tokenizer, "model.llm_tokenizer")
     mt_tok = load_tokenizer(cfg.model.mt_tokenizer, "model.mt_tokenizer")

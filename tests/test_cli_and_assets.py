@@ -30,10 +30,32 @@ def test_committed_tiny_tokenizers_rebuild_identically(tmp_path):
 
 
 def test_tiny_mt_tokenizer_knows_nllb_language_codes():
-    from mtllm_train.model import load_tokenizer
+    from mtllm_train.model.loading import load_tokenizer
 
     mt_tok = load_tokenizer("configs/tiny/mt_tokenizer", "model.mt_tokenizer")
     mt_tok.src_lang = "ell_Grek"
     ids = mt_tok("Hello").input_ids
     assert mt_tok.convert_ids_to_tokens(ids)[0] == "ell_Grek" and ids[-1] == mt_tok.eos_token_id
     assert mt_tok.convert_tokens_to_ids("ell_Latn") == mt_tok.unk_token_id
+
+
+def test_shards_build_and_inspect_commands(tmp_path):
+    corpus = tmp_path / "docs.jsonl"
+    with open("shards/sample/enwiki_sample.jsonl", encoding="utf-8") as lines:
+        corpus.write_text("".join(next(lines) for _ in range(12)))
+    build = [sys.executable, "-m", "mtllm_train", "shards", "build", "--input", str(corpus), "--out",
+             str(tmp_path / "out"), "--llm-tokenizer", "configs/tiny/llm_tokenizer", "--mt-tokenizer",
+             "configs/tiny/mt_tokenizer", "--max-length", "64", "--shard-size", "5"]
+    out = subprocess.run(build, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "3 shards (3 built, 0 kept)" in out.stdout and "12 samples" in out.stdout
+    inspect = subprocess.run([sys.executable, "-m", "mtllm_train", "shards", "inspect", str(tmp_path / "out")],
+                             capture_output=True, text=True)
+    assert inspect.returncode == 0 and "checksums: all match" in inspect.stdout
+    (tmp_path / "out" / "shard-000001.tar").write_bytes(b"garbage")
+    inspect = subprocess.run([sys.executable, "-m", "mtllm_train", "shards", "inspect", str(tmp_path / "out")],
+                             capture_output=True, text=True)
+    assert inspect.returncode == 1 and "CHECKSUM MISMATCH shard-000001.tar" in inspect.stdout
+    bad = subprocess.run(build[:-4] + ["--mt-lang", "ell_Latn"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "language code 'ell_Latn' is not in the MT tokenizer" in bad.stderr
+    assert "Traceback" not in bad.stderr

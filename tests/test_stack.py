@@ -3,7 +3,10 @@ import torch
 
 from conftest import TINY_GPT2, tokenize_views
 from mtllm_train.config import ConfigError
-from mtllm_train.model import build_llm, build_stack, mse, pool, trainable_parameters
+from mtllm_train.model.loading import build_llm
+from mtllm_train.model.loss import mse
+from mtllm_train.model.pooling import pool
+from mtllm_train.model.stack import build_stack, trainable_parameters
 
 
 def _hidden(llm, input_ids, attention_mask):

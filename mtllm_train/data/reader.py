@@ -1,0 +1,174 @@
+"""Stream pre-tokenized shards into padded micro-batches: deterministic, sharded once, resumable.
+
+Per epoch the shard list is permuted by (seed, epoch); shard i goes to rank i % world_size, and a rank's
+j-th shard to its reader worker j % num_workers, so each shard is read by exactly one (rank, worker).
+Every worker yields the same number of batches E per epoch (the smallest any worker of any rank can
+fill, computed from the manifest), so every rank yields the same number of batches and the DataLoader's
+round-robin order is fixed: batch k of a rank's epoch is batch k // W of worker k % W. The state of a
+rank is (epoch, batches consumed); restoring it rotates the workers and skips what was consumed, so the
+restored reader yields exactly the batch an uninterrupted one would have.
+
+Batches are length-grouped: a buffer of `group_batches` batches is sorted by length, cut into batches,
+and the batches are shuffled; each view is padded to its own longest sequence (right padding).
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import weakref
+from collections.abc import Iterator
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from mtllm_train.config import ConfigError
+from mtllm_train.data.manifest import load_manifest
+from mtllm_train.data.tar_reader import iter_samples
+
+
+def collate(samples: list[dict], pad_ids: dict[str, int]) -> dict[str, torch.Tensor]:
+    batch = {}
+    for view in ("mt", "llm"):
+        longest = max(len(s[view]) for s in samples)
+        ids = np.full((len(samples), longest), pad_ids[view], dtype=np.int64)
+        mask = np.zeros((len(samples), longest), dtype=np.int64)
+        for row, sample in enumerate(samples):
+            ids[row, : len(sample[view])] = sample[view]
+            mask[row, : len(sample[view])] = 1
+        batch[f"{view}_input_ids"], batch[f"{view}_attention_mask"] = torch.from_numpy(ids), torch.from_numpy(mask)
+    return batch
+
+
+def epoch_assignment(shards: list[dict], seed: int, epoch: int, world_size: int, num_workers: int) -> list[list[list[dict]]]:
+    """assignment[rank][worker] = the shards that reader reads this epoch, in order."""
+    order = sorted(shards, key=lambda s: s["name"])
+    random.Random(f"shards:{seed}:{epoch}").shuffle(order)
+    assignment = [[[] for _ in range(num_workers)] for _ in range(world_size)]
+    for i, shard in enumerate(order):
+        rank, j = i % world_size, i // world_size
+        assignment[rank][j % num_workers].append(shard)
+    return assignment
+
+
+def batches_per_worker(assignment: list[list[list[dict]]], batch_size: int) -> int:
+    return min(sum(s["samples"] for s in worker) // batch_size for rank in assignment for worker in rank)
+
+
+def _ignore_sigterm(_worker_id: int) -> None:
+    # Preemption is handled by the training processes at a step boundary; workers must not die first.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+class _EpochStream(IterableDataset):
+    """The batches of one rank in one epoch, from `start_batch` on; runs inside each DataLoader worker."""
+
+    def __init__(self, reader: BatchReader, epoch: int, start_batch: int):
+        self.reader, self.epoch, self.start_batch = reader, epoch, start_batch
+
+    def __iter__(self) -> Iterator[dict]:
+        reader = self.reader
+        info = get_worker_info()
+        workers = reader.logical_workers
+        logical = ((info.id if info else 0) + self.start_batch) % workers
+        already = max(0, (self.start_batch - logical + workers - 1) // workers)
+        assignment = epoch_assignment(reader.shards, reader.seed, self.epoch, reader.world_size, workers)
+        per_worker = batches_per_worker(assignment, reader.batch_size)
+        stream = reader.worker_batches(assignment[reader.rank][logical], self.epoch, logical)
+        yield from islice(stream, already, per_worker)
+
+
+class BatchReader:
+    def __init__(self, shards_dir: str, rank: int = 0, world_size: int = 1, batch_size: int = 8, num_workers: int = 1,
+                 seed: int = 0, group_batches: int = 16, skip_bad_samples: bool = False, max_length: int | None = None):
+        self.shards_dir = Path(shards_dir)
+        self.manifest = load_manifest(shards_dir)
+        if max_length is not None and max_length < self.manifest["max_length"]:
+            raise ConfigError(f"data.max_length {max_length} is below the {self.manifest['max_length']} tokens the "
+                              f"shards in {str(shards_dir)!r} were aligned at; rebuild them with --max-length {max_length}")
+        self.shards = self.manifest["shards"]
+        self.pad_ids = {view: self.manifest["tokenizers"][view]["pad_id"] for view in ("llm", "mt")}
+        self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
+        self.num_workers, self.logical_workers = num_workers, max(num_workers, 1)
+        self.seed, self.group_batches, self.skip_bad_samples = seed, group_batches, skip_bad_samples
+        self.epoch, self.batches = 0, 0
+        self.epoch_batches(0)  # fail now, not in the first step, if the data cannot feed every reader
+
+    def epoch_batches(self, epoch: int) -> int:
+        """Batches every rank yields in `epoch` (the same on all ranks)."""
+        assignment = epoch_assignment(self.shards, self.seed, epoch, self.world_size, self.logical_workers)
+        per_worker = batches_per_worker(assignment, self.batch_size)
+        if per_worker == 0:
+            readers = self.world_size * self.logical_workers
+            raise ConfigError(f"shards {str(self.shards_dir)!r}: {len(self.shards)} shards cannot give each of the "
+                              f"{readers} readers (world size x data.num_workers) a batch of {self.batch_size}; "
+                              f"rebuild with a smaller --shard-size or use fewer workers")
+        return per_worker * self.logical_workers
+
+    def worker_batches(self, shards: list[dict], epoch: int, worker: int) -> Iterator[dict]:
+        """Endless length-grouped batches of one worker. A pass over its shards ends in a partial buffer; a
+        second pass only happens when skipped bad samples left the worker short of its E batches."""
+        buffer_size = self.batch_size * self.group_batches
+        for repeat in range(1_000_000):
+            rng = random.Random(f"batches:{self.seed}:{epoch}:{self.rank}:{worker}:{repeat}")
+            buffer, bad = [], []
+            for shard in shards:
+                for sample in iter_samples(self.shards_dir / shard["name"], self.skip_bad_samples, bad):
+                    buffer.append(sample)
+                    if len(buffer) == buffer_size:
+                        yield from self._grouped(buffer, rng, bad)
+                        buffer = []
+            yield from self._grouped(buffer, rng, bad)
+        raise RuntimeError("unreachable: a worker looped over its shards a million times")
+
+    def _grouped(self, buffer: list[dict], rng: random.Random, bad: list) -> Iterator[dict]:
+        buffer.sort(key=lambda s: max(len(s["llm"]), len(s["mt"])))
+        groups = [buffer[i:i + self.batch_size] for i in range(0, len(buffer) - self.batch_size + 1, self.batch_size)]
+        rng.shuffle(groups)
+        for samples in groups:
+            batch = collate(samples, self.pad_ids)
+            batch["keys"] = [s["key"] for s in samples]
+            batch["bad_samples"] = len(bad)
+            bad.clear()
+            yield batch
+
+    def __iter__(self) -> Iterator[dict]:
+        """Endless: epoch after epoch. The state counts a batch as consumed once it is handed out."""
+        batches = self._batches()
+        # Workers ignore SIGTERM, so interpreter exit cannot kill them: close the loader (which stops them
+        # cleanly) before multiprocessing joins its children, also when the caller forgets to.
+        self._finalizer = weakref.finalize(self, batches.close)
+        return batches
+
+    def close(self) -> None:
+        """Stop the reader's worker processes."""
+        if getattr(self, "_finalizer", None) is not None:
+            self._finalizer()
+
+    def _batches(self) -> Iterator[dict]:
+        while True:
+            if self.batches < self.epoch_batches(self.epoch):
+                loader = DataLoader(_EpochStream(self, self.epoch, self.batches), batch_size=None,
+                                    num_workers=self.num_workers, worker_init_fn=_ignore_sigterm if self.num_workers else None,
+                                    prefetch_factor=4 if self.num_workers else None)
+                for batch in loader:
+                    self.batches += 1
+                    yield batch
+            self.epoch, self.batches = self.epoch + 1, 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batches": self.batches, "world_size": self.world_size,
+                "num_workers": self.logical_workers, "seed": self.seed, "batch_size": self.batch_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        layout = {k: state[k] for k in ("world_size", "num_workers", "seed", "batch_size")}
+        ours = {"world_size": self.world_size, "num_workers": self.logical_workers, "seed": self.seed,
+                "batch_size": self.batch_size}
+        if layout != ours:
+            changed = ", ".join(f"{k} {layout[k]} -> {ours[k]}" for k in ours if layout[k] != ours[k])
+            raise ConfigError(f"the data reader's saved position cannot be mapped onto a different layout ({changed}); "
+                              f"resume with the original world size, data.num_workers, run.seed and micro batch size")
+        self.epoch, self.batches = state["epoch"], state["batches"]
