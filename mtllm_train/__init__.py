@@ -1,0 +1,12 @@
+"""mtllm-train: self-distillation training of MT-encoder + LLM stacks (MT-LLMs)."""
+
+import logging
+import warnings
+
+# bitsandbytes tries to fetch an optional CPU kernel from a model hub and falls back to its own; the
+# warning it logs about that is noise on machines without hub access.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+# peft calls a transformers property deprecated in transformers 5; harmless until transformers 6.
+warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+# A 1-process run saves torch.distributed checkpoints without a process group, which is what we want.
+warnings.filterwarnings("ignore", message=r"torch.distributed is disabled, unavailable or uninitialized")

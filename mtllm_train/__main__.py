@@ -15,6 +15,29 @@ def _demo(args: argparse.Namespace) -> None:
     run_demo(args.workdir)
 
 
+def _train(args: argparse.Namespace) -> int:
+    from mtllm_train.config import load_config
+    from mtllm_train.train import NonFiniteError, train
+
+    cfg = load_config(args.config, args.overrides)
+    try:
+        summary = train(cfg)
+    except NonFiniteError as err:
+        print(f"mtllm: stopped: {err}", file=sys.stderr)
+        return 1
+    if summary["is_main"] and summary["losses"]:
+        print(f"steps {summary['start_step']} -> {summary['end_step']}: loss {summary['losses'][0]:.4g} -> "
+              f"{summary['losses'][-1]:.4g}; run in {summary['run_dir']}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> None:
+    from mtllm_train.export import export_run
+
+    out = export_run(args.run, args.out or f"{args.run}/export", args.step)
+    print(f"exported to {out}; load it with mtllm_train.export.load_mtllm({str(out)!r})")
+
+
 def _tiny_tokenizers(args: argparse.Namespace) -> None:
     from mtllm_train.model.tiny_tokenizers import build_tiny_tokenizers
 
@@ -61,6 +84,19 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--batch-size", type=int, default=8, help="micro batch size for the padding estimate")
     inspect.add_argument("--group-batches", type=int, default=16, help="batches per length-grouping buffer")
     inspect.set_defaults(func=_shards_inspect)
+
+    train = commands.add_parser("train", help="stage-1 self-distillation (also under torchrun / deepspeed)")
+    train.add_argument("--config", required=True, help="a YAML config, e.g. configs/tiny.yaml")
+    train.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    # The deepspeed launcher appends --local_rank; LOCAL_RANK in the environment says the same.
+    train.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    train.set_defaults(func=_train)
+
+    export = commands.add_parser("export", help="write a loadable MT-LLM (LoRA adapter, projection, manifest)")
+    export.add_argument("--run", required=True, help="the run folder, e.g. runs/tiny")
+    export.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest complete one)")
+    export.add_argument("--out", default=None, help="output folder (default: RUN/export)")
+    export.set_defaults(func=_export)
 
     tok = commands.add_parser("tiny-tokenizers", help="train the tiny demo/test tokenizers from an English jsonl")
     tok.add_argument("--corpus", default="shards/sample/enwiki_sample.jsonl", help="jsonl with a 'text' field")

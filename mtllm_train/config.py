@@ -159,7 +159,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping of {tp.__name__} keys, got {value!r}")
-        return _from_dict(tp, value, key)
+        return from_dict(tp, value, key)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is int and isinstance(value, bool) or not isinstance(value, tp):
@@ -167,7 +167,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
-def _from_dict(cls: type, data: dict, prefix: str) -> Any:
+def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    """Build dataclass `cls` from a mapping, checking every key and type (prefix names the section)."""
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     for key in data:
@@ -253,7 +254,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             raise ConfigError(f"config file {str(path)!r}: expected a mapping of sections, got {type(data).__name__}")
     for text in overrides:
         apply_override(data, *parse_override(text))
-    return validate(_from_dict(Config, data, ""))
+    return validate(from_dict(Config, data, ""))
 
 
 def dump_config(cfg: Config, path: str | Path) -> None:

@@ -224,3 +224,13 @@ def test_input_formats_and_empty_documents(tmp_path):
 def test_reader_refuses_a_shorter_max_length(shards_80):
     with pytest.raises(ConfigError, match=r"data.max_length 32 is below the 48 tokens"):
         BatchReader(str(shards_80), max_length=32)
+
+
+def test_what_a_step_reads_depends_only_on_the_number_of_readers(shards_80):
+    """1 rank x 2 workers (2 micro-batches a step) and 2 ranks x 1 worker read the same global batches."""
+    one_rank = _read(BatchReader(str(shards_80), batch_size=4, num_workers=2, seed=5), 10)
+    two_ranks = [_read(BatchReader(str(shards_80), rank=r, world_size=2, batch_size=4, num_workers=1, seed=5), 5)
+                 for r in range(2)]
+    for step in range(5):
+        assert one_rank[2 * step]["keys"] == two_ranks[0][step]["keys"]
+        assert one_rank[2 * step + 1]["keys"] == two_ranks[1][step]["keys"]

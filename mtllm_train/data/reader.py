@@ -1,12 +1,13 @@
 """Stream pre-tokenized shards into padded micro-batches: deterministic, sharded once, resumable.
 
-Per epoch the shard list is permuted by (seed, epoch); shard i goes to rank i % world_size, and a rank's
-j-th shard to its reader worker j % num_workers, so each shard is read by exactly one (rank, worker).
-Every worker yields the same number of batches E per epoch (the smallest any worker of any rank can
-fill, computed from the manifest), so every rank yields the same number of batches and the DataLoader's
-round-robin order is fixed: batch k of a rank's epoch is batch k // W of worker k % W. The state of a
-rank is (epoch, batches consumed); restoring it rotates the workers and skips what was consumed, so the
-restored reader yields exactly the batch an uninterrupted one would have.
+There are R = world_size x num_workers readers; reader g = rank * num_workers + worker. Per epoch the shard
+list is permuted by (seed, epoch) and shard i goes to reader i % R, so each shard is read by exactly one
+(rank, worker), and what reader g reads depends only on R, not on how R splits into ranks and workers.
+Every reader yields the same number of batches E per epoch (the smallest any reader can fill, computed
+from the manifest), so every rank yields the same number of batches and the DataLoader's round-robin
+order is fixed: batch k of a rank's epoch is batch k // W of its worker k % W. The state of a rank is
+(epoch, batches consumed); restoring it rotates the workers and skips what was consumed, so the restored
+reader yields exactly the batch an uninterrupted one would have.
 
 Batches are length-grouped: a buffer of `group_batches` batches is sorted by length, cut into batches,
 and the batches are shuffled; each view is padded to its own longest sequence (right padding).
@@ -43,19 +44,15 @@ def collate(samples: list[dict], pad_ids: dict[str, int]) -> dict[str, torch.Ten
     return batch
 
 
-def epoch_assignment(shards: list[dict], seed: int, epoch: int, world_size: int, num_workers: int) -> list[list[list[dict]]]:
-    """assignment[rank][worker] = the shards that reader reads this epoch, in order."""
+def epoch_assignment(shards: list[dict], seed: int, epoch: int, readers: int) -> list[list[dict]]:
+    """assignment[g] = the shards reader g reads this epoch, in order."""
     order = sorted(shards, key=lambda s: s["name"])
     random.Random(f"shards:{seed}:{epoch}").shuffle(order)
-    assignment = [[[] for _ in range(num_workers)] for _ in range(world_size)]
-    for i, shard in enumerate(order):
-        rank, j = i % world_size, i // world_size
-        assignment[rank][j % num_workers].append(shard)
-    return assignment
+    return [order[g::readers] for g in range(readers)]
 
 
-def batches_per_worker(assignment: list[list[list[dict]]], batch_size: int) -> int:
-    return min(sum(s["samples"] for s in worker) // batch_size for rank in assignment for worker in rank)
+def batches_per_reader(assignment: list[list[dict]], batch_size: int) -> int:
+    return min(sum(s["samples"] for s in shards) // batch_size for shards in assignment)
 
 
 def _ignore_sigterm(_worker_id: int) -> None:
@@ -75,10 +72,10 @@ class _EpochStream(IterableDataset):
         workers = reader.logical_workers
         logical = ((info.id if info else 0) + self.start_batch) % workers
         already = max(0, (self.start_batch - logical + workers - 1) // workers)
-        assignment = epoch_assignment(reader.shards, reader.seed, self.epoch, reader.world_size, workers)
-        per_worker = batches_per_worker(assignment, reader.batch_size)
-        stream = reader.worker_batches(assignment[reader.rank][logical], self.epoch, logical)
-        yield from islice(stream, already, per_worker)
+        assignment = epoch_assignment(reader.shards, reader.seed, self.epoch, reader.readers)
+        per_reader = batches_per_reader(assignment, reader.batch_size)
+        g = reader.rank * workers + logical
+        yield from islice(reader.reader_batches(assignment[g], self.epoch, g), already, per_reader)
 
 
 class BatchReader:
@@ -93,27 +90,26 @@ class BatchReader:
         self.pad_ids = {view: self.manifest["tokenizers"][view]["pad_id"] for view in ("llm", "mt")}
         self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
         self.num_workers, self.logical_workers = num_workers, max(num_workers, 1)
+        self.readers = world_size * self.logical_workers
         self.seed, self.group_batches, self.skip_bad_samples = seed, group_batches, skip_bad_samples
         self.epoch, self.batches = 0, 0
         self.epoch_batches(0)  # fail now, not in the first step, if the data cannot feed every reader
 
     def epoch_batches(self, epoch: int) -> int:
         """Batches every rank yields in `epoch` (the same on all ranks)."""
-        assignment = epoch_assignment(self.shards, self.seed, epoch, self.world_size, self.logical_workers)
-        per_worker = batches_per_worker(assignment, self.batch_size)
-        if per_worker == 0:
-            readers = self.world_size * self.logical_workers
+        per_reader = batches_per_reader(epoch_assignment(self.shards, self.seed, epoch, self.readers), self.batch_size)
+        if per_reader == 0:
             raise ConfigError(f"shards {str(self.shards_dir)!r}: {len(self.shards)} shards cannot give each of the "
-                              f"{readers} readers (world size x data.num_workers) a batch of {self.batch_size}; "
+                              f"{self.readers} readers (world size x data.num_workers) a batch of {self.batch_size}; "
                               f"rebuild with a smaller --shard-size or use fewer workers")
-        return per_worker * self.logical_workers
+        return per_reader * self.logical_workers
 
-    def worker_batches(self, shards: list[dict], epoch: int, worker: int) -> Iterator[dict]:
-        """Endless length-grouped batches of one worker. A pass over its shards ends in a partial buffer; a
-        second pass only happens when skipped bad samples left the worker short of its E batches."""
+    def reader_batches(self, shards: list[dict], epoch: int, reader: int) -> Iterator[dict]:
+        """Endless length-grouped batches of reader g. A pass over its shards ends in a partial buffer; a
+        second pass only happens when skipped bad samples left the reader short of its E batches."""
         buffer_size = self.batch_size * self.group_batches
         for repeat in range(1_000_000):
-            rng = random.Random(f"batches:{self.seed}:{epoch}:{self.rank}:{worker}:{repeat}")
+            rng = random.Random(f"batches:{self.seed}:{epoch}:{reader}:{repeat}")
             buffer, bad = [], []
             for shard in shards:
                 for sample in iter_samples(self.shards_dir / shard["name"], self.skip_bad_samples, bad):
@@ -122,7 +118,7 @@ class BatchReader:
                         yield from self._grouped(buffer, rng, bad)
                         buffer = []
             yield from self._grouped(buffer, rng, bad)
-        raise RuntimeError("unreachable: a worker looped over its shards a million times")
+        raise RuntimeError("unreachable: a reader looped over its shards a million times")
 
     def _grouped(self, buffer: list[dict], rng: random.Random, bad: list) -> Iterator[dict]:
         buffer.sort(key=lambda s: max(len(s["llm"]), len(s["mt"])))
@@ -151,8 +147,11 @@ class BatchReader:
     def _batches(self) -> Iterator[dict]:
         while True:
             if self.batches < self.epoch_batches(self.epoch):
+                # Its own generator: a DataLoader otherwise draws a seed from the global RNG, which would shift
+                # the training's dropout stream depending on when the loader was (re)created.
                 loader = DataLoader(_EpochStream(self, self.epoch, self.batches), batch_size=None,
-                                    num_workers=self.num_workers, worker_init_fn=_ignore_sigterm if self.num_workers else None,
+                                    num_workers=self.num_workers, generator=torch.Generator().manual_seed(self.seed),
+                                    worker_init_fn=_ignore_sigterm if self.num_workers else None,
                                     prefetch_factor=4 if self.num_workers else None)
                 for batch in loader:
                     self.batches += 1

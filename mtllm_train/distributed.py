@@ -1,0 +1,136 @@
+"""Process group set-up and the one small interface over the backends: none, ddp, fsdp (FSDP2), deepspeed.
+
+Every rank builds the same stack (same files, same init seed), so nothing is broadcast at wrap time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from mtllm_train.config import Config, ConfigError
+from mtllm_train.model.loading import DTYPES
+
+
+@dataclass
+class Dist:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_distributed(cfg: Config) -> Dist:
+    """Read torchrun / deepspeed-launcher variables; a lone process gets a 1-rank group when a backend needs one."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    backend = cfg.distributed.backend
+    if backend == "none" and world_size > 1:
+        raise ConfigError(f"distributed.backend: 'none' cannot run on {world_size} processes; use ddp, fsdp or deepspeed")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if backend != "none" and not dist.is_initialized():
+        if "MASTER_ADDR" not in os.environ:
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1",
+                              LOCAL_RANK="0")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=timedelta(minutes=cfg.distributed.timeout_minutes))
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return Dist(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def all_reduce(tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=op)
+    return tensor
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def repeated_layers(module: nn.Module) -> nn.ModuleList:
+    """The transformer blocks of an LLM: the ModuleList holding the most parameters."""
+    lists = [m for m in module.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    if not lists:
+        raise ConfigError(f"{type(module).__name__}: no list of transformer layers found to shard")
+    return max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
+
+
+def wrap_model(stack: nn.Module, cfg: Config, dist_info: Dist) -> nn.Module:
+    """DDP or FSDP2 around the stack (DeepSpeed wraps in deepspeed_engine). The frozen encoder stays replicated."""
+    backend = cfg.distributed.backend
+    if backend == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        device_ids = [dist_info.local_rank] if dist_info.device.type == "cuda" else None
+        return DDP(stack, device_ids=device_ids, init_sync=False, forward_sync_buffers=False)
+    if backend == "fsdp":
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        bf16 = cfg.distributed.mixed_precision == "bf16"
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
+                                      reduce_dtype=DTYPES[cfg.distributed.fsdp_reduce_dtype] if bf16 else None)
+        for layer in repeated_layers(stack.llm):
+            fully_shard(layer, mp_policy=policy)
+        fully_shard(stack, mp_policy=policy, ignored_params=set(stack.mt_encoder.parameters()))
+    return stack
+
+
+def deepspeed_config(cfg: Config, accumulation: int) -> dict:
+    if cfg.distributed.deepspeed_config:
+        with open(cfg.distributed.deepspeed_config) as handle:
+            ds_config = json.load(handle)
+    else:
+        ds_config = {"zero_optimization": {"stage": cfg.distributed.zero_stage},
+                     "bf16": {"enabled": cfg.distributed.mixed_precision == "bf16"}}
+    # Batch geometry, clipping and logging always come from our config, so they cannot disagree.
+    ds_config.update(train_micro_batch_size_per_gpu=cfg.data.micro_batch_size,
+                     gradient_accumulation_steps=accumulation, train_batch_size=cfg.train.global_batch_size,
+                     gradient_clipping=cfg.train.grad_clip, steps_per_print=10**9, zero_allow_untested_optimizer=True)
+    return ds_config
+
+
+def deepspeed_engine(stack: nn.Module, optimizer, scheduler_fn, cfg: Config, accumulation: int):
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(model=stack, optimizer=optimizer, lr_scheduler=scheduler_fn,
+                                           config=deepspeed_config(cfg, accumulation), dist_init_required=False)
+    return engine
+
+
+def gradient_sync(model: nn.Module, backend: str, sync: bool):
+    """Skip the gradient all-reduce on all but the last micro-batch of an accumulation."""
+    if backend == "ddp" and not sync:
+        return model.no_sync()
+    if backend == "fsdp":
+        model.set_requires_gradient_sync(sync)
+    return contextlib.nullcontext()

@@ -1,0 +1,138 @@
+"""`mtllm export`: turn a checkpoint into a self-contained MT-LLM folder, and load one back with one call.
+
+DIR/
+    mtllm.json                 how to rebuild the frozen parts: encoder and LLM ids / paths / inline configs,
+                               quantization, LoRA settings, pooling; plus the source run and step
+    adapter/                   the LoRA adapter in peft's format (adapter_config.json, adapter_model.safetensors)
+    projection.safetensors     U's weight and bias
+    tokenizers/llm, tokenizers/mt
+
+    >>> from mtllm_train.export import load_mtllm
+    >>> mtllm = load_mtllm("runs/tiny/export")
+    >>> vectors = mtllm.embed(["Ein Satz auf Deutsch."], lang="deu_Latn")
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from peft import set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+
+from mtllm_train.checkpoint import complete_checkpoints, read_meta
+from mtllm_train.config import ConfigError, ModelConfig, from_dict, load_config, to_dict
+from mtllm_train.data.views import pad_id, set_source_language
+from mtllm_train.model.loading import load_tokenizer
+from mtllm_train.model.stack import MTLLM, build_stack
+
+EXPORT_VERSION = 1
+
+
+def _checkpoint(run_dir: Path, step: int | None) -> Path:
+    checkpoints = dict(complete_checkpoints(run_dir))
+    if not checkpoints:
+        raise ConfigError(f"--run {run_dir}: no complete checkpoint (train first, or check the run folder)")
+    if step is None:
+        return checkpoints[max(checkpoints)]
+    if step not in checkpoints:
+        raise ConfigError(f"--step {step}: no complete checkpoint at that step in {run_dir} "
+                          f"(available: {', '.join(map(str, sorted(checkpoints)))})")
+    return checkpoints[step]
+
+
+def load_trained_stack(run_dir: Path, step: int | None = None) -> tuple[MTLLM, ModelConfig, dict]:
+    """The run's stack with the trainable weights of a checkpoint, in this (single) process."""
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"--run {run_dir}: not a run folder (no config.yaml)")
+    cfg = load_config(run_dir / "config.yaml")
+    path = _checkpoint(run_dir, step)
+    meta = read_meta(path)
+    stack = build_stack(cfg.model)
+    options = StateDictOptions(ignore_frozen_params=True)
+    if meta["backend"] == "deepspeed":
+        trained = load_file(str(path / "trainable.safetensors"))
+    else:
+        trained = get_model_state_dict(stack, options=options)
+        dcp.load({"model": trained}, checkpoint_id=str(path / "state"))
+    expected = set(get_model_state_dict(stack, options=options))
+    if set(trained) != expected:
+        raise ConfigError(f"checkpoint {path}: its trainable parameters do not match the run's stack "
+                          f"({len(set(trained) ^ expected)} names differ)")
+    set_model_state_dict(stack, trained, options=StateDictOptions(ignore_frozen_params=True, strict=False))
+    return stack.eval(), cfg.model, meta
+
+
+def export_run(run: str, out: str, step: int | None = None) -> Path:
+    run_dir, out_dir = Path(run), Path(out)
+    stack, model_cfg, meta = load_trained_stack(run_dir, step)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+    stack.llm.save_pretrained(str(out_dir / "adapter"))
+    save_file({"weight": stack.projection.weight.detach().contiguous(), "bias": stack.projection.bias.detach()},
+              str(out_dir / "projection.safetensors"))
+    model = to_dict(model_cfg)
+    for view, spec in (("llm", model_cfg.llm), ("mt", model_cfg.mt_encoder)):
+        name = model[f"{view}_tokenizer"] or spec
+        load_tokenizer(name, f"model.{view}_tokenizer").save_pretrained(str(out_dir / "tokenizers" / view))
+        model[f"{view}_tokenizer"] = f"tokenizers/{view}"
+    manifest = {"format_version": EXPORT_VERSION, "model": model, "run": str(run_dir), "step": meta["step"],
+                "backend": meta["backend"]}
+    (out_dir / "mtllm.json").write_text(json.dumps(manifest, indent=1))
+    return out_dir
+
+
+class MTLLMEmbedder:
+    """A loaded MT-LLM: embed text in any language the MT encoder knows (the student path)."""
+
+    def __init__(self, stack: MTLLM, llm_tokenizer, mt_tokenizer, max_length: int = 512):
+        self.stack, self.llm_tokenizer, self.mt_tokenizer = stack, llm_tokenizer, mt_tokenizer
+        self.max_length = max_length
+
+    def _tokenize(self, tokenizer, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        tokenizer.padding_side = "right"
+        encoded = tokenizer(texts, truncation=True, max_length=self.max_length)
+        longest = max(len(ids) for ids in encoded["input_ids"])
+        ids = torch.full((len(texts), longest), pad_id(tokenizer), dtype=torch.long)
+        mask = torch.zeros((len(texts), longest), dtype=torch.long)
+        for row, sequence in enumerate(encoded["input_ids"]):
+            ids[row, : len(sequence)] = torch.tensor(sequence)
+            mask[row, : len(sequence)] = 1
+        return ids, mask
+
+    @torch.no_grad()
+    def embed(self, texts: list[str], lang: str | None = "eng_Latn", batch_size: int = 32) -> torch.Tensor:
+        set_source_language(self.mt_tokenizer, lang)
+        out = [self.stack.student_pooled(*self._tokenize(self.mt_tokenizer, texts[i:i + batch_size]))
+               for i in range(0, len(texts), batch_size)]
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def embed_teacher(self, texts: list[str], batch_size: int = 32) -> torch.Tensor:
+        """The LLM alone (adapters off) on its own tokenization: the stage-1 target for English text."""
+        out = [self.stack.teacher_pooled(*self._tokenize(self.llm_tokenizer, texts[i:i + batch_size]))
+               for i in range(0, len(texts), batch_size)]
+        return torch.cat(out)
+
+
+def load_mtllm(path: str | Path) -> MTLLMEmbedder:
+    path = Path(path)
+    if not (path / "mtllm.json").is_file():
+        raise ConfigError(f"{path}: not an exported MT-LLM (no mtllm.json); create one with `mtllm export`")
+    manifest = json.loads((path / "mtllm.json").read_text())
+    model = dict(manifest["model"])
+    for view in ("llm", "mt"):
+        model[f"{view}_tokenizer"] = str(path / model[f"{view}_tokenizer"])
+    model_cfg = from_dict(ModelConfig, model, "model")
+    stack = build_stack(model_cfg)
+    set_peft_model_state_dict(stack.llm, load_file(str(path / "adapter" / "adapter_model.safetensors")))
+    projection = load_file(str(path / "projection.safetensors"))
+    stack.projection.load_state_dict(projection)
+    llm_tokenizer = load_tokenizer(model_cfg.llm_tokenizer, "llm tokenizer")
+    mt_tokenizer = load_tokenizer(model_cfg.mt_tokenizer, "mt tokenizer")
+    return MTLLMEmbedder(stack.eval(), llm_tokenizer, mt_tokenizer)

@@ -1,0 +1,97 @@
+"""Per-step metrics: metrics.jsonl, W&B and a progress bar, all on rank 0; FLOP count for MFU."""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from mtllm_train.config import LoggingConfig
+
+# Dense bf16 peak FLOP/s per GPU, by the name torch reports.
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
+
+
+def parameter_count(module: torch.nn.Module) -> int:
+    """Parameters of a (possibly 4-bit or sharded) module, counting logical weights, not stored bytes."""
+    total = 0
+    for p in module.parameters():
+        shape = getattr(p, "quant_state", None)
+        total += shape.shape.numel() if shape is not None else p.numel()
+    return total
+
+
+def step_flops(llm_params: int, encoder_params: int, computed_llm_tokens: int, computed_mt_tokens: int) -> float:
+    """FLOPs of one step from 2*N per token for a forward pass (linear layers; attention scores ignored):
+
+        teacher forward (LLM on its own tokens)          2 * N_llm * T_llm
+        encoder forward (frozen, no backward)            2 * N_enc * T_mt
+        student LLM forward                              2 * N_llm * T_mt
+        student backward: activation gradients through
+        the frozen LLM (LoRA weight gradients negligible) 2 * N_llm * T_mt
+
+    T are computed (padded) token counts, since padding costs compute too.
+    """
+    return 2 * llm_params * computed_llm_tokens + 2 * encoder_params * computed_mt_tokens \
+        + 4 * llm_params * computed_mt_tokens
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+class MetricsLogger:
+    """Writes one JSON object per optimizer step; only the main rank writes anything."""
+
+    def __init__(self, run_dir: Path, cfg: LoggingConfig, enabled: bool, start_step: int, total_steps: int,
+                 wandb_id: str | None, config: dict):
+        self.enabled, self.cfg = enabled, cfg
+        self.file = (run_dir / "metrics.jsonl").open("a") if enabled else None
+        self.wandb_run = None
+        self.wandb_id = wandb_id
+        if enabled and cfg.wandb != "disabled":
+            import wandb
+
+            self.wandb_id = wandb_id or wandb.util.generate_id()
+            self.wandb_run = wandb.init(project=cfg.project, entity=cfg.entity or None, name=run_dir.name,
+                                        id=self.wandb_id, resume="allow", mode=cfg.wandb, dir=str(run_dir),
+                                        config=config)
+        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
+                        disable=not (enabled and cfg.progress_bar), file=sys.stderr)
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{record['loss']:.4g}", lr=f"{record['lr']:.2e}")
+        if record["step"] % self.cfg.every:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.wandb_run is not None:
+            self.wandb_run.log(record, step=record["step"])
+
+    def message(self, text: str) -> None:
+        if self.enabled:
+            self.bar.write(text)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self.bar.close()
+        self.file.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
