@@ -51,3 +51,41 @@ def tokenize_views(cfg, texts=TEXTS):
     mt = mt_tok(texts, padding=True, return_tensors="pt")
     return {"mt_input_ids": mt.input_ids, "mt_attention_mask": mt.attention_mask,
             "llm_input_ids": llm.input_ids, "llm_attention_mask": llm.attention_mask}
+
+
+def build_train_shards(out, n_docs=160, max_length=48, shard_size=10):
+    """Shards of the first `n_docs` sample documents: 16 shards of 10 by default."""
+    from mtllm_train.data.shard_writer import build_shards
+
+    corpus = Path(out).with_suffix(".jsonl")
+    with open(ROOT / "shards/sample/enwiki_sample.jsonl", encoding="utf-8") as lines:
+        corpus.write_text("".join(line for _, line in zip(range(n_docs), lines)))
+    build_shards([str(corpus)], str(out), "configs/tiny/llm_tokenizer", "configs/tiny/mt_tokenizer", "eng_Latn",
+                 max_length, shard_size, 1, progress=False)
+    return Path(out)
+
+
+@pytest.fixture(scope="session")
+def train_shards(tmp_path_factory):
+    return build_train_shards(tmp_path_factory.mktemp("train_shards") / "shards")
+
+
+def train_overrides(run_dir, shards, **extra):
+    """The tiny config made small: micro batch 4, global batch 8, 16 steps, a checkpoint every 4."""
+    values = {"run.dir": str(run_dir), "data.shards": str(shards), "data.max_length": 48,
+              "data.micro_batch_size": 4, "train.global_batch_size": 8, "train.steps": 16, "checkpoint.every": 4,
+              "logging.progress_bar": False, "data.length_group_batches": 4, **extra}
+    return [f"{key}={value}" for key, value in values.items()]
+
+
+def trained_weights(run_dir, step=None):
+    from mtllm_train.export import load_trained_stack
+
+    stack, _, _ = load_trained_stack(Path(run_dir), step)
+    return {name: p.detach().clone() for name, p in stack.named_parameters() if p.requires_grad}
+
+
+def read_metrics(run_dir):
+    import json
+
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]

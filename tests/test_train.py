@@ -1,0 +1,132 @@
+"""The stage-1 trainer in one process (backend none): training, checkpoints, resume, NaN, bad input."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+import mtllm_train.train as train_module
+from conftest import read_metrics, trained_weights, train_overrides
+from mtllm_train.checkpoint import COMMIT, complete_checkpoints
+from mtllm_train.config import ConfigError, load_config
+from mtllm_train.export import export_run, load_mtllm, load_trained_stack
+from mtllm_train.train import NonFiniteError, train
+
+METRIC_KEYS = {"step", "loss", "fvu", "lr", "grad_norm", "seqs_per_s", "llm_tokens_per_s", "mt_tokens_per_s",
+               "padding_efficiency", "data_wait_frac", "peak_mem_gb", "bad_samples", "epoch"}
+
+
+def _cfg(tmp_path, shards, name, **extra):
+    return load_config("configs/tiny.yaml", train_overrides(tmp_path, shards, **{"run.name": name, **extra}))
+
+
+def test_training_logs_checkpoints_and_exports(tmp_path, train_shards):
+    summary = train(_cfg(tmp_path, train_shards, "a", **{"train.steps": 24}))
+    run_dir = tmp_path / "a"
+    losses = summary["losses"]
+    assert summary["end_step"] == 24 and sum(losses[-4:]) < 0.5 * sum(losses[:4]), losses
+    metrics = read_metrics(run_dir)
+    assert [m["step"] for m in metrics] == list(range(1, 25))
+    assert METRIC_KEYS <= metrics[0].keys() and metrics[0]["loss"] == pytest.approx(losses[0])
+    assert 0 < metrics[-1]["padding_efficiency"] <= 1 and metrics[-1]["lr"] < metrics[5]["lr"]
+    # Warmup 10% of 24 steps = 2 steps: lr rises to its peak at step 2, then decays linearly.
+    assert metrics[0]["lr"] == pytest.approx(1.5e-3) and metrics[1]["lr"] == pytest.approx(3e-3)
+    assert load_config(run_dir / "config.yaml") == _cfg(tmp_path, train_shards, "a", **{"train.steps": 24})
+    assert [step for step, _ in complete_checkpoints(run_dir)] == [20, 24]  # keep_last 2
+    # Only trainable parameters (and their optimizer state) are saved, never the frozen base.
+    import torch.distributed.checkpoint as dcp
+
+    saved = dcp.FileSystemReader(str(run_dir / "checkpoints/step_00000024/state")).read_metadata().state_dict_metadata
+    stack, _, _ = load_trained_stack(run_dir)
+    trainable = {name for name, p in stack.named_parameters() if p.requires_grad}
+    assert {key[len("model."):] for key in saved if key.startswith("model.")} == trainable
+    assert all(key.startswith(("model.", "optim.")) for key in saved)
+    assert any(key.startswith("optim.state.projection.weight.exp_avg") for key in saved)
+    # Export and load back with one call: the loaded MT-LLM embeds like the trained stack.
+    export = export_run(str(run_dir), str(tmp_path / "export"))
+    mtllm = load_mtllm(export)
+    texts = ["The old town lies by the river.", "Water boils at a lower temperature in the mountains."]
+    embedded = mtllm.embed(texts, lang="eng_Latn")
+    ids, mask = mtllm._tokenize(mtllm.mt_tokenizer, texts)
+    with torch.no_grad():
+        torch.testing.assert_close(embedded, stack.student_pooled(ids, mask))
+    assert embedded.shape == (2, 64) and not torch.equal(embedded, mtllm.embed(texts, lang="deu_Latn"))
+
+
+def _preempt_at(monkeypatch, step):
+    calls = {"n": 0}
+
+    def agreed(self, device):
+        calls["n"] += 1
+        return calls["n"] == step
+
+    monkeypatch.setattr(train_module.Preemption, "agreed", agreed)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_preempted_and_resumed_run_is_bit_identical(tmp_path, train_shards, monkeypatch, num_workers):
+    extra = {"data.num_workers": num_workers}
+    train(_cfg(tmp_path, train_shards, "straight", **extra))
+    with monkeypatch.context() as patch:
+        _preempt_at(patch, 7)
+        summary = train(_cfg(tmp_path, train_shards, "preempted", **extra))
+    assert summary["preempted"] and summary["end_step"] == 7
+    assert [s for s, _ in complete_checkpoints(tmp_path / "preempted")][-1] == 7
+    resumed = train(_cfg(tmp_path, train_shards, "preempted", **extra))
+    assert (resumed["start_step"], resumed["end_step"]) == (7, 16)
+    straight, preempted = trained_weights(tmp_path / "straight"), trained_weights(tmp_path / "preempted")
+    assert straight.keys() == preempted.keys()
+    assert all(torch.equal(straight[name], preempted[name]) for name in straight)
+    assert [m["loss"] for m in read_metrics(tmp_path / "straight")] == [m["loss"] for m in read_metrics(tmp_path / "preempted")]
+
+
+def test_checkpoint_without_commit_marker_is_skipped(tmp_path, train_shards):
+    train(_cfg(tmp_path, train_shards, "r", **{"train.steps": 8}))
+    checkpoints = tmp_path / "r" / "checkpoints"
+    shutil.copytree(checkpoints / "step_00000008", checkpoints / "step_00000012")
+    (checkpoints / "step_00000012" / COMMIT).unlink()  # a save that died before its marker
+    summary = train(_cfg(tmp_path, train_shards, "r", **{"train.steps": 16}))
+    assert summary["start_step"] == 8 and summary["end_step"] == 16
+    assert [s for s, _ in complete_checkpoints(tmp_path / "r")] == [12, 16]
+    assert (checkpoints / "step_00000012" / COMMIT).is_file()
+
+
+def test_non_finite_loss_stops_the_run_and_leaves_no_nan_checkpoint(tmp_path, train_shards, monkeypatch):
+    calls = {"n": 0}
+    real = train_module.squared_error
+
+    def poisoned(student, teacher):
+        calls["n"] += 1
+        errors = real(student, teacher)
+        return errors * float("nan") if calls["n"] > 12 else errors  # 2 micro-batches a step: step 7 is bad
+
+    monkeypatch.setattr(train_module, "squared_error", poisoned)
+    with pytest.raises(NonFiniteError, match=r"step 7: the loss is nan; the step was not applied"):
+        train(_cfg(tmp_path, train_shards, "nan"))
+    assert [s for s, _ in complete_checkpoints(tmp_path / "nan")] == [4]
+    assert all(torch.isfinite(p).all() for p in trained_weights(tmp_path / "nan").values())
+    assert len(read_metrics(tmp_path / "nan")) == 6
+
+
+def test_resume_with_another_world_size_is_refused(tmp_path, train_shards):
+    train(_cfg(tmp_path, train_shards, "w", **{"train.steps": 4}))
+    meta_path = tmp_path / "w" / "checkpoints" / "step_00000004" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "world_size": 2}))
+    with pytest.raises(ConfigError, match=r"was written by 2 ranks, this run has 1: .*resume with 2 ranks"):
+        train(_cfg(tmp_path, train_shards, "w", **{"train.steps": 8}))
+
+
+def test_user_errors_give_clear_messages(tmp_path, train_shards, monkeypatch):
+    with pytest.raises(ConfigError, match=r"train.global_batch_size 10 is not a multiple of data.micro_batch_size 4 "
+                                          r"x world size 1 = 4"):
+        train(_cfg(tmp_path, train_shards, "e1", **{"train.global_batch_size": 10}))
+    with pytest.raises(ConfigError, match=r"LLM view with 'configs/tiny/llm_tokenizer' .* but the run uses "
+                                          r"'configs/tiny/mt_tokenizer'"):
+        train(_cfg(tmp_path, train_shards, "e2", **{"model.llm_tokenizer": "configs/tiny/mt_tokenizer"}))
+    with pytest.raises(ConfigError, match=r"shards '.*nowhere': no manifest.json"):
+        train(_cfg(tmp_path, train_shards, "e3", **{"data.shards": str(tmp_path / "nowhere")}))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match=r"distributed.backend: 'none' cannot run on 2 processes"):
+        train(_cfg(tmp_path, train_shards, "e4"))
