@@ -210,6 +210,9 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"distributed.zero_stage: expected 0, 1, 2 or 3, got {cfg.distributed.zero_stage}")
     if cfg.data.num_workers < 0:
         raise ConfigError(f"data.num_workers: expected an integer >= 0, got {cfg.data.num_workers}")
+    if cfg.optim.name == "adamw8bit" and cfg.distributed.backend == "fsdp":
+        raise ConfigError("optim.name: adamw8bit cannot step FSDP2's sharded (DTensor) parameters (bitsandbytes has no "
+                          "DTensor kernels); use adamw with fsdp (LoRA optimizer state is small), or ddp / deepspeed")
     for key in ("mt_encoder", "llm"):
         if getattr(cfg.model, key) in ("", {}):
             raise ConfigError(f"model.{key}: required (a model folder / hub id, or an inline config with model_type)")

@@ -11,6 +11,7 @@ import os
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -107,8 +108,13 @@ def wrap_model(stack: nn.Module, cfg: Config, dist_info: Dist) -> nn.Module:
 
 def deepspeed_config(cfg: Config, accumulation: int) -> dict:
     if cfg.distributed.deepspeed_config:
-        with open(cfg.distributed.deepspeed_config) as handle:
-            ds_config = json.load(handle)
+        path = Path(cfg.distributed.deepspeed_config)
+        if not path.is_file():
+            raise ConfigError(f"distributed.deepspeed_config: {str(path)!r} does not exist")
+        try:
+            ds_config = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"distributed.deepspeed_config: {str(path)!r} is not valid JSON ({err})") from None
     else:
         ds_config = {"zero_optimization": {"stage": cfg.distributed.zero_stage},
                      "bf16": {"enabled": cfg.distributed.mixed_precision == "bf16"}}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import resource
+import uuid
 import sys
 from pathlib import Path
 
@@ -65,7 +66,7 @@ class MetricsLogger:
         if enabled and cfg.wandb != "disabled":
             import wandb
 
-            self.wandb_id = wandb_id or wandb.util.generate_id()
+            self.wandb_id = wandb_id or uuid.uuid4().hex[:12]
             self.wandb_run = wandb.init(project=cfg.project, entity=cfg.entity or None, name=run_dir.name,
                                         id=self.wandb_id, resume="allow", mode=cfg.wandb, dir=str(run_dir),
                                         config=config)

@@ -94,3 +94,17 @@ def test_two_ranks_train_match_one_process_and_resume(tmp_path, train_shards, re
     straight, resumed = trained_weights(tmp_path / "straight"), trained_weights(tmp_path / "preempted")
     assert straight.keys() == resumed.keys()
     assert all(torch.equal(straight[name], resumed[name]) for name in straight), "resume must be bit-identical"
+
+
+@pytest.mark.parametrize("backend, optimizer", [("ddp", "adamw8bit"), ("fsdp", "adamw")])
+def test_two_ranks_train_a_4bit_base(tmp_path, train_shards, backend, optimizer):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "mtllm_train", "train", "--config", "configs/tiny.yaml",
+               *train_overrides(tmp_path, train_shards, **{
+                   "run.name": "qlora", "distributed.backend": backend, "optim.name": optimizer, "train.steps": 12,
+                   "model.quantization": "nf4", "model.quant_compute_dtype": "float32",
+                   "model.quant_storage_dtype": "bfloat16"})]
+    done = subprocess.run(command, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    losses = [m["loss"] for m in read_metrics(tmp_path / "qlora")]
+    assert len(losses) == 12 and sum(losses[-3:]) < 0.6 * sum(losses[:3]), losses

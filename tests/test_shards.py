@@ -234,3 +234,22 @@ def test_what_a_step_reads_depends_only_on_the_number_of_readers(shards_80):
     for step in range(5):
         assert one_rank[2 * step]["keys"] == two_ranks[0][step]["keys"]
         assert one_rank[2 * step + 1]["keys"] == two_ranks[1][step]["keys"]
+
+
+def test_reader_workers_ignore_sigterm(shards_80):
+    import os
+    import signal
+    from pathlib import Path
+
+    reader = BatchReader(str(shards_80), batch_size=4, num_workers=2, seed=2)
+    iterator = iter(reader)
+    first = [next(iterator) for _ in range(2)]
+    workers = [int(p.parent.name) for p in Path("/proc").glob("[0-9]*/stat")
+               if int(p.read_text().rsplit(")", 1)[1].split()[1]) == os.getpid()]
+    assert len(workers) >= 2
+    for pid in workers:
+        os.kill(pid, signal.SIGTERM)
+    rest = [next(iterator) for _ in range(10)]  # the workers are still serving
+    reader.close()
+    reference = _read(BatchReader(str(shards_80), batch_size=4, num_workers=2, seed=2), 12)
+    assert _same(first + rest, reference)

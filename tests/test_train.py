@@ -130,3 +130,24 @@ def test_user_errors_give_clear_messages(tmp_path, train_shards, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match=r"distributed.backend: 'none' cannot run on 2 processes"):
         train(_cfg(tmp_path, train_shards, "e4"))
+
+
+def test_wandb_offline_run_continues_with_the_same_id_after_resume(tmp_path, train_shards, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    extra = {"logging.wandb": "offline", "train.steps": 8}
+    with monkeypatch.context() as patch:
+        _preempt_at(patch, 3)
+        train(_cfg(tmp_path, train_shards, "wb", **extra))
+    first_id = json.loads((tmp_path / "wb/checkpoints/step_00000003/meta.json").read_text())["wandb_id"]
+    train(_cfg(tmp_path, train_shards, "wb", **extra))
+    final_id = json.loads((tmp_path / "wb/checkpoints/step_00000008/meta.json").read_text())["wandb_id"]
+    runs = sorted(p.name for p in (tmp_path / "wb" / "wandb").glob("offline-run-*"))
+    assert first_id and final_id == first_id
+    assert len(runs) == 2 and all(name.endswith(first_id) for name in runs)
+
+
+def test_activation_checkpointing_gives_the_same_losses(tmp_path, train_shards):
+    extra = {"train.steps": 4, "model.lora.dropout": 0.0}
+    plain = train(_cfg(tmp_path, train_shards, "plain", **extra))["losses"]
+    checkpointed = train(_cfg(tmp_path, train_shards, "ckpt", **{**extra, "model.activation_checkpointing": True}))
+    torch.testing.assert_close(torch.tensor(checkpointed["losses"]), torch.tensor(plain), rtol=1e-5, atol=1e-7)

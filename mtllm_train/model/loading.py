@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_model
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
 
@@ -67,8 +68,10 @@ def _load_model(spec: str | dict, key: str, cfg: ModelConfig, quantize: bool) ->
     if quant is None:
         return model
     # Quantization happens while loading weights, so go through the same from_pretrained path as a real model.
+    # (Written by hand: under a process group, save_pretrained writes on rank 0 only.)
     with tempfile.TemporaryDirectory() as folder:
-        model.save_pretrained(folder)
+        model.config.to_json_file(f"{folder}/config.json")
+        save_model(model, f"{folder}/model.safetensors")
         return AutoModel.from_pretrained(folder, dtype=dtype, quantization_config=quant)
 
 
