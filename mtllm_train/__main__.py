@@ -15,6 +15,17 @@ def _demo(args: argparse.Namespace) -> None:
     run_demo(args.workdir)
 
 
+def _config(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    import yaml
+
+    from mtllm_train.config import load_config, to_dict
+
+    cfg = load_config(args.config, args.overrides)
+    print(Path(cfg.run.dir) / cfg.run.name if args.run_dir else yaml.safe_dump(to_dict(cfg), sort_keys=False), end="\n")
+
+
 def _train(args: argparse.Namespace) -> int:
     from mtllm_train.config import load_config
     from mtllm_train.train import NonFiniteError, train
@@ -36,6 +47,13 @@ def _export(args: argparse.Namespace) -> None:
 
     out = export_run(args.run, args.out or f"{args.run}/export", args.step)
     print(f"exported to {out}; load it with mtllm_train.export.load_mtllm({str(out)!r})")
+
+
+def _prepare_llm2vec(args: argparse.Namespace) -> None:
+    from mtllm_train.llm2vec import prepare_llm2vec
+
+    out = prepare_llm2vec(args.out, args.base, args.adapter, args.dtype)
+    print(f"merged the adapters into {args.base}; saved to {out} (set model.llm: {out})")
 
 
 def _tiny_tokenizers(args: argparse.Namespace) -> None:
@@ -85,6 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--group-batches", type=int, default=16, help="batches per length-grouping buffer")
     inspect.set_defaults(func=_shards_inspect)
 
+    config = commands.add_parser("config", help="print the resolved config (YAML + overrides, validated)")
+    config.add_argument("--config", required=True, help="a YAML config")
+    config.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    config.add_argument("--run-dir", action="store_true", help="print only the run folder (run.dir/run.name)")
+    config.set_defaults(func=_config)
+
     train = commands.add_parser("train", help="stage-1 self-distillation (also under torchrun / deepspeed)")
     train.add_argument("--config", required=True, help="a YAML config, e.g. configs/tiny.yaml")
     train.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
@@ -97,6 +121,17 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest complete one)")
     export.add_argument("--out", default=None, help="output folder (default: RUN/export)")
     export.set_defaults(func=_export)
+
+    from mtllm_train.llm2vec import BASE
+
+    llm2vec = commands.add_parser("prepare-llm2vec", help="merge LLM2Vec's MNTP + SimCSE adapters into the base, once")
+    llm2vec.add_argument("--out", required=True, help="folder for the merged model (then model.llm: OUT)")
+    llm2vec.add_argument("--base", default=BASE, help=f"base model (default {BASE})")
+    llm2vec.add_argument("--adapter", action="append", default=None,
+                         help="peft adapter to merge, in order; repeat the flag (default: the MNTP then the "
+                              "unsup-SimCSE adapter of LLM2Vec-Meta-Llama-3-8B-Instruct)")
+    llm2vec.add_argument("--dtype", default="bfloat16", help="dtype of the saved weights (default bfloat16)")
+    llm2vec.set_defaults(func=_prepare_llm2vec)
 
     tok = commands.add_parser("tiny-tokenizers", help="train the tiny demo/test tokenizers from an English jsonl")
     tok.add_argument("--corpus", default="shards/sample/enwiki_sample.jsonl", help="jsonl with a 'text' field")

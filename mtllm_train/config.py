@@ -7,6 +7,7 @@ dotted key and what was expected.
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,108 +21,114 @@ class ConfigError(ValueError):
     """A configuration value a user supplied is wrong; the message names the key."""
 
 
+def option(default: Any, help: str) -> Any:
+    """A config field with its documentation (the README's configuration reference is generated from it)."""
+    if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
+        factory = default if callable(default) else (lambda value=default: type(value)(value))
+        return field(default_factory=factory, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class RunConfig:
-    name: str = "default"
-    dir: str = "runs"
-    seed: int = 0
+    name: str = option("default", "run name: the run folder is run.dir/run.name")
+    dir: str = option("runs", "parent folder of run folders")
+    seed: int = option(0, "data order and dropout seed")
 
 
 @dataclass
 class LoraSettings:
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
-    # peft's "all-linear" targets every linear layer except the output head.
-    target_modules: Union[str, list] = "all-linear"
+    r: int = option(16, "LoRA rank")
+    alpha: int = option(32, "LoRA alpha (scale alpha / r)")
+    dropout: float = option(0.05, "dropout on the LoRA input")
+    target_modules: Union[str, list] = option("all-linear", "peft target modules; all-linear: every linear layer "
+                                                            "but the output head")
 
 
 @dataclass
 class ModelConfig:
-    # A local folder / hub id, or an inline HF config dict (with `model_type`) built with random init.
-    mt_encoder: Union[str, dict] = ""
-    llm: Union[str, dict] = ""
-    # Tokenizer folders; default to the model path when the model is given by path.
-    mt_tokenizer: str = ""
-    llm_tokenizer: str = ""
-    bidirectional: bool = False
-    quantization: str = "none"  # none | nf4 | fp4
-    quant_double: bool = True
-    quant_compute_dtype: str = "bfloat16"
-    quant_storage_dtype: str = "bfloat16"
-    dtype: str = "float32"  # dtype of the frozen weights (bfloat16 on GPU)
-    lora: LoraSettings = field(default_factory=LoraSettings)
-    pooling: str = "mean"  # mean | eos | bos
-    init_seed: int = 0  # random init of inline-config models, identical on every rank
-    activation_checkpointing: bool = False
-    compile: bool = False
+    mt_encoder: Union[str, dict] = option("", "MT encoder: folder, hub id, or inline HF config with model_type "
+                                              "(random init); an encoder-decoder contributes its encoder")
+    llm: Union[str, dict] = option("", "LLM: folder, hub id, or inline HF config with model_type (random init)")
+    mt_tokenizer: str = option("", "MT tokenizer folder or id; default: model.mt_encoder when that is a path/id")
+    llm_tokenizer: str = option("", "LLM tokenizer folder or id; default: model.llm when that is a path/id")
+    bidirectional: bool = option(False, "full (non-causal) attention in the LLM, the LLM2Vec setting")
+    quantization: str = option("none", "4-bit base LLM (bitsandbytes), prepared for k-bit training")
+    quant_double: bool = option(True, "double quantization of the 4-bit scales")
+    quant_compute_dtype: str = option("bfloat16", "compute dtype of the 4-bit layers")
+    quant_storage_dtype: str = option("bfloat16", "storage dtype of packed 4-bit weights (bfloat16 lets FSDP "
+                                                  "shard them)")
+    dtype: str = option("float32", "dtype of the frozen weights (bfloat16 on GPU)")
+    lora: LoraSettings = option(LoraSettings, "LoRA adapters on the LLM")
+    pooling: str = option("mean", "pooled vector: mean over real tokens, last (eos) or first (bos) real token")
+    init_seed: int = option(0, "seed of every random init (inline models, LoRA, projection): same on all ranks")
+    activation_checkpointing: bool = option(False, "recompute LLM activations in the backward pass")
+    compile: bool = option(False, "torch.compile each LLM layer")
 
 
 @dataclass
 class DataConfig:
-    shards: str = ""
-    max_length: int = 512
-    micro_batch_size: int = 8
-    num_workers: int = 1
-    skip_bad_samples: bool = False
-    # Batches sorted by length within a buffer of this many batches, then shuffled.
-    length_group_batches: int = 16
+    shards: str = option("", "shard folder written by `mtllm shards build`")
+    max_length: int = option(512, "tokens per view; must not be below the shards' max length")
+    micro_batch_size: int = option(8, "sequences per rank per forward pass")
+    num_workers: int = option(1, "DataLoader worker processes per rank (0: read in the training process)")
+    skip_bad_samples: bool = option(False, "skip (and count) corrupt samples instead of stopping")
+    length_group_batches: int = option(16, "batches per length-sorting buffer (sorted, cut, shuffled)")
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 1000
-    global_batch_size: int = 256
-    grad_clip: float = 1.0
+    steps: int = option(1000, "optimizer steps")
+    global_batch_size: int = option(256, "sequences per step = micro batch x accumulation x world size")
+    grad_clip: float = option(1.0, "max gradient norm; 0 disables clipping")
 
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"  # adamw | adamw8bit
-    lr: float = 2e-4
-    weight_decay: float = 0.01
-    betas: list = field(default_factory=lambda: [0.9, 0.999])
-    # An int is a number of steps, a float below 1 a fraction of train.steps.
-    warmup: Union[int, float] = 0.01
-    schedule: str = "linear"  # linear | cosine | constant
-    min_lr_ratio: float = 0.0
+    name: str = option("adamw", "optimizer: torch AdamW or bitsandbytes 8-bit AdamW")
+    lr: float = option(2e-4, "peak learning rate")
+    weight_decay: float = option(0.01, "AdamW weight decay (not on biases and norms)")
+    betas: list = option([0.9, 0.999], "Adam betas")
+    warmup: Union[int, float] = option(0.01, "warmup: an int is steps, a float below 1 a fraction of train.steps")
+    schedule: str = option("linear", "decay after warmup")
+    min_lr_ratio: float = option(0.0, "final lr / peak lr")
 
 
 @dataclass
 class DistributedConfig:
-    backend: str = "none"  # none | ddp | fsdp | deepspeed
-    mixed_precision: str = "none"  # none | bf16 (param dtype of FSDP / DeepSpeed / autocast)
-    fsdp_reduce_dtype: str = "float32"
-    zero_stage: int = 2
-    deepspeed_config: str = ""  # a user's DeepSpeed json; overrides the generated one
-    timeout_minutes: int = 30
+    backend: str = option("none", "none: one process; ddp; fsdp (FSDP2 per LLM layer); deepspeed (ZeRO)")
+    mixed_precision: str = option("none", "bf16: FSDP/DeepSpeed param dtype and autocast on GPU")
+    fsdp_reduce_dtype: str = option("float32", "FSDP gradient reduction dtype under bf16")
+    zero_stage: int = option(2, "DeepSpeed ZeRO stage (0-3) when no deepspeed_config is given")
+    deepspeed_config: str = option("", "a DeepSpeed json; batch sizes and clipping still come from this config")
+    timeout_minutes: int = option(30, "process-group timeout")
 
 
 @dataclass
 class CheckpointConfig:
-    every: int = 1000
-    keep_last: int = 2
+    every: int = option(1000, "checkpoint every N steps (and at the end, and on preemption)")
+    keep_last: int = option(2, "complete checkpoints kept (at least 2)")
 
 
 @dataclass
 class LoggingConfig:
-    every: int = 1
-    wandb: str = "disabled"  # disabled | offline | online
-    project: str = "mtllm-train"
-    entity: str = ""
-    progress_bar: bool = True
+    every: int = option(1, "write metrics every N steps")
+    wandb: str = option("disabled", "Weights & Biases mode")
+    project: str = option("mtllm-train", "W&B project")
+    entity: str = option("", "W&B entity (team); empty: your default")
+    progress_bar: bool = option(True, "progress bar with ETA on rank 0")
 
 
 @dataclass
 class Config:
-    run: RunConfig = field(default_factory=RunConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    distributed: DistributedConfig = field(default_factory=DistributedConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    run: RunConfig = option(RunConfig, "")
+    model: ModelConfig = option(ModelConfig, "")
+    data: DataConfig = option(DataConfig, "")
+    train: TrainConfig = option(TrainConfig, "")
+    optim: OptimConfig = option(OptimConfig, "")
+    distributed: DistributedConfig = option(DistributedConfig, "")
+    checkpoint: CheckpointConfig = option(CheckpointConfig, "")
+    logging: LoggingConfig = option(LoggingConfig, "")
 
 
 CHOICES = {
@@ -162,6 +169,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return from_dict(tp, value, key)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        # PyYAML (YAML 1.1) reads 3e-4 (no dot) as a string; users mean the number.
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp is int and isinstance(value, bool) or not isinstance(value, tp):
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
     return value
@@ -262,3 +275,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
 
 def dump_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def config_reference(cls: type = Config, prefix: str = "") -> list[str]:
+    """Markdown rows `| key | default | values | meaning |` for every leaf option, from the dataclasses."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        if dataclasses.is_dataclass(hints[f.name]):
+            rows += config_reference(hints[f.name], key)
+            continue
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        values = ", ".join(CHOICES[key]) if key in CHOICES else _type_name(hints[f.name])
+        rows.append(f"| `{key}` | `{json.dumps(default)}` | {values} | {f.metadata['help']} |")
+    return rows

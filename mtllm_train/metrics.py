@@ -96,3 +96,27 @@ class MetricsLogger:
         self.file.close()
         if self.wandb_run is not None:
             self.wandb_run.finish()
+
+
+def plot_loss_curve(run_dir: Path) -> Path:
+    """runs/NAME/loss_curve.png from metrics.jsonl: loss and FVU against step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    steps = [r["step"] for r in records]
+    figure, (loss_axis, fvu_axis) = plt.subplots(1, 2, figsize=(10, 3.6))
+    loss_axis.plot(steps, [r["loss"] for r in records])
+    loss_axis.set(xlabel="step", ylabel="MSE(student, teacher)", yscale="log", title="stage-1 loss")
+    fvu_axis.plot(steps, [r["fvu"] for r in records], color="tab:orange")
+    fvu_axis.set(xlabel="step", ylabel="FVU", title="fraction of teacher variance unexplained")
+    for axis in (loss_axis, fvu_axis):
+        axis.grid(alpha=0.3)
+    figure.suptitle(run_dir.name)
+    figure.tight_layout()
+    path = run_dir / "loss_curve.png"
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path

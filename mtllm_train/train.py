@@ -21,7 +21,8 @@ from mtllm_train.data.reader import BatchReader
 from mtllm_train.data.views import fingerprint
 from mtllm_train.distributed import (all_reduce, deepspeed_engine, gradient_sync, init_distributed, repeated_layers,
                                      shutdown, wrap_model)
-from mtllm_train.metrics import MetricsLogger, parameter_count, peak_flops, peak_memory_gb, step_flops
+from mtllm_train.metrics import (MetricsLogger, parameter_count, peak_flops, peak_memory_gb, plot_loss_curve,
+                                 step_flops)
 from mtllm_train.model.loading import load_tokenizer
 from mtllm_train.model.loss import fvu_from_sums, squared_error
 from mtllm_train.model.stack import build_stack, trainable_parameters
@@ -35,9 +36,14 @@ class NonFiniteError(RuntimeError):
 
 
 class Preemption:
-    """SIGTERM / SIGUSR1 only set a flag; the ranks act on it together at the next step boundary."""
+    """SIGTERM / SIGUSR1, or a STOP file in the run folder, only set a flag; the ranks act on it together at
+    the next step boundary. (The file is for schedulers that cannot signal the trainer processes themselves:
+    launch/slurm_multinode.sbatch touches it shortly before the time limit.)"""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self, stop_file: Path, is_main: bool):
+        self.stop_file, self.is_main = stop_file, is_main
 
     def __enter__(self) -> Preemption:
         self.requested = False
@@ -52,7 +58,8 @@ class Preemption:
         self.requested = True
 
     def agreed(self, device: torch.device) -> bool:
-        flag = torch.tensor(float(self.requested), device=device)
+        requested = self.requested or (self.is_main and self.stop_file.exists())
+        flag = torch.tensor(float(requested), device=device)
         return bool(all_reduce(flag, torch.distributed.ReduceOp.MAX).item())
 
 
@@ -132,7 +139,7 @@ def train(cfg: Config) -> dict:
                "run_dir": str(run_dir), "is_main": dist_info.is_main}
 
     try:
-        with Preemption() as preemption:
+        with Preemption(run_dir / "STOP", dist_info.is_main) as preemption:
             for step in range(start_step, cfg.train.steps):
                 step_start = time.perf_counter()
                 micro_batches = [next(batches) for _ in range(accumulation)]
@@ -222,11 +229,15 @@ def train(cfg: Config) -> dict:
                                     backend=backend, dist_info=dist_info, reader_state=reader.state_dict(),
                                     meta={"wandb_id": logger.wandb_id}, keep_last=cfg.checkpoint.keep_last)
                 if preempted:
+                    if dist_info.is_main:
+                        (run_dir / "STOP").unlink(missing_ok=True)  # served: a requeued job runs on
                     logger.message(f"preempted: saved step {step + 1}; rerun the same command to resume")
                     summary["preempted"] = True
                     break
     finally:
         logger.close()
         reader.close()
+    if dist_info.is_main and summary["losses"]:
+        plot_loss_curve(run_dir)
     shutdown()
     return summary

@@ -12,12 +12,13 @@ def test_tiny_config_loads_with_types(tiny_cfg):
 def test_overrides_parse_yaml_values(tmp_path):
     cfg = load_config("configs/tiny.yaml", ["run.name=try1", "train.steps=200", "distributed.backend=fsdp",
                                             "model.lora.target_modules=[q_proj, v_proj]", "optim.warmup=5",
-                                            "model.bidirectional=false", "optim.lr=1"])
+                                            "model.bidirectional=false", "optim.lr=1", "optim.min_lr_ratio=1e-1"])
     assert (cfg.run.name, cfg.train.steps, cfg.distributed.backend) == ("try1", 200, "fsdp")
     assert cfg.model.lora.target_modules == ["q_proj", "v_proj"]
     assert cfg.optim.warmup == 5 and isinstance(cfg.optim.warmup, int)
     assert cfg.model.bidirectional is False
     assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
+    assert cfg.optim.min_lr_ratio == 0.1  # YAML 1.1 reads 1e-1 as a string; a float field takes it as a number
 
 
 def test_inline_model_keys_can_be_overridden():
@@ -36,6 +37,7 @@ def test_resolved_config_round_trips(tmp_path):
     ("trian.steps=3", r"unknown config key 'trian'"),
     ("train.steps=many", r"train.steps: expected an integer, got 'many'"),
     ("train.steps=1.5", r"train.steps: expected an integer, got 1.5"),
+    ("optim.lr=fast", r"optim.lr: expected a number, got 'fast'"),
     ("model.bidirectional=3", r"model.bidirectional: expected true/false, got 3"),
     ("distributed.backend=horovod", r"distributed.backend: expected one of none, ddp, fsdp, deepspeed, got 'horovod'"),
     ("model.pooling=max", r"model.pooling: expected one of mean, eos, bos, got 'max'"),

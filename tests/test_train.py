@@ -151,3 +151,13 @@ def test_activation_checkpointing_gives_the_same_losses(tmp_path, train_shards):
     plain = train(_cfg(tmp_path, train_shards, "plain", **extra))["losses"]
     checkpointed = train(_cfg(tmp_path, train_shards, "ckpt", **{**extra, "model.activation_checkpointing": True}))
     torch.testing.assert_close(torch.tensor(checkpointed["losses"]), torch.tensor(plain), rtol=1e-5, atol=1e-7)
+
+
+def test_stop_file_checkpoints_and_stops_then_the_rerun_continues(tmp_path, train_shards):
+    (tmp_path / "stop").mkdir()
+    (tmp_path / "stop" / "STOP").touch()  # what launch/slurm_multinode.sbatch does before the time limit
+    summary = train(_cfg(tmp_path, train_shards, "stop", **{"train.steps": 8}))
+    assert summary["preempted"] and summary["end_step"] == 1
+    assert not (tmp_path / "stop" / "STOP").exists()
+    assert [s for s, _ in complete_checkpoints(tmp_path / "stop")] == [1]
+    assert train(_cfg(tmp_path, train_shards, "stop", **{"train.steps": 8}))["end_step"] == 8

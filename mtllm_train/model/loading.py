@@ -20,7 +20,7 @@ def _is_local_path(spec: str) -> bool:
     return spec.startswith(("/", "./", "../", "~")) or Path(spec).exists()
 
 
-def _from_pretrained(loader, spec: str, key: str, **kwargs):
+def from_pretrained(loader, spec: str, key: str, **kwargs):
     """Call `loader.from_pretrained(spec)`, turning "not found" into one line naming the config key."""
     if _is_local_path(spec) and not Path(spec).expanduser().is_dir():
         raise ConfigError(f"{key}: {spec!r} is not a folder (expected a model folder or a hub id)")
@@ -33,7 +33,7 @@ def _from_pretrained(loader, spec: str, key: str, **kwargs):
 
 
 def load_tokenizer(spec: str, key: str) -> PreTrainedTokenizerBase:
-    return _from_pretrained(AutoTokenizer, spec, key)
+    return from_pretrained(AutoTokenizer, spec, key)
 
 
 def quantization_config(cfg: ModelConfig) -> BitsAndBytesConfig | None:
@@ -52,7 +52,7 @@ def _load_model(spec: str | dict, key: str, cfg: ModelConfig, quantize: bool) ->
     dtype = DTYPES[cfg.dtype]
     quant = quantization_config(cfg) if quantize else None
     if isinstance(spec, str):
-        return _from_pretrained(AutoModel, spec, key, dtype=dtype, quantization_config=quant)
+        return from_pretrained(AutoModel, spec, key, dtype=dtype, quantization_config=quant)
     spec = dict(spec)
     model_type = spec.pop("model_type", None)
     if model_type is None:

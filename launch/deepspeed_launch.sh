@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Stage 1 with the DeepSpeed launcher (ZeRO-2 or ZeRO-3), on this node or on the nodes of a hostfile.
+#
+# Usage: launch/deepspeed_launch.sh [--dry-run] CONFIG [key.sub=value ...]
+#   --dry-run   print the resolved command instead of running it
+# Environment:
+#   ZERO        2 or 3: uses configs/deepspeed/zero$ZERO.json; default 2
+#   HOSTFILE    a DeepSpeed hostfile (see launch/hostfile.example); unset: this node only
+#   NUM_GPUS    GPUs per node; default: all
+# Example:
+#   HOSTFILE=launch/hostfile ZERO=3 launch/deepspeed_launch.sh configs/stage1_nllb600m_gpt2_medium.yaml
+# The 8-bit optimizer and 4-bit base are the ddp / fsdp path; with DeepSpeed use optim.name=adamw and
+# model.quantization=none if your DeepSpeed build refuses them.
+set -euo pipefail
+# shellcheck source=launch/_common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
+
+if [[ ${1:-} == --dry-run ]]; then DRY_RUN=1; shift; fi
+if [[ $# -lt 1 || $1 == -h || $1 == --help ]]; then usage "$0"; exit 2; fi
+config=$1
+shift
+zero=${ZERO:-2}
+if [[ $zero != 2 && $zero != 3 ]]; then
+  echo "ZERO must be 2 or 3, got '$zero'" >&2
+  exit 2
+fi
+
+launcher=(deepspeed)
+if [[ -n ${HOSTFILE:-} ]]; then launcher+=(--hostfile "$HOSTFILE"); fi
+if [[ -n ${NUM_GPUS:-} ]]; then launcher+=(--num_gpus "$NUM_GPUS"); fi
+run "${launcher[@]}" --module mtllm_train train --config "$config" distributed.backend=deepspeed \
+  "distributed.deepspeed_config=configs/deepspeed/zero$zero.json" "$@"

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Stage 1 on one node: torchrun starts one training process per GPU.
+#
+# Usage: launch/torchrun_single_node.sh [--dry-run] CONFIG [key.sub=value ...]
+#   --dry-run   print the resolved command instead of running it
+# Environment:
+#   NPROC       processes (GPUs) to start; default: every GPU nvidia-smi lists (1 without GPUs)
+#   PYTHON      the Python of the environment with mtllm-train installed; default: python
+# Example:
+#   NPROC=8 launch/torchrun_single_node.sh configs/stage1_nllb600m_llm2vec_llama3_8b.yaml run.name=try1
+# Rerunning the same command resumes from the newest complete checkpoint.
+set -euo pipefail
+# shellcheck source=launch/_common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
+
+if [[ ${1:-} == --dry-run ]]; then DRY_RUN=1; shift; fi
+if [[ $# -lt 1 || $1 == -h || $1 == --help ]]; then usage "$0"; exit 2; fi
+config=$1
+shift
+
+run "${PYTHON:-python}" -m torch.distributed.run --standalone --nproc_per_node "${NPROC:-$(local_gpus)}" \
+  -m mtllm_train train --config "$config" "$@"

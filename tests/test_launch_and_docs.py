@@ -1,0 +1,107 @@
+"""Launch scripts (bash -n, shellcheck, --dry-run), the paper configs, the README's reference, the demo."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+from mtllm_train.config import config_reference, load_config
+
+SCRIPTS = ["launch/torchrun_single_node.sh", "launch/slurm_multinode.sbatch", "launch/deepspeed_launch.sh",
+           "launch/prepare_fineweb.sh"]
+
+
+def _dry_run(script, *args, **env):
+    done = subprocess.run(["bash", script, "--dry-run", *args], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PYTHON": sys.executable, **env})
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+@pytest.mark.parametrize("script", SCRIPTS + ["launch/_common.sh"])
+def test_scripts_parse_and_are_shellcheck_clean(script):
+    assert subprocess.run(["bash", "-n", script], cwd=ROOT).returncode == 0
+    shellcheck = shutil.which("shellcheck") or str(Path(sys.executable).parent / "shellcheck")
+    done = subprocess.run([shellcheck, "-x", script], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_scripts_print_usage_without_arguments(script):
+    done = subprocess.run(["bash", script], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 2 and "Usage:" in done.stdout
+
+
+def test_torchrun_dry_run():
+    out = _dry_run("launch/torchrun_single_node.sh", "configs/tiny.yaml", "run.name=x", NPROC="4")
+    assert out == (f"{sys.executable} -m torch.distributed.run --standalone --nproc_per_node 4 -m mtllm_train train "
+                   f"--config configs/tiny.yaml run.name=x")
+
+
+def test_slurm_dry_run():
+    out = _dry_run("launch/slurm_multinode.sbatch", "configs/tiny.yaml", "train.steps=5", SLURM_NNODES="4",
+                   SLURM_JOB_ID="77", GPUS_PER_NODE="8")
+    assert out.startswith(f"srun --kill-on-bad-exit=1 {sys.executable} -m torch.distributed.run --nnodes 4 "
+                          f"--nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint ")
+    assert out.endswith(":29500 --rdzv_id 77 -m mtllm_train train --config configs/tiny.yaml train.steps=5")
+    header = (ROOT / "launch/slurm_multinode.sbatch").read_text()
+    assert "#SBATCH --signal=B:USR1@600" in header and "#SBATCH --requeue" in header
+    assert 'touch "$run_dir/STOP"' in header and 'scontrol requeue' in header
+
+
+def test_deepspeed_dry_run():
+    out = _dry_run("launch/deepspeed_launch.sh", "configs/tiny.yaml", HOSTFILE="launch/hostfile.example", ZERO="3")
+    assert out == ("deepspeed --hostfile launch/hostfile.example --module mtllm_train train --config configs/tiny.yaml "
+                   "distributed.backend=deepspeed distributed.deepspeed_config=configs/deepspeed/zero3.json")
+    assert load_config("configs/tiny.yaml", out.split()[8:]).distributed.deepspeed_config.endswith("zero3.json")
+
+
+def test_prepare_fineweb_dry_run(tmp_path):
+    for name in ("000_00000.parquet", "001_00000.parquet"):
+        (tmp_path / name).touch()
+    out = _dry_run("launch/prepare_fineweb.sh", str(tmp_path), "shards/build/x", "configs/tiny/llm_tokenizer",
+                   "configs/tiny/mt_tokenizer", WORKERS="16", MAX_LENGTH="256")
+    assert out == (f"{sys.executable} -m mtllm_train shards build --input {tmp_path}/000_00000.parquet "
+                   f"{tmp_path}/001_00000.parquet --out shards/build/x --llm-tokenizer configs/tiny/llm_tokenizer "
+                   f"--mt-tokenizer configs/tiny/mt_tokenizer --mt-lang eng_Latn --max-length 256 --shard-size 10000 "
+                   f"--workers 16")
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+def test_every_config_loads_and_validates(config):
+    cfg = load_config(ROOT / "configs" / config)
+    assert cfg.train.global_batch_size % cfg.data.micro_batch_size == 0
+
+
+def test_paper_recipe_values():
+    cfg = load_config(ROOT / "configs/stage1_nllb600m_llm2vec_llama3_8b.yaml")
+    assert (cfg.model.mt_encoder, cfg.model.bidirectional, cfg.model.quantization) == (
+        "facebook/nllb-200-distilled-600M", True, "nf4")
+    assert (cfg.model.lora.r, cfg.model.lora.alpha, cfg.model.lora.dropout) == (16, 32, 0.05)
+    assert (cfg.optim.name, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.warmup) == ("adamw8bit", 2e-4, 0.01, 0.01)
+    assert (cfg.train.steps, cfg.train.global_batch_size, cfg.data.max_length, cfg.model.pooling) == (
+        10000, 256, 512, "mean")
+
+
+def test_readme_configuration_reference_matches_the_dataclasses():
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Configuration reference", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    assert rows == config_reference()
+    assert "make demo" in readme and "make test" in readme
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "mtllm_train", "demo", "--workdir", str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "preempted: saved step" in done.stderr + done.stdout
+    assert "resumed from" in done.stderr + done.stdout
+    assert "steps            1 -> 200 (resumed once)" in done.stdout
+    assert (tmp_path / "tiny" / "loss_curve.png").stat().st_size > 10_000
+    assert (tmp_path / "tiny" / "export" / "adapter" / "adapter_model.safetensors").is_file()
