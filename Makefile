@@ -15,6 +15,7 @@ $(STAMP): requirements.txt setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	$(PY) -c "from mtllm_train.distributed import prebuild_deepspeed_ops; prebuild_deepspeed_ops()"
 	touch $(STAMP)
 
 test: install
