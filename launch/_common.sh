@@ -22,3 +22,23 @@ local_gpus() {
   count=$(nvidia-smi -L 2>/dev/null | wc -l)
   echo $((count > 0 ? count : 1))
 }
+
+# Parse `[--dry-run] CONFIG [key.sub=value ...]` for script "$1": sets DRY_RUN, CONFIG and OVERRIDES
+# (an array); prints the usage and exits 2 when CONFIG is missing or -h/--help is given.
+parse_config_args() {
+  local script=$1
+  shift
+  if [[ ${1:-} == --dry-run ]]; then
+    DRY_RUN=1
+    shift
+  fi
+  if [[ $# -lt 1 || $1 == -h || $1 == --help ]]; then
+    usage "$script"
+    exit 2
+  fi
+  # shellcheck disable=SC2034  # read by the script that sources this file
+  CONFIG=$1
+  shift
+  # shellcheck disable=SC2034
+  OVERRIDES=("$@")
+}

@@ -15,10 +15,7 @@ set -euo pipefail
 # shellcheck source=launch/_common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 
-if [[ ${1:-} == --dry-run ]]; then DRY_RUN=1; shift; fi
-if [[ $# -lt 1 || $1 == -h || $1 == --help ]]; then usage "$0"; exit 2; fi
-config=$1
-shift
+parse_config_args "$0" "$@"
 zero=${ZERO:-2}
 if [[ $zero != 2 && $zero != 3 ]]; then
   echo "ZERO must be 2 or 3, got '$zero'" >&2
@@ -28,5 +25,5 @@ fi
 launcher=(deepspeed)
 if [[ -n ${HOSTFILE:-} ]]; then launcher+=(--hostfile "$HOSTFILE"); fi
 if [[ -n ${NUM_GPUS:-} ]]; then launcher+=(--num_gpus "$NUM_GPUS"); fi
-run "${launcher[@]}" --module mtllm_train train --config "$config" distributed.backend=deepspeed \
-  "distributed.deepspeed_config=configs/deepspeed/zero$zero.json" "$@"
+run "${launcher[@]}" --module mtllm_train train --config "$CONFIG" distributed.backend=deepspeed \
+  "distributed.deepspeed_config=configs/deepspeed/zero$zero.json" "${OVERRIDES[@]}"

@@ -13,10 +13,7 @@ set -euo pipefail
 # shellcheck source=launch/_common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 
-if [[ ${1:-} == --dry-run ]]; then DRY_RUN=1; shift; fi
-if [[ $# -lt 1 || $1 == -h || $1 == --help ]]; then usage "$0"; exit 2; fi
-config=$1
-shift
+parse_config_args "$0" "$@"
 
 run "${PYTHON:-python}" -m torch.distributed.run --standalone --nproc_per_node "${NPROC:-$(local_gpus)}" \
-  -m mtllm_train train --config "$config" "$@"
+  -m mtllm_train train --config "$CONFIG" "${OVERRIDES[@]}"

@@ -108,3 +108,22 @@ def test_two_ranks_train_a_4bit_base(tmp_path, train_shards, backend, optimizer)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     losses = [m["loss"] for m in read_metrics(tmp_path / "qlora")]
     assert len(losses) == 12 and sum(losses[-3:]) < 0.6 * sum(losses[:3]), losses
+
+
+def test_deepspeed_zero3_trains_and_exports(tmp_path, train_shards):
+    from mtllm_train.export import export_run, load_mtllm
+
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "mtllm_train", "train", "--config", "configs/tiny.yaml",
+               *train_overrides(tmp_path, train_shards, **{
+                   "run.name": "zero3", "distributed.backend": "deepspeed", "distributed.zero_stage": 3,
+                   "train.steps": 12})]
+    done = subprocess.run(command, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    losses = [m["loss"] for m in read_metrics(tmp_path / "zero3")]
+    assert len(losses) == 12 and sum(losses[-3:]) < 0.6 * sum(losses[:3]), losses
+    # ZeRO-3 partitions the parameters; the checkpoint still yields the full trainable weights.
+    weights = trained_weights(tmp_path / "zero3")
+    assert weights["projection.weight"].shape == (64, 64)
+    mtllm = load_mtllm(export_run(str(tmp_path / "zero3"), str(tmp_path / "export")))
+    torch.testing.assert_close(mtllm.stack.projection.weight, weights["projection.weight"])

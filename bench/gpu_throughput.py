@@ -1,0 +1,142 @@
+"""GPU throughput of the stage-1 step at the paper's shapes: an NLLB-600M-shaped encoder under a
+Llama-3-8B-shaped bidirectional LLM (random init; bf16 or NF4 base), sequence length 512.
+
+Measures, for the largest micro batch that fits (powers of two): samples/s, tokens/s, MFU and peak memory,
+and projects the paper's stage 1 (10K steps x 256 sequences) onto 8xA100 from the measured MFU.
+
+    MFU = step FLOPs / step time / peak bf16 FLOP/s, with step FLOPs from mtllm_train.metrics.step_flops:
+          2 N_llm T_llm (teacher) + 2 N_enc T_mt (encoder) + 4 N_llm T_mt (student forward + backward
+          through the frozen base), T = computed (padded) tokens; attention scores are not counted.
+
+    python bench/gpu_throughput.py --base bf16            # on an H100/H200
+    python bench/gpu_throughput.py --tiny --steps 2       # shape and argument checks on CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from mtllm_train.config import ModelConfig, OptimConfig, from_dict  # noqa: E402
+from mtllm_train.metrics import PEAK_BF16_FLOPS, parameter_count, peak_flops, step_flops  # noqa: E402
+from mtllm_train.model.loss import squared_error  # noqa: E402
+from mtllm_train.model.stack import build_stack, trainable_parameters  # noqa: E402
+from mtllm_train.optim import build_optimizer  # noqa: E402
+
+LLAMA3_8B = {"model_type": "llama", "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
+             "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+             "max_position_embeddings": 8192, "rope_theta": 500000.0}
+NLLB_600M = {"model_type": "m2m_100", "vocab_size": 256206, "d_model": 1024, "encoder_layers": 12,
+             "decoder_layers": 1, "encoder_attention_heads": 16, "decoder_attention_heads": 16,
+             "encoder_ffn_dim": 4096, "decoder_ffn_dim": 4096, "max_position_embeddings": 1024,
+             "scale_embedding": True, "pad_token_id": 1}
+TINY_LLM = {**LLAMA3_8B, "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2}
+TINY_ENCODER = {**NLLB_600M, "vocab_size": 512, "d_model": 64, "encoder_layers": 2, "encoder_attention_heads": 4,
+                "encoder_ffn_dim": 128, "decoder_ffn_dim": 128, "decoder_attention_heads": 4}
+PAPER_SAMPLES = 10_000 * 256
+PAPER_HOURS = 22
+
+
+def build(args, device: torch.device):
+    quantized = args.base == "nf4"
+    model = from_dict(ModelConfig, {
+        "mt_encoder": TINY_ENCODER if args.tiny else NLLB_600M, "llm": TINY_LLM if args.tiny else LLAMA3_8B,
+        "bidirectional": True, "quantization": "nf4" if quantized else "none",
+        "dtype": "bfloat16" if device.type == "cuda" else "float32",
+        "quant_compute_dtype": "bfloat16" if device.type == "cuda" else "float32",
+        "activation_checkpointing": args.activation_checkpointing, "pooling": "mean"}, "model")
+    with torch.device(device if not quantized else "cpu"):
+        stack = build_stack(model)
+    return stack.to(device)
+
+
+def run_steps(stack, optimizer, batch_size: int, seq: int, steps: int, device: torch.device, vocab: tuple[int, int]):
+    views = {"mt_input_ids": torch.randint(4, vocab[0], (batch_size, seq), device=device),
+             "llm_input_ids": torch.randint(4, vocab[1], (batch_size, seq), device=device)}
+    views["mt_attention_mask"] = torch.ones_like(views["mt_input_ids"])
+    views["llm_attention_mask"] = torch.ones_like(views["llm_input_ids"])
+    times = []
+    for _ in range(steps + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            student, teacher = stack(**views)
+            squared_error(student, teacher).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return sorted(times[1:])[len(times[1:]) // 2]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", choices=("bf16", "nf4"), default="bf16", help="dtype of the frozen LLM")
+    parser.add_argument("--seq", type=int, default=512, help="tokens per view")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per micro batch")
+    parser.add_argument("--max-batch", type=int, default=64, help="largest micro batch to try")
+    parser.add_argument("--activation-checkpointing", action="store_true")
+    parser.add_argument("--tiny", action="store_true", help="tiny shapes (CPU check of the script)")
+    parser.add_argument("--out", default=None, help="write the result as JSON here")
+    args = parser.parse_args()
+    if args.seq < 8 or args.steps < 1 or args.max_batch < 1:
+        parser.error("--seq must be >= 8, --steps and --max-batch >= 1")
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cpu" and not args.tiny:
+        parser.error("no GPU here: the full shapes need one; use --tiny to check the script on CPU")
+
+    stack = build(args, device)
+    optimizer = build_optimizer(trainable_parameters(stack), OptimConfig(lr=1e-4))
+    llm_params, encoder_params = parameter_count(stack.llm), parameter_count(stack.mt_encoder)
+    vocab = (stack.mt_encoder.config.vocab_size, stack.llm.config.vocab_size)
+    best = None
+    batch_size = 1
+    while batch_size <= args.max_batch:
+        try:
+            seconds = run_steps(stack, optimizer, batch_size, args.seq, args.steps, device, vocab)
+        except torch.OutOfMemoryError:
+            break
+        best = (batch_size, seconds, torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None)
+        print(f"micro batch {batch_size}: {seconds:.3f} s/step", flush=True)
+        batch_size *= 2
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if best is None:
+        raise SystemExit("even micro batch 1 does not fit")
+    batch_size, seconds, peak_gb = best
+    tokens = batch_size * args.seq
+    flops = step_flops(llm_params, encoder_params, tokens, tokens)
+    peak = peak_flops(device)
+    result = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "base": args.base, "seq": args.seq, "micro_batch": batch_size, "step_s": seconds,
+        "samples_per_s": batch_size / seconds, "tokens_per_s": 2 * tokens / seconds,
+        "llm_params": llm_params, "encoder_params": encoder_params, "step_tflop": flops / 1e12,
+        "mfu": flops / seconds / peak if peak else None, "peak_mem_gb": peak_gb,
+    }
+    if result["mfu"]:
+        # At the same MFU on 8 A100s (312 TFLOP/s bf16 each), the paper's 2.56M sequences would take:
+        per_sample_flops = flops / batch_size
+        result["projected_8xA100_hours"] = PAPER_SAMPLES * per_sample_flops / (
+            8 * PEAK_BF16_FLOPS["A100"] * result["mfu"]) / 3600
+        result["paper_hours"] = PAPER_HOURS
+    print(json.dumps(result, indent=1))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
