@@ -28,7 +28,8 @@ bench: install
 	$(PY) bench/run_cpu.py
 
 lint: install
-	$(PY) -m compileall -q mtllm_train tests
+	$(PY) -m pyflakes mtllm_train tests bench
+	$(VENV)/bin/shellcheck -x launch/*.sh launch/*.sbatch
 
 clean:
 	rm -rf $(VENV) .cache runs shards/build

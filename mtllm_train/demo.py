@@ -30,7 +30,8 @@ SAMPLE = "shards/sample/enwiki_sample.jsonl"
 HELD_OUT = 20
 
 
-def _worker_pids(parent: int) -> list[int]:
+def child_pids(parent: int) -> list[int]:
+    """Process ids whose parent is `parent` (from /proc)."""
     pids = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -69,7 +70,7 @@ def run_demo(workdir: str) -> None:
         time.sleep(0.05)
     if launcher.poll() is None:
         print("[3/5] SIGTERM to both trainers (a preemption): they agree, checkpoint and exit 0")
-        for pid in _worker_pids(launcher.pid):  # the launch script execs torchrun; its children are the ranks
+        for pid in child_pids(launcher.pid):  # the launch script execs torchrun; its children are the ranks
             os.kill(pid, signal.SIGTERM)
     if launcher.wait() != 0:
         raise SystemExit("the first training launch failed; see its output above")

@@ -5,7 +5,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ import torch
 from conftest import ROOT, read_metrics, trained_weights, train_overrides
 from mtllm_train.checkpoint import complete_checkpoints
 from mtllm_train.config import load_config
+from mtllm_train.demo import child_pids
 from mtllm_train.train import train
 
 STEPS = 40
@@ -33,18 +33,6 @@ def _torchrun(run_dir, shards, name, backend):
     return subprocess.Popen(command, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _children(pid):
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            found.append(int(stat.parent.name))
-    return found
-
-
 def _finish(process, timeout=300):
     output, _ = process.communicate(timeout=timeout)
     return process.returncode, output
@@ -57,7 +45,7 @@ def _run_preempted(run_dir, shards, name, backend):
     deadline = time.time() + 240
     while time.time() < deadline and process.poll() is None:
         if metrics.is_file() and len(metrics.read_text().splitlines()) >= 2:
-            os.kill(max(_children(process.pid)), signal.SIGTERM)  # one rank only: the ranks must agree
+            os.kill(max(child_pids(process.pid)), signal.SIGTERM)  # one rank only: the ranks must agree
             break
         time.sleep(0.02)
     code, output = _finish(process)

@@ -239,13 +239,13 @@ def test_what_a_step_reads_depends_only_on_the_number_of_readers(shards_80):
 def test_reader_workers_ignore_sigterm(shards_80):
     import os
     import signal
-    from pathlib import Path
+
+    from mtllm_train.demo import child_pids
 
     reader = BatchReader(str(shards_80), batch_size=4, num_workers=2, seed=2)
     iterator = iter(reader)
     first = [next(iterator) for _ in range(2)]
-    workers = [int(p.parent.name) for p in Path("/proc").glob("[0-9]*/stat")
-               if int(p.read_text().rsplit(")", 1)[1].split()[1]) == os.getpid()]
+    workers = child_pids(os.getpid())
     assert len(workers) >= 2
     for pid in workers:
         os.kill(pid, signal.SIGTERM)

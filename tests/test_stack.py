@@ -149,3 +149,20 @@ def test_inline_config_without_model_type_is_refused(tiny_cfg):
     tiny_cfg.model.mt_encoder = {"d_model": 64}
     with pytest.raises(ConfigError, match=r"model\.mt_encoder: an inline config needs 'model_type'"):
         build_stack(tiny_cfg.model)
+
+
+def test_gradients_through_a_4bit_layer_match_its_dequantized_weights():
+    import bitsandbytes as bnb
+
+    dense = torch.nn.Linear(64, 32, bias=False)
+    quantized = bnb.nn.Linear4bit(64, 32, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+    quantized.weight = bnb.nn.Params4bit(dense.weight.data.clone(), requires_grad=False, quant_type="nf4")
+    quantized = quantized.to("cpu")  # quantizes the weight
+    weight = bnb.functional.dequantize_4bit(quantized.weight.data, quantized.weight.quant_state)
+    assert 0 < (weight - dense.weight).abs().max() < 0.1  # really 4-bit: close, not equal
+    for shape in ((3, 5, 64), (1, 64)):
+        inputs = torch.randn(*shape, requires_grad=True)
+        quantized(inputs).pow(2).sum().backward()
+        through_4bit, inputs.grad = inputs.grad.clone(), None
+        torch.nn.functional.linear(inputs, weight).pow(2).sum().backward()
+        torch.testing.assert_close(through_4bit, inputs.grad)
