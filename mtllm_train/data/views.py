@@ -17,6 +17,7 @@ from transformers import PreTrainedTokenizerBase
 
 from mtllm_train.config import ConfigError
 from mtllm_train.model.loading import load_tokenizer
+from mtllm_train.tasks.languages import tokenizer_language_codes
 
 # No token spans more than this many characters: documents are pre-cut here before tokenizing.
 MAX_CHARS_PER_TOKEN = 32
@@ -42,7 +43,7 @@ def set_source_language(tokenizer: PreTrainedTokenizerBase, lang: str | None) ->
     if lang is None or not hasattr(tokenizer, "src_lang"):
         return None
     if tokenizer.convert_tokens_to_ids(lang) in (None, tokenizer.unk_token_id):
-        known = [t for t in tokenizer.get_vocab() if re.fullmatch(r"[a-z]{3}_[A-Z][a-z]{3}", t)]
+        known = tokenizer_language_codes(tokenizer)
         raise ConfigError(f"language code {lang!r} is not in the MT tokenizer {tokenizer.name_or_path!r} "
                           f"(it knows {len(known)} codes, e.g. {', '.join(sorted(known)[:4])})")
     tokenizer.src_lang = lang

@@ -1,0 +1,35 @@
+"""Task heads on pooled stack (or LLM) representations.
+
+- sequence / pair classification: mean-pooled vector -> Linear(D, C, bias=False) (a pair is encoded jointly)
+- multiple choice: each choice's own token span mean-pooled -> Linear(D, 1); cross-entropy over the choices
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mtllm_train.model.pooling import pool
+
+
+class ClassificationHead(nn.Module):
+    def __init__(self, hidden_size: int, num_classes: int):
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, num_classes, bias=False)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.linear(pooled.float())
+
+
+class MultipleChoiceHead(nn.Module):
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, 1, bias=False)
+
+    def forward(self, hidden: torch.Tensor, choice_masks: torch.Tensor) -> torch.Tensor:
+        """hidden [B, T, D]; choice_masks [B, K, T] with 1 on the tokens of choice k -> logits [B, K]."""
+        batch, choices, length = choice_masks.shape
+        expanded = hidden.unsqueeze(1).expand(batch, choices, length, hidden.shape[-1])
+        spans = pool(expanded.reshape(batch * choices, length, -1), choice_masks.reshape(batch * choices, length),
+                     "mean")
+        return self.linear(spans).view(batch, choices)

@@ -1,0 +1,61 @@
+"""Benchmark language codes -> FLORES-200 / NLLB codes, validated against the MT tokenizer.
+
+The authors' code mapped Greek to ell_Latn (NLLB has ell_Grek) and romanised variants to <unk>. Here every
+benchmark code has one explicit FLORES-200 code, languages NLLB does not cover map to None, and resolving
+such a language needs an explicit fallback from the config; an unknown code is an error naming it.
+"""
+
+from __future__ import annotations
+
+import re
+
+from mtllm_train.config import ConfigError
+
+# XNLI (ISO 639-1)
+XNLI = {"ar": "arb_Arab", "bg": "bul_Cyrl", "de": "deu_Latn", "el": "ell_Grek", "en": "eng_Latn", "es": "spa_Latn",
+        "fr": "fra_Latn", "hi": "hin_Deva", "ru": "rus_Cyrl", "sw": "swh_Latn", "th": "tha_Thai", "tr": "tur_Latn",
+        "ur": "urd_Arab", "vi": "vie_Latn", "zh": "zho_Hans"}
+# AmericasNLI: only Aymara, Guarani and Quechua are NLLB-200 languages.
+AMERICAS_NLI = {"aym": "ayr_Latn", "gn": "grn_Latn", "quy": "quy_Latn", "bzd": None, "cni": None, "hch": None,
+                "nah": None, "oto": None, "shp": None, "tar": None}
+# Kardes-NLU (Turkic)
+KARDES_NLU = {"az": "azj_Latn", "kk": "kaz_Cyrl", "ky": "kir_Cyrl", "ug": "uig_Arab", "uz": "uzn_Latn"}
+# NusaX sentiment: Batak Toba, Madurese and Ngaju are not NLLB-200 languages.
+NUSAX = {"ace": "ace_Latn", "ban": "ban_Latn", "bjn": "bjn_Latn", "bug": "bug_Latn", "eng": "eng_Latn",
+         "ind": "ind_Latn", "jav": "jav_Latn", "min": "min_Latn", "sun": "sun_Latn", "bbc": None, "mad": None,
+         "nij": None}
+BENCHMARKS = {"xnli": XNLI, "americas_nli": AMERICAS_NLI, "kardes_nlu": KARDES_NLU, "nusax": NUSAX}
+
+
+def resolve(code: str, benchmark: str, mt_codes: set[str], fallbacks: dict[str, str] | None = None) -> str:
+    """The MT language code for `code` of `benchmark`.
+
+    Belebele already uses FLORES-200 codes (e.g. ell_Grek); other benchmarks go through their table.
+    `mt_codes` are the language tokens the MT tokenizer knows; `fallbacks` maps a benchmark code the MT model
+    lacks to a code it has (say so in the config: e.g. {"nij": "ind_Latn"}).
+    """
+    fallbacks = fallbacks or {}
+    if benchmark == "belebele":
+        table = {c: c for c in mt_codes}
+    elif benchmark in BENCHMARKS:
+        table = BENCHMARKS[benchmark]
+    else:
+        raise ConfigError(f"benchmark {benchmark!r}: expected one of belebele, {', '.join(BENCHMARKS)}")
+    if code in fallbacks:
+        target, reason = fallbacks[code], f"the fallback for {code!r}"
+    elif code not in table:
+        raise ConfigError(f"language {code!r} is not a {benchmark} language (known: {', '.join(sorted(table)[:12])}"
+                          f"{', ...' if len(table) > 12 else ''})")
+    elif table[code] is None:
+        raise ConfigError(f"language {code!r} of {benchmark} has no NLLB-200 code; give an explicit fallback in "
+                          f"the config (e.g. {{{code!r}: 'eng_Latn'}} or a related language)")
+    else:
+        target, reason = table[code], f"the code of {code!r}"
+    if target not in mt_codes:
+        raise ConfigError(f"{target!r} ({reason}) is not a language code of the MT tokenizer")
+    return target
+
+
+def tokenizer_language_codes(tokenizer) -> set[str]:
+    """The xxx_Xxxx language tokens a (NLLB-style) tokenizer knows."""
+    return {token for token in tokenizer.get_vocab() if re.fullmatch(r"[a-z]{3}_[A-Z][a-z]{3}", token)}
