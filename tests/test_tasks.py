@@ -49,3 +49,56 @@ def test_multiple_choice_pools_each_choice_over_its_own_span():
 def test_classification_head_has_no_bias():
     head = ClassificationHead(4, 3)
     assert head.linear.bias is None and head(torch.ones(2, 4)).shape == (2, 3)
+
+
+def test_s_dev_and_t_dev_pick_the_right_checkpoints():
+    from mtllm_train.tasks.selection import markdown_table, select
+
+    # Validated at 3 steps. English dev peaks at 200; German dev at 300; Swahili dev ties at 100 and 300.
+    dev = {100: {"en": 0.80, "de": 0.60, "sw": 0.50}, 200: {"en": 0.85, "de": 0.62, "sw": 0.40},
+           300: {"en": 0.84, "de": 0.70, "sw": 0.50}}
+    test = {100: {"de": 0.61, "sw": 0.52}, 200: {"de": 0.63, "sw": 0.41}, 300: {"de": 0.69, "sw": 0.49}}
+    selection = select(dev, test, source="en")
+    assert selection["s_dev"] == {"step": 200, "test": {"de": 0.63, "sw": 0.41}}
+    assert selection["t_dev"] == {"de": {"step": 300, "test": 0.69}, "sw": {"step": 100, "test": 0.52}}
+    table = markdown_table(selection)
+    assert "| S-DEV | 63.0 | 41.0 | 52.0 |" in table and "| T-DEV | 69.0 | 52.0 | 60.5 |" in table
+
+
+def test_selection_refuses_mismatched_steps():
+    from mtllm_train.tasks.selection import select
+
+    with pytest.raises(ConfigError, match=r"cover different steps \(300\)"):
+        select({100: {"en": 1.0}, 300: {"en": 0.5}}, {100: {"de": 0.5}}, source="en")
+
+
+def test_task_files_in_three_formats(tmp_path):
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from mtllm_train.tasks.data import read_task_file
+
+    (tmp_path / "nli.jsonl").write_text(json.dumps({"premise": "A man sleeps.", "hypothesis": "He is awake.",
+                                                    "label": "contradiction"}) + "\n")
+    assert read_task_file(tmp_path / "nli.jsonl", "nli") == [
+        {"premise": "A man sleeps.", "hypothesis": "He is awake.", "label": 2}]
+    (tmp_path / "sent.csv").write_text("text,label\nGreat film,1\nDull,0\n")
+    assert [e["label"] for e in read_task_file(tmp_path / "sent.csv", "sentiment", ("negative", "positive"))] == [1, 0]
+    pq.write_table(pa.table({"flores_passage": ["P"], "question": ["Q?"], "mc_answer1": ["a"], "mc_answer2": ["b"],
+                             "mc_answer3": ["c"], "mc_answer4": ["d"], "correct_answer_num": ["3"]}),
+                   tmp_path / "belebele.parquet")
+    assert read_task_file(tmp_path / "belebele.parquet", "belebele") == [
+        {"passage": "P", "question": "Q?", "answers": ["a", "b", "c", "d"], "label": 2}]
+
+
+def test_bad_task_rows_name_the_file_and_line(tmp_path):
+    from mtllm_train.tasks.data import read_task_file
+
+    (tmp_path / "bad.csv").write_text("text,label\nfine,1\nbroken,7\n")
+    with pytest.raises(ConfigError, match=r"bad.csv:3: label 7 is outside 0..1"):
+        read_task_file(tmp_path / "bad.csv", "sentiment", ("negative", "positive"))
+    (tmp_path / "nli.jsonl").write_text('{"premise": "x", "label": 0}\n')
+    with pytest.raises(ConfigError, match=r"nli.jsonl:1: no hypothesis field"):
+        read_task_file(tmp_path / "nli.jsonl", "nli")

@@ -1,0 +1,84 @@
+"""Task examples from local jsonl / csv / parquet files, normalised per task.
+
+- nli:       premise, hypothesis, label (0 entailment, 1 neutral, 2 contradiction; names accepted)
+- sentiment: text, label (an integer class, or a name listed in the task's label names)
+- belebele:  passage, question, four answers, the correct index (0-based); Belebele's own column names
+             (flores_passage, mc_answer1..4, correct_answer_num 1-based) are accepted as they are
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from mtllm_train.config import ConfigError
+
+NLI_LABELS = ("entailment", "neutral", "contradiction")
+TASKS = ("nli", "sentiment", "belebele")
+
+
+def _rows(path: Path):
+    if path.suffix == ".jsonl":
+        with path.open(encoding="utf-8") as lines:
+            for number, line in enumerate(lines, 1):
+                if line.strip():
+                    yield number, json.loads(line)
+    elif path.suffix == ".csv":
+        with path.open(encoding="utf-8", newline="") as handle:
+            yield from enumerate(csv.DictReader(handle), 2)
+    elif path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        yield from enumerate(pq.read_table(path).to_pylist(), 1)
+    else:
+        raise ConfigError(f"{path}: unsupported task file; expected .jsonl, .csv or .parquet")
+
+
+def _label(value, names: tuple[str, ...], where: str) -> int:
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        value = int(value)
+    if isinstance(value, str):
+        if value.lower() not in names:
+            raise ConfigError(f"{where}: label {value!r} is not one of {', '.join(names)}")
+        return names.index(value.lower())
+    if not isinstance(value, int) or not 0 <= value < len(names):
+        raise ConfigError(f"{where}: label {value!r} is outside 0..{len(names) - 1}")
+    return value
+
+
+def _field(row: dict, names: tuple[str, ...], where: str):
+    for name in names:
+        if name in row and row[name] is not None:
+            return row[name]
+    raise ConfigError(f"{where}: no {' / '.join(names)} field")
+
+
+def read_task_file(path: str | Path, task: str, label_names: tuple[str, ...] = NLI_LABELS) -> list[dict]:
+    path = Path(path)
+    if task not in TASKS:
+        raise ConfigError(f"task {task!r}: expected one of {', '.join(TASKS)}")
+    if not path.is_file():
+        raise ConfigError(f"task file {str(path)!r} does not exist")
+    examples = []
+    for number, row in _rows(path):
+        where = f"{path}:{number}"
+        if task == "nli":
+            examples.append({"premise": str(_field(row, ("premise",), where)),
+                             "hypothesis": str(_field(row, ("hypothesis",), where)),
+                             "label": _label(_field(row, ("label",), where), NLI_LABELS, where)})
+        elif task == "sentiment":
+            examples.append({"text": str(_field(row, ("text",), where)),
+                             "label": _label(_field(row, ("label",), where), label_names, where)})
+        else:
+            answers = row.get("answers") or [_field(row, (f"mc_answer{k}",), where) for k in range(1, 5)]
+            if "correct_answer_num" in row:
+                correct = _label(int(row["correct_answer_num"]) - 1, ("1", "2", "3", "4"), where)
+            else:
+                correct = _label(_field(row, ("label",), where), ("1", "2", "3", "4"), where)
+            if len(answers) != 4:
+                raise ConfigError(f"{where}: expected 4 answers, got {len(answers)}")
+            examples.append({"passage": str(_field(row, ("flores_passage", "passage"), where)),
+                             "question": str(_field(row, ("question",), where)),
+                             "answers": [str(a) for a in answers], "label": correct})
+    return examples
