@@ -174,11 +174,11 @@ def train(cfg: Config) -> dict:
                     computed_llm += views["llm_attention_mask"].numel()
                     computed_mt += views["mt_attention_mask"].numel()
                     bad += batch["bad_samples"]
-                totals = all_reduce(torch.cat([sums, torch.tensor([computed_llm, computed_mt, bad], device=device,
-                                                                  dtype=torch.float64)]))
-                all_reduce(teacher_sum)
-                all_reduce(teacher_sq_sum)
-                error_sum, llm_real, mt_real, llm_computed, mt_computed, bad_samples = totals.tolist()
+                # One all-reduce for every statistic of the step.
+                counters = torch.tensor([computed_llm, computed_mt, bad], device=device, dtype=torch.float64)
+                totals = all_reduce(torch.cat([sums, counters, teacher_sum.double(), teacher_sq_sum.double()]))
+                error_sum, llm_real, mt_real, llm_computed, mt_computed, bad_samples = totals[:6].tolist()
+                teacher_sum, teacher_sq_sum = totals[6:].chunk(2)
                 loss_value = error_sum / global_targets
                 if not math.isfinite(loss_value):
                     raise NonFiniteError(f"step {step + 1}: the loss is {loss_value}; the step was not applied")
