@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import signal
 import time
+from contextlib import closing
 from pathlib import Path
 
 import torch
@@ -138,105 +139,102 @@ def train(cfg: Config) -> dict:
     summary = {"start_step": start_step, "end_step": start_step, "losses": [], "preempted": False,
                "run_dir": str(run_dir), "is_main": dist_info.is_main}
 
-    try:
-        with Preemption(run_dir / "STOP", dist_info.is_main) as preemption:
-            for step in range(start_step, cfg.train.steps):
-                step_start = time.perf_counter()
-                micro_batches = [next(batches) for _ in range(accumulation)]
-                data_wait = time.perf_counter() - step_start
-                # Every pooled target weighs the same: normalise by the global count over micro-batches and ranks.
-                counts = torch.tensor([float(sum(b["mt_input_ids"].shape[0] for b in micro_batches))], device=device)
-                global_targets = all_reduce(counts).item()
+    # closing(): the logger and the reader's worker processes are shut down however the loop ends.
+    with Preemption(run_dir / "STOP", dist_info.is_main) as preemption, closing(logger), closing(reader):
+        for step in range(start_step, cfg.train.steps):
+            step_start = time.perf_counter()
+            micro_batches = [next(batches) for _ in range(accumulation)]
+            data_wait = time.perf_counter() - step_start
+            # Every pooled target weighs the same: normalise by the global count over micro-batches and ranks.
+            counts = torch.tensor([float(sum(b["mt_input_ids"].shape[0] for b in micro_batches))], device=device)
+            global_targets = all_reduce(counts).item()
 
-                # Device-side sums (no sync per micro-batch): squared error, real LLM / MT tokens; teacher sums for FVU.
-                sums = torch.zeros(3, device=device, dtype=torch.float64)
-                teacher_sum = teacher_sq_sum = 0.0
-                computed_llm = computed_mt = bad = 0
-                for index, batch in enumerate(micro_batches):
-                    last = index == accumulation - 1
-                    views = {key: batch[key].to(device, non_blocking=True) for key in VIEWS}
-                    with gradient_sync(model, backend, last), autocast:
-                        student_pooled, teacher_pooled = model(**views)
-                        errors = squared_error(student_pooled, teacher_pooled)
-                        # DDP / FSDP / DeepSpeed average gradients over ranks; x world_size turns that into the sum.
-                        loss = errors.sum() * world_size / global_targets
-                        if backend == "deepspeed":
-                            model.backward(loss, scale_wrt_gas=False)
-                        else:
-                            loss.backward()
-                    if backend == "deepspeed" and not last:
-                        model.step()  # DeepSpeed counts micro-steps; it applies the update only at the boundary
-                    teacher = teacher_pooled.float()
-                    teacher_sum = teacher_sum + teacher.sum(0)
-                    teacher_sq_sum = teacher_sq_sum + teacher.pow(2).sum(0)
-                    sums += torch.stack([errors.detach().sum(), views["llm_attention_mask"].sum(),
-                                         views["mt_attention_mask"].sum()]).double()
-                    computed_llm += views["llm_attention_mask"].numel()
-                    computed_mt += views["mt_attention_mask"].numel()
-                    bad += batch["bad_samples"]
-                # One all-reduce for every statistic of the step.
-                counters = torch.tensor([computed_llm, computed_mt, bad], device=device, dtype=torch.float64)
-                totals = all_reduce(torch.cat([sums, counters, teacher_sum.double(), teacher_sq_sum.double()]))
-                error_sum, llm_real, mt_real, llm_computed, mt_computed, bad_samples = totals[:6].tolist()
-                teacher_sum, teacher_sq_sum = totals[6:].chunk(2)
-                loss_value = error_sum / global_targets
-                if not math.isfinite(loss_value):
-                    raise NonFiniteError(f"step {step + 1}: the loss is {loss_value}; the step was not applied")
+            # Device-side sums (no sync per micro-batch): squared error, real LLM / MT tokens; teacher sums for FVU.
+            sums = torch.zeros(3, device=device, dtype=torch.float64)
+            teacher_sum = teacher_sq_sum = 0.0
+            computed_llm = computed_mt = bad = 0
+            for index, batch in enumerate(micro_batches):
+                last = index == accumulation - 1
+                views = {key: batch[key].to(device, non_blocking=True) for key in VIEWS}
+                with gradient_sync(model, backend, last), autocast:
+                    student_pooled, teacher_pooled = model(**views)
+                    errors = squared_error(student_pooled, teacher_pooled)
+                    # DDP / FSDP / DeepSpeed average gradients over ranks; x world_size turns that into the sum.
+                    loss = errors.sum() * world_size / global_targets
+                    if backend == "deepspeed":
+                        model.backward(loss, scale_wrt_gas=False)
+                    else:
+                        loss.backward()
+                if backend == "deepspeed" and not last:
+                    model.step()  # DeepSpeed counts micro-steps; it applies the update only at the boundary
+                teacher = teacher_pooled.float()
+                teacher_sum = teacher_sum + teacher.sum(0)
+                teacher_sq_sum = teacher_sq_sum + teacher.pow(2).sum(0)
+                sums += torch.stack([errors.detach().sum(), views["llm_attention_mask"].sum(),
+                                     views["mt_attention_mask"].sum()]).double()
+                computed_llm += views["llm_attention_mask"].numel()
+                computed_mt += views["mt_attention_mask"].numel()
+                bad += batch["bad_samples"]
+            # One all-reduce for every statistic of the step.
+            counters = torch.tensor([computed_llm, computed_mt, bad], device=device, dtype=torch.float64)
+            totals = all_reduce(torch.cat([sums, counters, teacher_sum.double(), teacher_sq_sum.double()]))
+            error_sum, llm_real, mt_real, llm_computed, mt_computed, bad_samples = totals[:6].tolist()
+            teacher_sum, teacher_sq_sum = totals[6:].chunk(2)
+            loss_value = error_sum / global_targets
+            if not math.isfinite(loss_value):
+                raise NonFiniteError(f"step {step + 1}: the loss is {loss_value}; the step was not applied")
 
-                # One optimizer step.
-                lr = optimizer.param_groups[0]["lr"]
-                if backend == "deepspeed":
-                    model.step()
-                    grad_norm = float(model.get_global_grad_norm() or 0.0)
-                else:
-                    max_norm = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
-                    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm)
-                    grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-                if not math.isfinite(grad_norm):
-                    raise NonFiniteError(f"step {step + 1}: the gradient norm is {grad_norm}; the step was not applied")
-                if backend != "deepspeed":
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
+            # One optimizer step.
+            lr = optimizer.param_groups[0]["lr"]
+            if backend == "deepspeed":
+                model.step()
+                grad_norm = float(model.get_global_grad_norm() or 0.0)
+            else:
+                max_norm = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
+                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm)
+                grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+            if not math.isfinite(grad_norm):
+                raise NonFiniteError(f"step {step + 1}: the gradient norm is {grad_norm}; the step was not applied")
+            if backend != "deepspeed":
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
 
-                # Metrics.
-                step_time = time.perf_counter() - step_start
-                record = {
-                    "step": step + 1,
-                    "loss": loss_value,
-                    "fvu": fvu_from_sums(error_sum, teacher_sum, teacher_sq_sum, int(global_targets)),
-                    "lr": lr,
-                    "grad_norm": grad_norm,
-                    "seqs_per_s": global_targets / step_time,
-                    "llm_tokens_per_s": llm_real / step_time,
-                    "mt_tokens_per_s": mt_real / step_time,
-                    "padding_efficiency": (llm_real + mt_real) / (llm_computed + mt_computed),
-                    "data_wait_frac": data_wait / step_time,
-                    "peak_mem_gb": peak_memory_gb(device),
-                    "bad_samples": int(bad_samples),
-                    "epoch": reader.epoch,
-                }
-                if flops_peak:
-                    flops = step_flops(llm_params, encoder_params, int(llm_computed), int(mt_computed))
-                    record["mfu"] = flops / step_time / (flops_peak * world_size)
-                logger.log(record)
-                summary["losses"].append(loss_value)
-                summary["end_step"] = step + 1
+            # Metrics.
+            step_time = time.perf_counter() - step_start
+            record = {
+                "step": step + 1,
+                "loss": loss_value,
+                "fvu": fvu_from_sums(error_sum, teacher_sum, teacher_sq_sum, int(global_targets)),
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "seqs_per_s": global_targets / step_time,
+                "llm_tokens_per_s": llm_real / step_time,
+                "mt_tokens_per_s": mt_real / step_time,
+                "padding_efficiency": (llm_real + mt_real) / (llm_computed + mt_computed),
+                "data_wait_frac": data_wait / step_time,
+                "peak_mem_gb": peak_memory_gb(device),
+                "bad_samples": int(bad_samples),
+                "epoch": reader.epoch,
+            }
+            if flops_peak:
+                flops = step_flops(llm_params, encoder_params, int(llm_computed), int(mt_computed))
+                record["mfu"] = flops / step_time / (flops_peak * world_size)
+            logger.log(record)
+            summary["losses"].append(loss_value)
+            summary["end_step"] = step + 1
 
-                preempted = preemption.agreed(device)
-                if (step + 1) % cfg.checkpoint.every == 0 or step + 1 == cfg.train.steps or preempted:
-                    save_checkpoint(run_dir, step + 1, model=model, optimizer=optimizer, scheduler=scheduler,
-                                    backend=backend, dist_info=dist_info, reader_state=reader.state_dict(),
-                                    meta={"wandb_id": logger.wandb_id}, keep_last=cfg.checkpoint.keep_last)
-                if preempted:
-                    if dist_info.is_main:
-                        (run_dir / "STOP").unlink(missing_ok=True)  # served: a requeued job runs on
-                    logger.message(f"preempted: saved step {step + 1}; rerun the same command to resume")
-                    summary["preempted"] = True
-                    break
-    finally:
-        logger.close()
-        reader.close()
+            preempted = preemption.agreed(device)
+            if (step + 1) % cfg.checkpoint.every == 0 or step + 1 == cfg.train.steps or preempted:
+                save_checkpoint(run_dir, step + 1, model=model, optimizer=optimizer, scheduler=scheduler,
+                                backend=backend, dist_info=dist_info, reader_state=reader.state_dict(),
+                                meta={"wandb_id": logger.wandb_id}, keep_last=cfg.checkpoint.keep_last)
+            if preempted:
+                if dist_info.is_main:
+                    (run_dir / "STOP").unlink(missing_ok=True)  # served: a requeued job runs on
+                logger.message(f"preempted: saved step {step + 1}; rerun the same command to resume")
+                summary["preempted"] = True
+                break
     if dist_info.is_main and summary["losses"]:
         plot_loss_curve(run_dir)
     shutdown()
