@@ -28,7 +28,8 @@ def _config(args: argparse.Namespace) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     from mtllm_train.config import load_config
-    from mtllm_train.train import NonFiniteError, train
+    from mtllm_train.engine import NonFiniteError
+    from mtllm_train.train import train
 
     cfg = load_config(args.config, args.overrides)
     try:
@@ -40,6 +41,31 @@ def _train(args: argparse.Namespace) -> int:
         print(f"steps {summary['start_step']} -> {summary['end_step']}: loss {summary['losses'][0]:.4g} -> "
               f"{summary['losses'][-1]:.4g}; run in {summary['run_dir']}")
     return 0
+
+
+def _task(args: argparse.Namespace) -> int:
+    from mtllm_train.config import load_config
+    from mtllm_train.engine import NonFiniteError
+    from mtllm_train.tasks.finetune import train_task
+
+    cfg = load_config(args.config, args.overrides)
+    try:
+        summary = train_task(cfg, args.command)
+    except NonFiniteError as err:
+        print(f"mtllm: stopped: {err}", file=sys.stderr)
+        return 1
+    if summary["is_main"] and summary["losses"]:
+        print(f"steps {summary['start_step']} -> {summary['end_step']} of {summary['total_steps']}: loss "
+              f"{summary['losses'][0]:.4g} -> {summary['losses'][-1]:.4g}; run in {summary['run_dir']} "
+              f"(then: mtllm evaluate --run {summary['run_dir']})")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from mtllm_train.tasks.evaluation import evaluate_run
+
+    for table in evaluate_run(args.run):
+        print(table.read_text())
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -115,6 +141,19 @@ def build_parser() -> argparse.ArgumentParser:
     # The deepspeed launcher appends --local_rank; LOCAL_RANK in the environment says the same.
     train.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     train.set_defaults(func=_train)
+
+    for name, text in (("task-train", "stage 2: fine-tune the LLM, the MT encoder or the stack with a task head"),
+                       ("task-distill", "stage 2: distil the fine-tuned LLM's task representations into the stack")):
+        task = commands.add_parser(name, help=text + " (also under torchrun / deepspeed)")
+        task.add_argument("--config", required=True, help="a YAML config with a task section, e.g. configs/stage2/...")
+        task.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+        task.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+        task.set_defaults(func=_task)
+
+    evaluate = commands.add_parser("evaluate", help="test the S-DEV / T-DEV checkpoints of a stage-2 run on every "
+                                                    "language; write RUN/results/<row>.json and .md")
+    evaluate.add_argument("--run", required=True, help="a task-train or task-distill run folder")
+    evaluate.set_defaults(func=_evaluate)
 
     export = commands.add_parser("export", help="write a loadable MT-LLM (LoRA adapter, projection, manifest)")
     export.add_argument("--run", required=True, help="the run folder, e.g. runs/tiny")

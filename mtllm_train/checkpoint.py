@@ -18,7 +18,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_state_dict)
 
 from mtllm_train.config import ConfigError
 from mtllm_train.distributed import Dist, barrier
@@ -35,6 +37,19 @@ def complete_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     folder = run_dir / "checkpoints"
     found = [(int(p.name.split("_")[1]), p) for p in folder.glob("step_*") if (p / COMMIT).is_file()] if folder.is_dir() else []
     return sorted(found)
+
+
+def checkpoint_path(run_dir: Path, step: int | None = None) -> Path:
+    """The complete checkpoint of `run_dir` at `step` (None: the newest)."""
+    checkpoints = dict(complete_checkpoints(run_dir))
+    if not checkpoints:
+        raise ConfigError(f"{run_dir}: no complete checkpoint (train first, or check the run folder)")
+    if step is None:
+        return checkpoints[max(checkpoints)]
+    if step not in checkpoints:
+        raise ConfigError(f"step {step}: no complete checkpoint at that step in {run_dir} "
+                          f"(available: {', '.join(map(str, sorted(checkpoints)))})")
+    return checkpoints[step]
 
 
 def _rng_state() -> dict:
@@ -61,7 +76,9 @@ def _trainable_state(engine) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(run_dir: Path, step: int, *, model, optimizer, scheduler, backend: str, dist_info: Dist,
-                    reader_state: dict, meta: dict, keep_last: int) -> Path:
+                    reader_state: dict, meta: dict, keep_last: int, keep_steps: set[int] | None = None) -> Path:
+    """Save, commit, then prune: keep the newest `keep_last` complete checkpoints or, when `keep_steps` is
+    given (stage 2 keeps what checkpoint selection needs), those steps and the newest."""
     path = step_dir(run_dir, step)
     if dist_info.is_main and path.exists():
         shutil.rmtree(path)  # an interrupted save of the same step
@@ -87,7 +104,12 @@ def save_checkpoint(run_dir: Path, step: int, *, model, optimizer, scheduler, ba
     barrier()
     if dist_info.is_main:
         (path / COMMIT).write_text(str(step))
-        for _, old in complete_checkpoints(run_dir)[:-keep_last]:
+        complete = complete_checkpoints(run_dir)
+        if keep_steps is None:
+            pruned = complete[:-keep_last]
+        else:
+            pruned = [(s, p) for s, p in complete[:-1] if s not in keep_steps]
+        for _, old in pruned:
             shutil.rmtree(old, ignore_errors=True)
         for stale in (run_dir / "checkpoints").glob("step_*"):
             if not (stale / COMMIT).is_file() and stale != path:
@@ -123,3 +145,22 @@ def load_checkpoint(path: Path, *, model, optimizer, scheduler, backend: str, di
     rank_state = torch.load(path / f"rank_{dist_info.rank}.pt", weights_only=True)
     _set_rng_state(rank_state["rng"])
     return meta, rank_state["reader"]
+
+
+def load_trainable(module: nn.Module, path: Path) -> dict:
+    """Load a checkpoint's trainable weights into an unwrapped `module` in this process; returns its meta."""
+    meta = read_meta(path)
+    options = StateDictOptions(ignore_frozen_params=True)
+    expected = set(get_model_state_dict(module, options=options))
+    if meta["backend"] == "deepspeed":
+        from safetensors.torch import load_file
+
+        trained = load_file(str(path / "trainable.safetensors"))
+    else:
+        trained = get_model_state_dict(module, options=options)
+        dcp.load({"model": trained}, checkpoint_id=str(path / "state"))
+    if set(trained) != expected:
+        raise ConfigError(f"checkpoint {path}: its trainable parameters do not match the model built from the config "
+                          f"({len(set(trained) ^ expected)} names differ)")
+    set_model_state_dict(module, trained, options=StateDictOptions(ignore_frozen_params=True, strict=False))
+    return meta

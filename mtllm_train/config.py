@@ -120,6 +120,42 @@ class LoggingConfig:
 
 
 @dataclass
+class EvalSet:
+    benchmark: str = option("", "language table of the benchmark (xnli, americas_nli, kardes_nlu, nusax, belebele)")
+    languages: list = option([], "benchmark language codes to validate and test on")
+    dev: str = option("", "dev split: a file path with {lang}, or hf://org/dataset[/config]:split with {lang}")
+    test: str = option("", "test split, same forms as dev")
+
+
+@dataclass
+class TaskConfig:
+    name: str = option("nli", "task: nli (premise + hypothesis jointly), sentiment (one text), belebele "
+                              "(passage, question and four answers jointly; multiple choice)")
+    model: str = option("llm", "what task-train fine-tunes: the LLM + a new LoRA, the MT encoder + LoRA, or the "
+                               "stage-1 stack (S1+FT); task-distill always trains the stack")
+    labels: list = option([], "label names of a sentiment task (NLI: entailment, neutral, contradiction)")
+    train: str = option("", "English training split: jsonl / csv / parquet file, or hf://org/dataset[/config]:split")
+    source_dev: str = option("", "English dev split, the source of S-DEV selection")
+    eval: list = option([], "evaluation sets, each {benchmark, languages, dev, test}")
+    language_fallbacks: dict = option({}, "benchmark language -> MT language code, for languages the MT model lacks")
+    epochs: int = option(3, "passes over the training split (stage 2 ignores train.steps)")
+    validate_every: float = option(0.1, "validate and checkpoint every this fraction of the training steps")
+    max_length: int = option(256, "tokens per example and view")
+    metric: str = option("accuracy", "reported score (macro_f1: NusaX)")
+    init_from: str = option("", "stage-1 run folder the stack starts from (task.model stack, and task-distill)")
+    init_step: int = option(0, "checkpoint step of task.init_from; 0: its newest")
+    teacher: str = option("", "task-distill: the task-train run (task.model llm) whose S-DEV checkpoint teaches")
+    cache_teacher: bool = option(False, "task-distill: compute the teacher's task representations once and cache "
+                                        "them (keyed by a fingerprint of data, teacher and settings)")
+    cache_dir: str = option("", "teacher cache folder; default RUN/teacher_cache")
+    translate_test: bool = option(False, "task.model llm: also validate and test on MT translations into English")
+    translator: Union[str, dict] = option("", "translate-test MT model (seq2seq: folder, hub id or inline config)")
+    translator_tokenizer: str = option("", "translate-test tokenizer; default model.mt_tokenizer")
+    max_new_tokens: int = option(256, "translate-test: most tokens generated per text (greedy)")
+    eval_batch_size: int = option(32, "examples per evaluation forward pass")
+
+
+@dataclass
 class Config:
     run: RunConfig = option(RunConfig, "")
     model: ModelConfig = option(ModelConfig, "")
@@ -129,6 +165,7 @@ class Config:
     distributed: DistributedConfig = option(DistributedConfig, "")
     checkpoint: CheckpointConfig = option(CheckpointConfig, "")
     logging: LoggingConfig = option(LoggingConfig, "")
+    task: TaskConfig = option(TaskConfig, "")
 
 
 CHOICES = {
@@ -143,6 +180,9 @@ CHOICES = {
     "distributed.mixed_precision": ("none", "bf16"),
     "distributed.fsdp_reduce_dtype": ("float32", "bfloat16"),
     "logging.wandb": ("disabled", "offline", "online"),
+    "task.name": ("nli", "sentiment", "belebele"),
+    "task.model": ("llm", "mt_encoder", "stack"),
+    "task.metric": ("accuracy", "macro_f1"),
 }
 
 
@@ -205,7 +245,9 @@ def validate(cfg: Config) -> Config:
                 "data.micro_batch_size": cfg.data.micro_batch_size, "data.max_length": cfg.data.max_length,
                 "checkpoint.every": cfg.checkpoint.every, "logging.every": cfg.logging.every,
                 "model.lora.r": cfg.model.lora.r, "optim.lr": cfg.optim.lr,
-                "data.length_group_batches": cfg.data.length_group_batches}
+                "data.length_group_batches": cfg.data.length_group_batches, "task.epochs": cfg.task.epochs,
+                "task.max_length": cfg.task.max_length, "task.eval_batch_size": cfg.task.eval_batch_size,
+                "task.max_new_tokens": cfg.task.max_new_tokens}
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key}: expected a positive value, got {value!r}")
@@ -226,6 +268,12 @@ def validate(cfg: Config) -> Config:
     if cfg.optim.name == "adamw8bit" and cfg.distributed.backend == "fsdp":
         raise ConfigError("optim.name: adamw8bit cannot step FSDP2's sharded (DTensor) parameters (bitsandbytes has no "
                           "DTensor kernels); use adamw with fsdp (LoRA optimizer state is small), or ddp / deepspeed")
+    if not 0 < cfg.task.validate_every <= 1:
+        raise ConfigError(f"task.validate_every: expected a fraction in (0, 1], got {cfg.task.validate_every}")
+    for index, entry in enumerate(cfg.task.eval):
+        if not isinstance(entry, dict):
+            raise ConfigError(f"task.eval[{index}]: expected a mapping with benchmark, languages, dev, test")
+        from_dict(EvalSet, entry, f"task.eval[{index}]")
     for key in ("mt_encoder", "llm"):
         if getattr(cfg.model, key) in ("", {}):
             raise ConfigError(f"model.{key}: required (a model folder / hub id, or an inline config with model_type)")
@@ -256,18 +304,39 @@ def apply_override(data: dict, path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
+def _merge(base: dict, update: dict) -> dict:
+    merged = dict(base)
+    for key, value in update.items():
+        both_mappings = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = _merge(merged[key], value) if both_mappings and key not in INLINE_MODEL_KEYS else value
+    return merged
+
+
+# An inline model config replaces the base's whole: merging two model configs key by key would mix models.
+INLINE_MODEL_KEYS = ("mt_encoder", "llm", "translator")
+
+
+def read_config_file(path: str | Path, seen: tuple = ()) -> dict:
+    """A YAML config as a mapping; `base: other.yaml` (relative to this file) is read first and updated."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    if path.resolve() in seen:
+        raise ConfigError(f"config file {str(path)!r} is its own base (a cycle of base: keys)")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r}: expected a mapping of sections, got {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    return _merge(read_config_file(path.parent / base, seen + (path.resolve(),)), data)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {str(path)!r}: expected a mapping of sections, got {type(data).__name__}")
+    data = read_config_file(path) if path is not None else {}
     for text in overrides:
         apply_override(data, *parse_override(text))
     return validate(from_dict(Config, data, ""))

@@ -86,24 +86,27 @@ def repeated_layers(module: nn.Module) -> nn.ModuleList:
     return max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
 
 
-def wrap_model(stack: nn.Module, cfg: Config, dist_info: Dist) -> nn.Module:
-    """DDP or FSDP2 around the stack (DeepSpeed wraps in deepspeed_engine). The frozen encoder stays replicated."""
+def wrap_model(module: nn.Module, cfg: Config, dist_info: Dist, sharded: nn.Module,
+               replicated: list[nn.Module]) -> nn.Module:
+    """DDP or FSDP2 around `module` (DeepSpeed wraps in deepspeed_engine). FSDP shards every layer of `sharded`;
+    the parameters of the `replicated` modules (frozen encoder, frozen teacher) stay whole on every rank."""
     backend = cfg.distributed.backend
     if backend == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         device_ids = [dist_info.local_rank] if dist_info.device.type == "cuda" else None
-        return DDP(stack, device_ids=device_ids, init_sync=False, forward_sync_buffers=False)
+        return DDP(module, device_ids=device_ids, init_sync=False, forward_sync_buffers=False)
     if backend == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         bf16 = cfg.distributed.mixed_precision == "bf16"
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
                                       reduce_dtype=DTYPES[cfg.distributed.fsdp_reduce_dtype] if bf16 else None)
-        for layer in repeated_layers(stack.llm):
+        for layer in repeated_layers(sharded):
             fully_shard(layer, mp_policy=policy)
-        fully_shard(stack, mp_policy=policy, ignored_params=set(stack.mt_encoder.parameters()))
-    return stack
+        ignored = {p for frozen in replicated for p in frozen.parameters()}
+        fully_shard(module, mp_policy=policy, ignored_params=ignored or None)
+    return module
 
 
 def deepspeed_config(cfg: Config, accumulation: int) -> dict:

@@ -19,12 +19,10 @@ import shutil
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
 from peft import set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 
-from mtllm_train.checkpoint import complete_checkpoints, read_meta
+from mtllm_train.checkpoint import checkpoint_path, load_trainable
 from mtllm_train.config import ConfigError, ModelConfig, from_dict, load_config, to_dict
 from mtllm_train.data.views import pad_id, set_source_language
 from mtllm_train.model.loading import load_tokenizer
@@ -33,37 +31,14 @@ from mtllm_train.model.stack import MTLLM, build_stack
 EXPORT_VERSION = 1
 
 
-def _checkpoint(run_dir: Path, step: int | None) -> Path:
-    checkpoints = dict(complete_checkpoints(run_dir))
-    if not checkpoints:
-        raise ConfigError(f"--run {run_dir}: no complete checkpoint (train first, or check the run folder)")
-    if step is None:
-        return checkpoints[max(checkpoints)]
-    if step not in checkpoints:
-        raise ConfigError(f"--step {step}: no complete checkpoint at that step in {run_dir} "
-                          f"(available: {', '.join(map(str, sorted(checkpoints)))})")
-    return checkpoints[step]
-
-
 def load_trained_stack(run_dir: Path, step: int | None = None) -> tuple[MTLLM, ModelConfig, dict]:
     """The run's stack with the trainable weights of a checkpoint, in this (single) process."""
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"--run {run_dir}: not a run folder (no config.yaml)")
     cfg = load_config(run_dir / "config.yaml")
-    path = _checkpoint(run_dir, step)
-    meta = read_meta(path)
+    path = checkpoint_path(run_dir, step)
     stack = build_stack(cfg.model)
-    options = StateDictOptions(ignore_frozen_params=True)
-    if meta["backend"] == "deepspeed":
-        trained = load_file(str(path / "trainable.safetensors"))
-    else:
-        trained = get_model_state_dict(stack, options=options)
-        dcp.load({"model": trained}, checkpoint_id=str(path / "state"))
-    expected = set(get_model_state_dict(stack, options=options))
-    if set(trained) != expected:
-        raise ConfigError(f"checkpoint {path}: its trainable parameters do not match the run's stack "
-                          f"({len(set(trained) ^ expected)} names differ)")
-    set_model_state_dict(stack, trained, options=StateDictOptions(ignore_frozen_params=True, strict=False))
+    meta = load_trainable(stack, path)
     return stack.eval(), cfg.model, meta
 
 

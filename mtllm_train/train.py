@@ -7,61 +7,27 @@ metrics, checkpoint, preemption check.
 
 from __future__ import annotations
 
-import math
-import signal
 import time
 from contextlib import closing
 from pathlib import Path
 
 import torch
 
-from mtllm_train.checkpoint import complete_checkpoints, load_checkpoint, save_checkpoint
+from mtllm_train.checkpoint import save_checkpoint
 from mtllm_train.config import Config, ConfigError, dump_config, to_dict
 from mtllm_train.data.manifest import check_tokenizers
 from mtllm_train.data.reader import BatchReader
 from mtllm_train.data.views import fingerprint
-from mtllm_train.distributed import (all_reduce, deepspeed_engine, gradient_sync, init_distributed, repeated_layers,
-                                     shutdown, wrap_model)
+from mtllm_train.distributed import all_reduce, gradient_sync, init_distributed, repeated_layers, shutdown
+from mtllm_train.engine import (Preemption, backward, check_finite_loss, optimizer_step, resume,
+                                setup_backend)
 from mtllm_train.metrics import (MetricsLogger, parameter_count, peak_flops, peak_memory_gb, plot_loss_curve,
                                  step_flops)
 from mtllm_train.model.loading import load_tokenizer
 from mtllm_train.model.loss import fvu_from_sums, squared_error
-from mtllm_train.model.stack import build_stack, trainable_parameters
-from mtllm_train.optim import build_optimizer, build_scheduler
+from mtllm_train.model.stack import build_stack
 
 VIEWS = ("mt_input_ids", "mt_attention_mask", "llm_input_ids", "llm_attention_mask")
-
-
-class NonFiniteError(RuntimeError):
-    """A non-finite loss or gradient norm: the step was not applied and the run stops."""
-
-
-class Preemption:
-    """SIGTERM / SIGUSR1, or a STOP file in the run folder, only set a flag; the ranks act on it together at
-    the next step boundary. (The file is for schedulers that cannot signal the trainer processes themselves:
-    launch/slurm_multinode.sbatch touches it shortly before the time limit.)"""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-    def __init__(self, stop_file: Path, is_main: bool):
-        self.stop_file, self.is_main = stop_file, is_main
-
-    def __enter__(self) -> Preemption:
-        self.requested = False
-        self.previous = {signum: signal.signal(signum, self._request) for signum in self.SIGNALS}
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
-
-    def _request(self, signum, frame) -> None:
-        self.requested = True
-
-    def agreed(self, device: torch.device) -> bool:
-        requested = self.requested or (self.is_main and self.stop_file.exists())
-        flag = torch.tensor(float(requested), device=device)
-        return bool(all_reduce(flag, torch.distributed.ReduceOp.MAX).item())
 
 
 def accumulation_steps(cfg: Config, world_size: int) -> int:
@@ -107,30 +73,20 @@ def train(cfg: Config) -> dict:
         for layer in repeated_layers(stack.llm):
             layer.compile()
     llm_params, encoder_params = parameter_count(stack.llm), parameter_count(stack.mt_encoder)
-    if backend == "deepspeed":
-        optimizer = build_optimizer(trainable_parameters(stack), cfg.optim)
-        model = deepspeed_engine(stack, optimizer, lambda opt: build_scheduler(opt, cfg.optim, cfg.train.steps), cfg,
-                                 accumulation)
-        optimizer, scheduler = model.optimizer, model.lr_scheduler
-    else:
-        model = wrap_model(stack, cfg, dist_info)
-        optimizer = build_optimizer(trainable_parameters(stack), cfg.optim)  # after wrapping: FSDP2 made DTensors
-        scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
-    trainable = list(trainable_parameters(stack).values())
+    model, optimizer, scheduler, trainable = setup_backend(stack, cfg, dist_info, accumulation, cfg.train.steps,
+                                                           sharded=stack.llm, replicated=[stack.mt_encoder])
 
     # Resume from the newest complete checkpoint, if any.
     start_step, wandb_id = 0, None
-    checkpoints = complete_checkpoints(run_dir)
-    if checkpoints:
-        meta, reader_state = load_checkpoint(checkpoints[-1][1], model=model, optimizer=optimizer,
-                                             scheduler=None if backend == "deepspeed" else scheduler,
-                                             backend=backend, dist_info=dist_info)
+    resumed = resume(run_dir, model, optimizer, scheduler, backend, dist_info)
+    if resumed:
+        checkpoint_path, meta, reader_state = resumed
         reader.load_state_dict(reader_state)
         start_step, wandb_id = meta["step"], meta.get("wandb_id")
 
     logger = MetricsLogger(run_dir, cfg.logging, dist_info.is_main, start_step, cfg.train.steps, wandb_id, to_dict(cfg))
-    if checkpoints:
-        logger.message(f"resumed from {checkpoints[-1][1]} at step {start_step}")
+    if resumed:
+        logger.message(f"resumed from {checkpoint_path} at step {start_step}")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16,
                               enabled=device.type == "cuda" and cfg.distributed.mixed_precision == "bf16")
     flops_peak = peak_flops(device)
@@ -156,17 +112,13 @@ def train(cfg: Config) -> dict:
             for index, batch in enumerate(micro_batches):
                 last = index == accumulation - 1
                 views = {key: batch[key].to(device, non_blocking=True) for key in VIEWS}
-                with gradient_sync(model, backend, last), autocast:
-                    student_pooled, teacher_pooled = model(**views)
-                    errors = squared_error(student_pooled, teacher_pooled)
-                    # DDP / FSDP / DeepSpeed average gradients over ranks; x world_size turns that into the sum.
-                    loss = errors.sum() * world_size / global_targets
-                    if backend == "deepspeed":
-                        model.backward(loss, scale_wrt_gas=False)
-                    else:
-                        loss.backward()
-                if backend == "deepspeed" and not last:
-                    model.step()  # DeepSpeed counts micro-steps; it applies the update only at the boundary
+                with gradient_sync(model, backend, last):
+                    with autocast:
+                        student_pooled, teacher_pooled = model(**views)
+                        errors = squared_error(student_pooled, teacher_pooled)
+                        # DDP / FSDP / DeepSpeed average gradients over ranks; x world_size turns that into the sum.
+                        loss = errors.sum() * world_size / global_targets
+                    backward(model, loss, backend, last)
                 teacher = teacher_pooled.float()
                 teacher_sum = teacher_sum + teacher.sum(0)
                 teacher_sq_sum = teacher_sq_sum + teacher.pow(2).sum(0)
@@ -181,24 +133,11 @@ def train(cfg: Config) -> dict:
             error_sum, llm_real, mt_real, llm_computed, mt_computed, bad_samples = totals[:6].tolist()
             teacher_sum, teacher_sq_sum = totals[6:].chunk(2)
             loss_value = error_sum / global_targets
-            if not math.isfinite(loss_value):
-                raise NonFiniteError(f"step {step + 1}: the loss is {loss_value}; the step was not applied")
+            check_finite_loss(loss_value, step + 1)
 
             # One optimizer step.
             lr = optimizer.param_groups[0]["lr"]
-            if backend == "deepspeed":
-                model.step()
-                grad_norm = float(model.get_global_grad_norm() or 0.0)
-            else:
-                max_norm = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
-                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm)
-                grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-            if not math.isfinite(grad_norm):
-                raise NonFiniteError(f"step {step + 1}: the gradient norm is {grad_norm}; the step was not applied")
-            if backend != "deepspeed":
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+            grad_norm = optimizer_step(model, optimizer, scheduler, trainable, backend, cfg.train.grad_clip, step + 1)
 
             # Metrics.
             step_time = time.perf_counter() - step_start
@@ -230,8 +169,7 @@ def train(cfg: Config) -> dict:
                                 backend=backend, dist_info=dist_info, reader_state=reader.state_dict(),
                                 meta={"wandb_id": logger.wandb_id}, keep_last=cfg.checkpoint.keep_last)
             if preempted:
-                if dist_info.is_main:
-                    (run_dir / "STOP").unlink(missing_ok=True)  # served: a requeued job runs on
+                preemption.served()
                 logger.message(f"preempted: saved step {step + 1}; rerun the same command to resume")
                 summary["preempted"] = True
                 break

@@ -3,7 +3,7 @@ import torch
 
 from mtllm_train.config import ConfigError
 from mtllm_train.model.loading import load_tokenizer
-from mtllm_train.tasks.heads import ClassificationHead, MultipleChoiceHead
+from mtllm_train.tasks.heads import ClassificationHead, MultipleChoiceHead, choice_pool
 from mtllm_train.tasks.languages import BENCHMARKS, resolve, tokenizer_language_codes
 
 
@@ -43,7 +43,7 @@ def test_multiple_choice_pools_each_choice_over_its_own_span():
     head.linear.weight.data = torch.tensor([[1.0, 0.0]])
     hidden = torch.tensor([[[1.0, 0.0], [3.0, 0.0], [10.0, 0.0], [20.0, 0.0], [99.0, 0.0]]])
     choice_masks = torch.tensor([[[1, 1, 0, 0, 0], [0, 0, 1, 1, 0], [0, 0, 0, 0, 1]]])
-    torch.testing.assert_close(head(hidden, choice_masks), torch.tensor([[2.0, 15.0, 99.0]]))
+    torch.testing.assert_close(head(choice_pool(hidden, choice_masks)), torch.tensor([[2.0, 15.0, 99.0]]))
 
 
 def test_classification_head_has_no_bias():
@@ -65,11 +65,14 @@ def test_s_dev_and_t_dev_pick_the_right_checkpoints():
     assert "| S-DEV | 63.0 | 41.0 | 52.0 |" in table and "| T-DEV | 69.0 | 52.0 | 60.5 |" in table
 
 
-def test_selection_refuses_mismatched_steps():
-    from mtllm_train.tasks.selection import select
+def test_selection_needs_test_scores_only_where_it_lands():
+    from mtllm_train.tasks.selection import needed_tests, select
 
-    with pytest.raises(ConfigError, match=r"cover different steps \(300\)"):
-        select({100: {"en": 1.0}, 300: {"en": 0.5}}, {100: {"de": 0.5}}, source="en")
+    dev = {100: {"en": 0.8, "de": 0.7}, 200: {"en": 0.9, "de": 0.6}, 300: {"en": 0.7, "de": 0.5}}
+    assert needed_tests(dev, "en", ["de"]) == {200: {"de"}, 100: {"de"}}
+    assert select(dev, {100: {"de": 0.65}, 200: {"de": 0.55}}, "en", ["de"])["t_dev"]["de"] == {"step": 100, "test": 0.65}
+    with pytest.raises(ConfigError, match=r"no test score for 'de' at step 200, the S-DEV checkpoint"):
+        select(dev, {100: {"de": 0.65}}, source="en", languages=["de"])
 
 
 def test_task_files_in_three_formats(tmp_path):

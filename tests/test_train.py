@@ -11,7 +11,8 @@ from conftest import read_metrics, trained_weights, train_overrides
 from mtllm_train.checkpoint import COMMIT, complete_checkpoints
 from mtllm_train.config import ConfigError, load_config
 from mtllm_train.export import export_run, load_mtllm, load_trained_stack
-from mtllm_train.train import NonFiniteError, train
+from mtllm_train.engine import NonFiniteError
+from mtllm_train.train import train
 
 METRIC_KEYS = {"step", "loss", "fvu", "lr", "grad_norm", "seqs_per_s", "llm_tokens_per_s", "mt_tokens_per_s",
                "padding_efficiency", "data_wait_frac", "peak_mem_gb", "bad_samples", "epoch"}

@@ -48,11 +48,12 @@ def quantization_config(cfg: ModelConfig) -> BitsAndBytesConfig | None:
     )
 
 
-def _load_model(spec: str | dict, key: str, cfg: ModelConfig, quantize: bool) -> nn.Module:
+def load_model(spec: str | dict, key: str, cfg: ModelConfig, quantize: bool, auto_class=AutoModel) -> nn.Module:
+    """A model from a folder / hub id, or built from an inline config with seeded random init."""
     dtype = DTYPES[cfg.dtype]
     quant = quantization_config(cfg) if quantize else None
     if isinstance(spec, str):
-        return from_pretrained(AutoModel, spec, key, dtype=dtype, quantization_config=quant)
+        return from_pretrained(auto_class, spec, key, dtype=dtype, quantization_config=quant)
     spec = dict(spec)
     model_type = spec.pop("model_type", None)
     if model_type is None:
@@ -64,7 +65,7 @@ def _load_model(spec: str | dict, key: str, cfg: ModelConfig, quantize: bool) ->
     # Same seed on every rank: every process builds identical random weights.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.init_seed)
-        model = AutoModel.from_config(hf_config, dtype=dtype)
+        model = auto_class.from_config(hf_config, dtype=dtype)
     if quant is None:
         return model
     # Quantization happens while loading weights, so go through the same from_pretrained path as a real model.
@@ -72,7 +73,7 @@ def _load_model(spec: str | dict, key: str, cfg: ModelConfig, quantize: bool) ->
     with tempfile.TemporaryDirectory() as folder:
         model.config.to_json_file(f"{folder}/config.json")
         save_model(model, f"{folder}/model.safetensors")
-        return AutoModel.from_pretrained(folder, dtype=dtype, quantization_config=quant)
+        return auto_class.from_pretrained(folder, dtype=dtype, quantization_config=quant)
 
 
 def freeze(module: nn.Module) -> nn.Module:
@@ -82,7 +83,7 @@ def freeze(module: nn.Module) -> nn.Module:
 
 def build_mt_encoder(cfg: ModelConfig) -> nn.Module:
     """The encoder of an encoder-decoder (M2M100/NLLB) or an encoder-only model (BERT/XLM-R), frozen."""
-    model = _load_model(cfg.mt_encoder, "model.mt_encoder", cfg, quantize=False)
+    model = load_model(cfg.mt_encoder, "model.mt_encoder", cfg, quantize=False)
     if getattr(model.config, "is_encoder_decoder", False):
         model = model.get_encoder()
     return freeze(model)
@@ -106,7 +107,7 @@ def make_bidirectional(model: nn.Module) -> None:
 
 def build_llm(cfg: ModelConfig) -> nn.Module:
     """The English LLM without its LM head, frozen, optionally 4-bit and bidirectional."""
-    model = _load_model(cfg.llm, "model.llm", cfg, quantize=True)
+    model = load_model(cfg.llm, "model.llm", cfg, quantize=True)
     if "inputs_embeds" not in inspect.signature(model.forward).parameters:
         raise ConfigError(f"model.llm: {type(model).__name__} does not accept inputs_embeds; the stack feeds the "
                           f"projected MT-encoder states to the LLM as inputs_embeds (use e.g. Llama, GPT-2, BERT)")

@@ -28,10 +28,7 @@ class MTLLM(nn.Module):
         """Only the trainable parts follow `mode`: E and M's own dropout stay off; LoRA dropout follows."""
         super().train(mode)
         self.mt_encoder.eval()
-        self.llm.eval()
-        for name, module in self.llm.named_modules():
-            if ".lora_dropout." in name:
-                module.train(mode)
+        lora_train_mode(self.llm, mode)
         return self
 
     def teacher_pooled(self, llm_input_ids: torch.Tensor, llm_attention_mask: torch.Tensor) -> torch.Tensor:
@@ -39,19 +36,30 @@ class MTLLM(nn.Module):
             hidden = self.llm(input_ids=llm_input_ids, attention_mask=llm_attention_mask).last_hidden_state
         return pool(hidden, llm_attention_mask, self.pooling)
 
-    def student_pooled(self, mt_input_ids: torch.Tensor, mt_attention_mask: torch.Tensor) -> torch.Tensor:
+    def student_hidden(self, mt_input_ids: torch.Tensor, mt_attention_mask: torch.Tensor) -> torch.Tensor:
+        """The LLM's last hidden states [B, T, D] over the MT encoder's tokens."""
         # no_grad (not inference_mode): the encoder states are ordinary tensors the projection can train on.
         with torch.no_grad():
             mt_states = self.mt_encoder(input_ids=mt_input_ids, attention_mask=mt_attention_mask).last_hidden_state
         inputs_embeds = self.projection(mt_states.to(self.projection.weight.dtype)).to(self.llm_input_dtype)
-        hidden = self.llm(inputs_embeds=inputs_embeds, attention_mask=mt_attention_mask).last_hidden_state
-        return pool(hidden, mt_attention_mask, self.pooling)
+        return self.llm(inputs_embeds=inputs_embeds, attention_mask=mt_attention_mask).last_hidden_state
+
+    def student_pooled(self, mt_input_ids: torch.Tensor, mt_attention_mask: torch.Tensor) -> torch.Tensor:
+        return pool(self.student_hidden(mt_input_ids, mt_attention_mask), mt_attention_mask, self.pooling)
 
     def forward(self, mt_input_ids, mt_attention_mask, llm_input_ids, llm_attention_mask):
         """One call for both views, so DDP / FSDP / DeepSpeed wrappers see a single forward."""
         teacher_pooled = self.teacher_pooled(llm_input_ids, llm_attention_mask)
         student_pooled = self.student_pooled(mt_input_ids, mt_attention_mask)
         return student_pooled, teacher_pooled
+
+
+def lora_train_mode(model: nn.Module, mode: bool) -> None:
+    """A frozen model with adapters: its own dropout stays off, only the LoRA dropout follows `mode`."""
+    model.eval()
+    for name, module in model.named_modules():
+        if ".lora_dropout." in name:
+            module.train(mode)
 
 
 def add_lora(llm: nn.Module, cfg: ModelConfig) -> PeftModel:

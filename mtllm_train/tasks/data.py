@@ -1,4 +1,4 @@
-"""Task examples from local jsonl / csv / parquet files, normalised per task.
+"""Task examples from local jsonl / csv / parquet files, or Hugging Face datasets, normalised per task.
 
 - nli:       premise, hypothesis, label (0 entailment, 1 neutral, 2 contradiction; names accepted)
 - sentiment: text, label (an integer class, or a name listed in the task's label names)
@@ -54,15 +54,43 @@ def _field(row: dict, names: tuple[str, ...], where: str):
     raise ConfigError(f"{where}: no {' / '.join(names)} field")
 
 
+def _hf_rows(spec: str):
+    """hf://org/dataset[/config]:split -> numbered rows (needs the optional `datasets` package and the hub)."""
+    try:
+        import datasets
+    except ImportError:
+        raise ConfigError(f"{spec}: reading Hugging Face datasets needs the `datasets` package (pip install "
+                          f"datasets), or download the split to a local jsonl / csv / parquet file") from None
+    name, _, split = spec.removeprefix("hf://").partition(":")
+    if not name or not split:
+        raise ConfigError(f"{spec}: expected hf://org/dataset[/config]:split, e.g. hf://facebook/xnli/de:validation")
+    parts = name.split("/")
+    path, config = ("/".join(parts[:2]), "/".join(parts[2:]) or None) if len(parts) > 2 else (name, None)
+    yield from enumerate(datasets.load_dataset(path, config, split=split), 1)
+
+
+def load_split(spec: str, task: str, label_names: tuple[str, ...] = NLI_LABELS, lang: str | None = None) -> list[dict]:
+    """A split given as a file path or hf://org/dataset[/config]:split; `{lang}` in it becomes `lang`."""
+    if lang is not None:
+        spec = spec.replace("{lang}", lang)
+    if spec.startswith("hf://"):
+        return _normalise(_hf_rows(spec), spec, task, label_names)
+    return read_task_file(spec, task, label_names)
+
+
 def read_task_file(path: str | Path, task: str, label_names: tuple[str, ...] = NLI_LABELS) -> list[dict]:
     path = Path(path)
-    if task not in TASKS:
-        raise ConfigError(f"task {task!r}: expected one of {', '.join(TASKS)}")
     if not path.is_file():
         raise ConfigError(f"task file {str(path)!r} does not exist")
+    return _normalise(_rows(path), str(path), task, label_names)
+
+
+def _normalise(rows, source: str, task: str, label_names: tuple[str, ...]) -> list[dict]:
+    if task not in TASKS:
+        raise ConfigError(f"task {task!r}: expected one of {', '.join(TASKS)}")
     examples = []
-    for number, row in _rows(path):
-        where = f"{path}:{number}"
+    for number, row in rows:
+        where = f"{source}:{number}"
         if task == "nli":
             examples.append({"premise": str(_field(row, ("premise",), where)),
                              "hypothesis": str(_field(row, ("hypothesis",), where)),

@@ -1,7 +1,8 @@
-"""Task heads on pooled stack (or LLM) representations.
+"""Task heads on the task representation of a body (the LLM, the MT encoder, or the stack).
 
-- sequence / pair classification: mean-pooled vector -> Linear(D, C, bias=False) (a pair is encoded jointly)
-- multiple choice: each choice's own token span mean-pooled -> Linear(D, 1); cross-entropy over the choices
+- sequence / pair classification: the pooled vector [B, D] -> Linear(D, C, bias=False) (a pair is encoded jointly)
+- multiple choice: each choice's own token span mean-pooled [B, K, D] -> Linear(D, 1) -> logits [B, K];
+  cross-entropy over the choices
 """
 
 from __future__ import annotations
@@ -10,6 +11,14 @@ import torch
 from torch import nn
 
 from mtllm_train.model.pooling import pool
+
+
+def choice_pool(hidden: torch.Tensor, choice_masks: torch.Tensor) -> torch.Tensor:
+    """hidden [B, T, D]; choice_masks [B, K, T] with 1 on the tokens of choice k -> span means [B, K, D] (fp32)."""
+    batch, choices, length = choice_masks.shape
+    expanded = hidden.unsqueeze(1).expand(batch, choices, length, hidden.shape[-1])
+    spans = pool(expanded.reshape(batch * choices, length, -1), choice_masks.reshape(batch * choices, length), "mean")
+    return spans.view(batch, choices, -1)
 
 
 class ClassificationHead(nn.Module):
@@ -26,10 +35,5 @@ class MultipleChoiceHead(nn.Module):
         super().__init__()
         self.linear = nn.Linear(hidden_size, 1, bias=False)
 
-    def forward(self, hidden: torch.Tensor, choice_masks: torch.Tensor) -> torch.Tensor:
-        """hidden [B, T, D]; choice_masks [B, K, T] with 1 on the tokens of choice k -> logits [B, K]."""
-        batch, choices, length = choice_masks.shape
-        expanded = hidden.unsqueeze(1).expand(batch, choices, length, hidden.shape[-1])
-        spans = pool(expanded.reshape(batch * choices, length, -1), choice_masks.reshape(batch * choices, length),
-                     "mean")
-        return self.linear(spans).view(batch, choices)
+    def forward(self, choice_states: torch.Tensor) -> torch.Tensor:
+        return self.linear(choice_states.float()).squeeze(-1)

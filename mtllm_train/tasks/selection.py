@@ -1,9 +1,10 @@
-"""Checkpoint selection as in the paper's Table 1, computed from per-step dev and test scores.
+"""Checkpoint selection as in the paper's Table 1, computed from per-step dev scores.
 
 - S-DEV: one checkpoint for all languages, the one with the best source-language (English) dev score;
 - T-DEV: per target language, the checkpoint with the best dev score in that language (an upper bound that
   assumes target-language dev data).
-Ties go to the earlier step.
+Ties go to the earlier step. Test scores are needed only where a selection lands (`needed_tests`), so a run
+keeps just those checkpoints and tests just those.
 """
 
 from __future__ import annotations
@@ -20,18 +21,30 @@ def _best_step(scores: Scores, language: str) -> int:
     return max(steps, key=lambda step: (scores[step][language], -step))
 
 
-def select(dev: Scores, test: Scores, source: str = "en") -> dict:
-    """{"s_dev": {"step", "test": {lang: score}}, "t_dev": {lang: {"step", "test"}}} over the test languages."""
-    missing = sorted(set(dev) ^ set(test))
-    if missing:
-        raise ConfigError(f"dev and test scores cover different steps ({', '.join(map(str, missing))})")
+def needed_tests(dev: Scores, source: str, languages: list[str]) -> dict[int, set[str]]:
+    """{step: languages} whose test scores S-DEV and T-DEV select."""
+    needed: dict[int, set[str]] = {_best_step(dev, source): set(languages)}
+    for language in languages:
+        needed.setdefault(_best_step(dev, language), set()).add(language)
+    return needed
+
+
+def select(dev: Scores, test: Scores, source: str = "en", languages: list[str] | None = None) -> dict:
+    """{"s_dev": {"step", "test": {lang: score}}, "t_dev": {lang: {"step", "test"}}} over `languages`
+    (default: every language with a test score)."""
+    languages = languages or sorted({language for step in test for language in test[step]})
+
+    def test_score(step: int, language: str, selection: str) -> float:
+        if language not in test.get(step, {}):
+            raise ConfigError(f"no test score for {language!r} at step {step}, the {selection} checkpoint")
+        return test[step][language]
+
     s_step = _best_step(dev, source)
-    languages = sorted({language for step in test for language in test[step]})
     t_dev = {}
     for language in languages:
         step = _best_step(dev, language)
-        t_dev[language] = {"step": step, "test": test[step][language]}
-    return {"s_dev": {"step": s_step, "test": {lang: test[s_step][lang] for lang in languages if lang in test[s_step]}},
+        t_dev[language] = {"step": step, "test": test_score(step, language, "T-DEV")}
+    return {"s_dev": {"step": s_step, "test": {lang: test_score(s_step, lang, "S-DEV") for lang in languages}},
             "t_dev": t_dev}
 
 

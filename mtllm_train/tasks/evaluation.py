@@ -1,0 +1,210 @@
+"""Zero-shot cross-lingual evaluation.
+
+`Evaluator` scores a task model on every language's dev or test split (accuracy or macro-F1 from a confusion
+matrix summed over ranks, so it runs under every backend). `evaluate_run` is `mtllm evaluate`: it tests the
+checkpoints that S-DEV and T-DEV select from the dev scores the run recorded while training, and writes
+RUN/results/<row>.json and .md.
+
+Result keys: "source" (the English dev split), "<benchmark>:<code>" for the model reading the target-language
+text, and "translate_test/<benchmark>:<code>" for the LLM reading the MT model's English translation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mtllm_train.checkpoint import checkpoint_path, load_trainable
+from mtllm_train.config import Config, ConfigError, EvalSet, from_dict, load_config
+from mtllm_train.data.views import pad_id, set_source_language
+from mtllm_train.distributed import Dist, all_reduce, barrier
+from mtllm_train.model.loading import load_tokenizer
+from mtllm_train.tasks.data import NLI_LABELS, load_split
+from mtllm_train.tasks.encode import collate, encode_examples
+from mtllm_train.tasks.languages import resolve, tokenizer_language_codes
+from mtllm_train.tasks.models import TaskModel, build_task_model, load_head, num_classes
+from mtllm_train.tasks.selection import markdown_table, needed_tests, select
+from mtllm_train.tasks.translate import Translator, cached_translations
+
+SOURCE = "source"
+ENGLISH = "eng_Latn"
+TRANSLATE_TEST = "translate_test/"
+ROWS = {("task-train", "llm"): "llm", ("task-train", "mt_encoder"): "mt_encoder",
+        ("task-train", "stack"): "stack_s1_ft", ("task-distill", "stack"): "stack_s1_s2"}
+
+
+@dataclass
+class Language:
+    key: str  # SOURCE or "<benchmark>:<code>"
+    code: str  # the benchmark's code: what {lang} becomes in the split paths
+    mt_code: str  # the MT tokenizer's source-language code
+    dev: str
+    test: str
+
+
+def eval_languages(cfg: Config, mt_tokenizer) -> list[Language]:
+    """The source (English) dev split, then every language of every evaluation set, codes validated."""
+    if not cfg.task.source_dev:
+        raise ConfigError("task.source_dev: required (the English dev split that S-DEV selects on)")
+    languages = [Language(SOURCE, "en", ENGLISH, cfg.task.source_dev, "")]
+    mt_codes = tokenizer_language_codes(mt_tokenizer)
+    for index, entry in enumerate(cfg.task.eval):
+        eval_set = from_dict(EvalSet, entry, f"task.eval[{index}]")
+        for code in eval_set.languages:
+            mt_code = resolve(code, eval_set.benchmark, mt_codes, cfg.task.language_fallbacks)
+            languages.append(Language(f"{eval_set.benchmark}:{code}", code, mt_code, eval_set.dev, eval_set.test))
+    return languages
+
+
+def score(confusion: torch.Tensor, metric: str) -> float:
+    """Accuracy, or macro-F1 over the classes that occur in the labels or the predictions."""
+    confusion = confusion.double()
+    if metric == "accuracy":
+        return float(confusion.trace() / confusion.sum().clamp_min(1))
+    true_positive = confusion.diag()
+    denominator = confusion.sum(0) + confusion.sum(1)  # 2 TP + FP + FN
+    present = denominator > 0
+    return float((2 * true_positive[present] / denominator[present]).mean()) if present.any() else 0.0
+
+
+class Evaluator:
+    def __init__(self, cfg: Config, run_dir: Path, dist_info: Dist, kind: str):
+        self.cfg, self.run_dir, self.dist_info, self.kind = cfg, run_dir, dist_info, kind
+        self.tokenizers = {"llm": load_tokenizer(cfg.model.llm_tokenizer or cfg.model.llm, "model.llm_tokenizer"),
+                           "mt": load_tokenizer(cfg.model.mt_tokenizer or cfg.model.mt_encoder, "model.mt_tokenizer")}
+        self.languages = eval_languages(cfg, self.tokenizers["mt"])
+        self.prefixes = [""] + ([TRANSLATE_TEST] if kind == "llm" and cfg.task.translate_test else [])
+        if TRANSLATE_TEST in self.prefixes and not cfg.task.translator:
+            raise ConfigError("task.translator: required with task.translate_test (a seq2seq MT model)")
+        self.labels = tuple(cfg.task.labels) or NLI_LABELS
+        self._encoded: dict[tuple, list[dict]] = {}
+
+    def targets(self) -> list[str]:
+        return [language.key for language in self.languages if language.key != SOURCE]
+
+    def keys(self, split: str) -> list[str]:
+        """Every score a split gives: the English source (dev only, read as it is) and every target per row."""
+        return ([SOURCE] if split == "dev" else []) + [prefix + key for prefix in self.prefixes for key in self.targets()]
+
+    def _examples(self, language: Language, split: str, translated: bool) -> list[dict]:
+        examples = load_split(language.dev if split == "dev" else language.test, self.cfg.task.name, self.labels,
+                              language.code)
+        if not translated or language.mt_code == ENGLISH:
+            return examples
+        path = self.run_dir / "translations" / f"{language.key.replace(':', '_')}.{split}.jsonl"
+        if self.dist_info.is_main:
+            cached_translations(path, examples, language.mt_code, lambda: Translator(self.cfg, self.cfg.task.eval_batch_size))
+        barrier()
+        return cached_translations(path, examples, language.mt_code, None)
+
+    def encoded(self, key: str, split: str, view: str) -> list[dict]:
+        if (key, split, view) not in self._encoded:
+            translated = key.startswith(TRANSLATE_TEST)
+            language = next(lang for lang in self.languages if lang.key == key.removeprefix(TRANSLATE_TEST))
+            tokenizer = self.tokenizers[view]
+            set_source_language(tokenizer, ENGLISH if translated else language.mt_code)
+            examples = self._examples(language, split, translated)
+            self._encoded[(key, split, view)] = encode_examples(examples, self.cfg.task.name, tokenizer,
+                                                                self.cfg.task.max_length)
+        return self._encoded[(key, split, view)]
+
+    @torch.no_grad()
+    def confusion(self, model, items: list[dict], view: str) -> torch.Tensor:
+        """Confusion matrix [label, prediction] over all ranks: each rank scores every world_size-th example.
+        Every rank runs the same number of forward passes (FSDP / ZeRO-3 gather weights in each)."""
+        rank, world, device = self.dist_info.rank, self.dist_info.world_size, self.dist_info.device
+        size, classes = self.cfg.task.eval_batch_size, num_classes(self.cfg)
+        mine = items[rank::world]
+        confusion = torch.zeros(classes, classes, dtype=torch.long, device=device)
+        for start in range(0, math.ceil(len(items) / world / size) * size, size):
+            chunk = mine[start:start + size]
+            batch = collate(chunk or items[:1], pad_id(self.tokenizers[view]))
+            labels = batch.pop("labels").to(device)
+            _, logits, _ = model(**{name: tensor.to(device) for name, tensor in batch.items()})
+            if chunk:  # a rank with fewer examples still joins the forward pass, and counts nothing
+                confusion.index_put_((labels, logits.argmax(-1)), torch.ones_like(labels), accumulate=True)
+        return all_reduce(confusion)
+
+    def scores(self, model, split: str, keys: list[str] | None = None) -> dict[str, float]:
+        view = "llm" if self.kind == "llm" else "mt"
+        was_training = model.training
+        model.eval()
+        results = {key: score(self.confusion(model, self.encoded(key, split, view), view), self.cfg.task.metric)
+                   for key in (keys if keys is not None else self.keys(split))}
+        model.train(was_training)
+        return results
+
+
+def read_validation(run_dir: Path) -> dict[int, dict[str, float]]:
+    path = run_dir / "validation.jsonl"
+    if not path.is_file():
+        return {}
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {record["step"]: record["dev"] for record in records}
+
+
+def split_by_row(scores: dict[int, dict[str, float]], prefix: str) -> dict[int, dict[str, float]]:
+    """The dev scores of one row (native, or translate-test), keyed by language without the prefix; the source
+    (English) score is shared by both rows."""
+    def belongs(key: str) -> bool:
+        return key == SOURCE or (key.startswith(prefix) if prefix else not key.startswith(TRANSLATE_TEST))
+
+    return {step: {key.removeprefix(prefix): value for key, value in dev.items() if belongs(key)}
+            for step, dev in scores.items()}
+
+
+def steps_to_keep(scores: dict[int, dict[str, float]], prefixes: list[str]) -> set[int]:
+    """The checkpoints S-DEV and T-DEV select so far, for every row of the run."""
+    keep = set()
+    for prefix in prefixes:
+        dev = split_by_row(scores, prefix)
+        targets = sorted({key for step in dev for key in dev[step] if key != SOURCE})
+        keep |= set(needed_tests(dev, SOURCE, targets)) if dev else set()
+    return keep
+
+
+def source_best_step(run_dir: Path) -> int:
+    """The S-DEV checkpoint of a run: its best English dev score."""
+    dev = read_validation(run_dir)
+    if not dev:
+        raise ConfigError(f"{run_dir}: no validation.jsonl with dev scores; run the task-train command to its end")
+    return max(sorted(dev), key=lambda step: (dev[step][SOURCE], -step))
+
+
+def evaluate_run(run: str) -> list[Path]:
+    """Test the selected checkpoints of a stage-2 run; write RUN/results/<row>.json and <row>.md per row."""
+    run_dir = Path(run)
+    if not (run_dir / "task.json").is_file():
+        raise ConfigError(f"--run {run_dir}: not a stage-2 run folder (no task.json); run task-train or task-distill")
+    cfg = load_config(run_dir / "config.yaml")
+    info = json.loads((run_dir / "task.json").read_text())
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    evaluator = Evaluator(cfg, run_dir, Dist(0, 1, 0, device), info["kind"])
+    model: TaskModel = build_task_model(cfg, info["kind"]).to(device)
+    if info["command"] == "task-distill":
+        load_head(model.head, cfg.task.teacher, info["teacher_step"])
+    scores = read_validation(run_dir)
+    written = []
+    for prefix in evaluator.prefixes:
+        row = "translate_test" if prefix else ROWS[(info["command"], info["kind"])]
+        dev = split_by_row(scores, prefix)
+        targets = evaluator.targets()
+        test: dict[int, dict[str, float]] = {}
+        for step, languages in sorted(needed_tests(dev, SOURCE, targets).items()):
+            load_trainable(model, checkpoint_path(run_dir, step))
+            test[step] = {key.removeprefix(prefix): value
+                          for key, value in evaluator.scores(model, "test", [prefix + k for k in sorted(languages)]).items()}
+        selection = select(dev, test, SOURCE, targets)
+        result = {"row": row, "run": str(run_dir), "task": cfg.task.name, "metric": cfg.task.metric,
+                  "selection": selection, "dev": {str(step): values for step, values in dev.items()},
+                  "test": {str(step): values for step, values in test.items()}}
+        out = run_dir / "results"
+        out.mkdir(exist_ok=True)
+        (out / f"{row}.json").write_text(json.dumps(result, indent=1))
+        (out / f"{row}.md").write_text(f"# {row} ({cfg.task.metric}, {run_dir})\n\n{markdown_table(selection, targets)}\n")
+        written.append(out / f"{row}.md")
+    return written

@@ -1,0 +1,72 @@
+"""Tiny multilingual task data for the stage-2 tests: sentiment (English, Indonesian), NLI and Belebele-style
+multiple choice, generated from small word lists with a fixed seed."""
+
+import json
+import random
+from pathlib import Path
+
+WORDS = {"en": {"positive": ["good", "great", "wonderful", "happy", "excellent"],
+                "negative": ["bad", "terrible", "awful", "sad", "poor"],
+                "frame": "The {thing} was {word} and everyone said so."},
+         "ind": {"positive": ["bagus", "hebat", "indah", "senang", "baik"],
+                 "negative": ["buruk", "jelek", "sedih", "parah", "rusak"],
+                 "frame": "{thing} itu {word} dan semua orang berkata begitu."}}
+THINGS = {"en": ["film", "meal", "hotel", "book", "river"], "ind": ["film", "makanan", "hotel", "buku", "sungai"]}
+
+
+def _sentiment(lang: str, count: int, rng: random.Random) -> list[dict]:
+    rows = []
+    for _ in range(count):
+        label = rng.randrange(2)
+        word = rng.choice(WORDS[lang]["positive" if label else "negative"])
+        rows.append({"text": WORDS[lang]["frame"].format(thing=rng.choice(THINGS[lang]), word=word), "label": label})
+    return rows
+
+
+def _write(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def build_sentiment(root: Path, train: int = 64, dev: int = 24, seed: int = 0) -> dict:
+    rng = random.Random(seed)
+    _write(root / "train.jsonl", _sentiment("en", train, rng))
+    for split in ("dev", "test"):
+        for lang in ("eng", "ind"):
+            _write(root / split / f"{lang}.jsonl", _sentiment("en" if lang == "eng" else lang, dev, rng))
+    return {"task.name": "sentiment", "task.labels": "[negative, positive]", "task.train": str(root / "train.jsonl"),
+            "task.source_dev": str(root / "dev" / "eng.jsonl"),
+            "task.eval": json.dumps([{"benchmark": "nusax", "languages": ["ind"], "dev": str(root / "dev" / "{lang}.jsonl"),
+                                      "test": str(root / "test" / "{lang}.jsonl")}])}
+
+
+def build_nli(root: Path, count: int = 32, seed: int = 0) -> dict:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(count):
+        thing = rng.choice(THINGS["en"])
+        label = rng.randrange(3)
+        hypothesis = {0: f"There is a {thing}.", 1: f"The {thing} is old.", 2: f"There is no {thing}."}[label]
+        rows.append({"premise": f"A man looks at the {thing}.", "hypothesis": hypothesis, "label": label})
+    _write(root / "train.jsonl", rows)
+    _write(root / "dev" / "de.jsonl", rows[:8])
+    _write(root / "test" / "de.jsonl", rows[8:16])
+    return {"task.name": "nli", "task.train": str(root / "train.jsonl"), "task.source_dev": str(root / "train.jsonl"),
+            "task.eval": json.dumps([{"benchmark": "xnli", "languages": ["de", "el"], "dev": str(root / "dev" / "de.jsonl"),
+                                      "test": str(root / "test" / "de.jsonl")}])}
+
+
+def build_belebele(root: Path, count: int = 32, seed: int = 0) -> dict:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(count):
+        things = rng.sample(THINGS["en"], 4)
+        rows.append({"flores_passage": f"Yesterday we saw a {things[0]} near the water, and it was large.",
+                     "question": "What did we see?", "mc_answer1": things[1], "mc_answer2": things[0],
+                     "mc_answer3": things[2], "mc_answer4": things[3], "correct_answer_num": 2})
+    _write(root / "train.jsonl", rows)
+    _write(root / "dev" / "deu_Latn.jsonl", rows[:8])
+    _write(root / "test" / "deu_Latn.jsonl", rows[8:16])
+    return {"task.name": "belebele", "task.train": str(root / "train.jsonl"), "task.source_dev": str(root / "train.jsonl"),
+            "task.eval": json.dumps([{"benchmark": "belebele", "languages": ["deu_Latn"],
+                                      "dev": str(root / "dev" / "{lang}.jsonl"), "test": str(root / "test" / "{lang}.jsonl")}])}
