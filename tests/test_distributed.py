@@ -25,16 +25,20 @@ def _env():
             "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache/torch_extensions"))}
 
 
-def _torchrun(run_dir, shards, name, backend, **overrides):
-    """Start `mtllm train` on 2 ranks; COMMON settings unless `overrides` says otherwise."""
-    settings = {**COMMON, "run.name": name, "distributed.backend": backend, "data.num_workers": 1, **overrides}
+def torchrun(*cli_args):
+    """Start `mtllm <cli_args>` on 2 ranks under torchrun."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "mtllm_train", "train", "--config", "configs/tiny.yaml",
-               *train_overrides(run_dir, shards, **settings)]
+               "-m", "mtllm_train", *cli_args]
     return subprocess.Popen(command, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _finish(process, timeout=300):
+def _torchrun(run_dir, shards, name, backend, **overrides):
+    """Start `mtllm train` on 2 ranks; COMMON settings unless `overrides` says otherwise."""
+    settings = {**COMMON, "run.name": name, "distributed.backend": backend, "data.num_workers": 1, **overrides}
+    return torchrun("train", "--config", "configs/tiny.yaml", *train_overrides(run_dir, shards, **settings))
+
+
+def finish(process, timeout=300):
     output, _ = process.communicate(timeout=timeout)
     return process.returncode, output
 
@@ -49,7 +53,7 @@ def _run_preempted(run_dir, shards, name, backend):
             os.kill(max(child_pids(process.pid)), signal.SIGTERM)  # one rank only: the ranks must agree
             break
         time.sleep(0.02)
-    code, output = _finish(process)
+    code, output = finish(process)
     assert code == 0, output[-3000:]
     assert "preempted: saved step" in output, output[-3000:]
     return complete_checkpoints(run_dir / name)[-1][0]
@@ -66,7 +70,7 @@ def reference(tmp_path_factory, train_shards):
 
 @pytest.mark.parametrize("backend", ["ddp", "fsdp", "deepspeed"])
 def test_two_ranks_train_match_one_process_and_resume(tmp_path, train_shards, reference, backend):
-    code, output = _finish(_torchrun(tmp_path, train_shards, "straight", backend))
+    code, output = finish(_torchrun(tmp_path, train_shards, "straight", backend))
     assert code == 0, output[-3000:]
     losses = [m["loss"] for m in read_metrics(tmp_path / "straight")]
     assert len(losses) == STEPS and sum(losses[-5:]) < 0.5 * sum(losses[:5])
@@ -78,7 +82,7 @@ def test_two_ranks_train_match_one_process_and_resume(tmp_path, train_shards, re
     stopped = _run_preempted(tmp_path, train_shards, "preempted", backend)
     assert 1 <= stopped < STEPS
     assert len(read_metrics(tmp_path / "preempted")) == stopped
-    code, output = _finish(_torchrun(tmp_path, train_shards, "preempted", backend))
+    code, output = finish(_torchrun(tmp_path, train_shards, "preempted", backend))
     assert code == 0 and "resumed from" in output and f"steps {stopped} -> {STEPS}" in output, output[-3000:]
     straight, resumed = trained_weights(tmp_path / "straight"), trained_weights(tmp_path / "preempted")
     assert straight.keys() == resumed.keys()
@@ -87,7 +91,7 @@ def test_two_ranks_train_match_one_process_and_resume(tmp_path, train_shards, re
 
 @pytest.mark.parametrize("backend, optimizer", [("ddp", "adamw8bit"), ("fsdp", "adamw")])
 def test_two_ranks_train_a_4bit_base(tmp_path, train_shards, backend, optimizer):
-    code, output = _finish(_torchrun(tmp_path, train_shards, "qlora", backend, **{
+    code, output = finish(_torchrun(tmp_path, train_shards, "qlora", backend, **{
         "optim.name": optimizer, "train.steps": 12, "model.quantization": "nf4", "model.quant_compute_dtype": "float32",
         "model.quant_storage_dtype": "bfloat16", "model.lora.dropout": 0.05}))
     assert code == 0, output[-3000:]
@@ -98,7 +102,7 @@ def test_two_ranks_train_a_4bit_base(tmp_path, train_shards, backend, optimizer)
 def test_deepspeed_zero3_trains_and_exports(tmp_path, train_shards):
     from mtllm_train.export import export_run, load_mtllm
 
-    code, output = _finish(_torchrun(tmp_path, train_shards, "zero3", "deepspeed", **{
+    code, output = finish(_torchrun(tmp_path, train_shards, "zero3", "deepspeed", **{
         "distributed.zero_stage": 3, "train.steps": 12, "model.lora.dropout": 0.05}))
     assert code == 0, output[-3000:]
     losses = [m["loss"] for m in read_metrics(tmp_path / "zero3")]

@@ -1,0 +1,226 @@
+"""Stage 2 end to end on tiny models and tiny multilingual data: task-train (LLM, MT encoder, stack), task-distill,
+evaluate with S-DEV / T-DEV, translate-test, resume, the teacher cache, 2-process runs, user errors."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import train_overrides
+from mtllm_train.checkpoint import complete_checkpoints, checkpoint_path, load_trainable
+from mtllm_train.config import ConfigError, load_config
+from mtllm_train.tasks import finetune
+from mtllm_train.tasks.evaluation import Evaluator, evaluate_run, read_validation
+from mtllm_train.tasks.finetune import train_task
+from mtllm_train.tasks.models import build_task_model, load_head, load_stage1, load_teacher
+from mtllm_train.train import train
+from stage2_data import build_belebele, build_nli, build_sentiment
+from test_distributed import finish, torchrun
+
+TRANSLATOR = {"model_type": "m2m_100", "vocab_size": 2000, "d_model": 32, "encoder_layers": 1, "decoder_layers": 1,
+              "encoder_attention_heads": 2, "decoder_attention_heads": 2, "encoder_ffn_dim": 64,
+              "decoder_ffn_dim": 64, "bos_token_id": 0, "pad_token_id": 1, "eos_token_id": 2,
+              "decoder_start_token_id": 2}
+
+
+def overrides(root, data, name, **extra):
+    """64 English examples, global batch 16 -> 4 steps an epoch, 3 epochs, validation every 25% (steps 3, 6, 9, 12)."""
+    values = {"run.dir": str(root), "run.name": name, "data.micro_batch_size": 8, "train.global_batch_size": 16,
+              "task.max_length": 32, "task.epochs": 3, "task.validate_every": 0.25, "logging.progress_bar": False,
+              "optim.lr": 3e-3, **data, **extra}
+    return [f"{key}={value}" for key, value in values.items()]
+
+
+def run_task(root, data, name, command="task-train", **extra):
+    return train_task(load_config("configs/tiny.yaml", overrides(root, data, name, **extra)), command)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, train_shards):
+    """A stage-1 run, sentiment data (English train; English + Indonesian dev/test), and the LLM fine-tuned on it
+    (the task-distill teacher), evaluated natively and with translate-test."""
+    root = tmp_path_factory.mktemp("stage2")
+    train(load_config("configs/tiny.yaml", train_overrides(root, train_shards, **{"run.name": "s1", "train.steps": 24})))
+    data = build_sentiment(root / "data")
+    run_task(root, data, "llm", **{"task.translate_test": "true", "task.translator": json.dumps(TRANSLATOR),
+                                   "task.max_new_tokens": 8})
+    return root, data
+
+
+def _best(dev, key):
+    return max(sorted(dev), key=lambda step: (dev[step][key], -step))
+
+
+def test_task_train_validates_every_quarter_keeps_the_selected_checkpoints_and_evaluates(runs):
+    root, _ = runs
+    run = root / "llm"
+    dev = read_validation(run)
+    assert sorted(dev) == [3, 6, 9, 12]
+    assert set(dev[3]) == {"source", "nusax:ind", "translate_test/nusax:ind"}
+    selected = {_best(dev, "source"), _best(dev, "nusax:ind"), _best(dev, "translate_test/nusax:ind")}
+    assert [step for step, _ in complete_checkpoints(run)] == sorted(selected | {12})
+
+    written = evaluate_run(str(run))
+    assert [path.name for path in written] == ["llm.md", "translate_test.md"]
+    for row, key in (("llm", "nusax:ind"), ("translate_test", "translate_test/nusax:ind")):
+        result = json.loads((run / "results" / f"{row}.json").read_text())
+        s_step, t_step = _best(dev, "source"), _best(dev, key)
+        assert result["selection"]["s_dev"]["step"] == s_step
+        assert result["selection"]["t_dev"]["nusax:ind"]["step"] == t_step
+        assert result["selection"]["s_dev"]["test"]["nusax:ind"] == result["test"][str(s_step)]["nusax:ind"]
+        assert 0.0 <= result["selection"]["t_dev"]["nusax:ind"]["test"] <= 1.0
+        assert "| S-DEV |" in (run / "results" / f"{row}.md").read_text()
+    translations = (run / "translations" / "nusax_ind.test.jsonl").read_text().splitlines()
+    assert len(translations) == 24 and "eng_Latn" not in translations[0]
+
+
+def test_evaluation_scores_match_a_hand_count(runs):
+    root, _ = runs
+    cfg = load_config(root / "llm" / "config.yaml")
+    evaluator = Evaluator(cfg, root / "llm", finetune.init_distributed(cfg), "llm")
+    model = build_task_model(cfg, "llm")
+    load_trainable(model, checkpoint_path(root / "llm", 12))
+    model.eval()
+    items = evaluator.encoded("nusax:ind", "test", "llm")
+    correct = 0
+    with torch.no_grad():
+        for item in items:
+            _, logits, _ = model(torch.tensor([item["ids"]]), torch.ones(1, len(item["ids"]), dtype=torch.long))
+            correct += int(logits.argmax(-1).item() == item["label"])
+    assert evaluator.scores(model, "test", ["nusax:ind"])["nusax:ind"] == pytest.approx(correct / len(items))
+
+
+def _preempt_at(monkeypatch, step):
+    calls = {"n": 0}
+
+    def agreed(self, device):
+        calls["n"] += 1
+        return calls["n"] == step
+
+    monkeypatch.setattr(finetune.Preemption, "agreed", agreed)
+
+
+def test_stack_fine_tuning_resumes_bit_identically(runs, monkeypatch):
+    root, data = runs
+    extra = {"task.model": "stack", "task.init_from": str(root / "s1")}
+    run_task(root, data, "ft_straight", **extra)
+    with monkeypatch.context() as patch:
+        _preempt_at(patch, 5)
+        summary = run_task(root, data, "ft_resumed", **extra)
+    assert summary["preempted"] and summary["end_step"] == 5
+    resumed = run_task(root, data, "ft_resumed", **extra)
+    assert resumed["start_step"] == 5 and resumed["end_step"] == 12
+    assert read_validation(root / "ft_straight") == read_validation(root / "ft_resumed")
+    cfg = load_config(root / "ft_straight" / "config.yaml")
+    weights = []
+    for name in ("ft_straight", "ft_resumed"):
+        model = build_task_model(cfg, "stack")
+        load_trainable(model, checkpoint_path(root / name, 12))
+        weights.append({k: p.detach().clone() for k, p in model.named_parameters() if p.requires_grad})
+    assert weights[0].keys() == weights[1].keys() and any("lora" in k for k in weights[0])
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    # Stage 2 trains the LoRA and the head; the projection stays as stage 1 left it.
+    assert not any("projection" in k for k in weights[0])
+    assert (root / "ft_straight" / "results" / "stack_s1_ft.md") in evaluate_run(str(root / "ft_straight"))
+
+
+def _agreement_and_mse(student, teacher, batch):
+    with torch.no_grad():
+        student_rep, student_logits, _ = student(batch["mt_ids"], batch["mt_mask"])
+        teacher_rep, teacher_logits, _ = teacher(batch["llm_ids"], batch["llm_mask"])
+    agreement = (student_logits.argmax(-1) == teacher_logits.argmax(-1)).float().mean().item()
+    return agreement, (student_rep - teacher_rep).pow(2).mean().item()
+
+
+def test_task_distillation_lowers_mse_and_raises_agreement_with_the_teacher(runs):
+    root, data = runs
+    extra = {"task.init_from": str(root / "s1"), "task.teacher": str(root / "llm"), "task.epochs": 12}
+    on_the_fly = run_task(root, data, "s2", "task-distill", **extra)
+    cached = run_task(root, data, "s2_cached", "task-distill", **extra, **{"task.cache_teacher": "true"})
+    # Same targets; only the padding of the batches they were computed in differs.
+    assert cached["losses"] == pytest.approx(on_the_fly["losses"], rel=1e-5)
+    assert len(list((root / "s2_cached" / "teacher_cache").glob("*.safetensors"))) == 1
+
+    cfg = load_config(root / "s2" / "config.yaml")
+    teacher_step = json.loads((root / "s2" / "task.json").read_text())["teacher_step"]
+    assert teacher_step == _best(read_validation(root / "llm"), "source")
+    teacher = load_teacher(cfg, teacher_step)
+    evaluator = Evaluator(cfg, root / "s2", finetune.init_distributed(cfg), "stack")
+    # Held-out English dev text in both tokenizations.
+    from mtllm_train.tasks.encode import collate
+    batch = {}
+    for view in ("mt", "llm"):
+        encoded = collate(evaluator.encoded("source", "dev", view), 1 if view == "mt" else 2)
+        batch[f"{view}_ids"], batch[f"{view}_mask"] = encoded["input_ids"], encoded["attention_mask"]
+    before = build_task_model(cfg, "stack")
+    load_stage1(before, str(root / "s1"), 0)
+    after = build_task_model(cfg, "stack")
+    for model in (before, after):
+        load_head(model.head, str(root / "llm"), teacher_step)
+    load_trainable(after, checkpoint_path(root / "s2"))
+    agreement_before, mse_before = _agreement_and_mse(before.eval(), teacher, batch)
+    agreement_after, mse_after = _agreement_and_mse(after.eval(), teacher, batch)
+    assert mse_after < 0.5 * mse_before
+    assert agreement_after > agreement_before
+    assert (root / "s2" / "results" / "stack_s1_s2.md") in evaluate_run(str(root / "s2"))
+
+
+@pytest.mark.parametrize("task", ["nli", "belebele", "mt_encoder"])
+def test_other_tasks_and_the_mt_encoder_baseline_run_and_evaluate(runs, task):
+    root, data = runs
+    if task == "mt_encoder":
+        extra = {**data, "task.model": "mt_encoder"}
+    else:
+        extra = (build_nli if task == "nli" else build_belebele)(root / f"data_{task}")
+    summary = run_task(root, {}, task, **extra)
+    assert summary["end_step"] == summary["total_steps"] and all(map(torch.isfinite, torch.tensor(summary["losses"])))
+    result = evaluate_run(str(root / task))[0]
+    assert result.name == ("mt_encoder.md" if task == "mt_encoder" else "llm.md")
+
+
+def test_multiple_choice_spans_cover_each_answer_and_long_passages_are_cut():
+    from mtllm_train.model.loading import load_tokenizer
+    from mtllm_train.tasks.encode import encode_examples
+
+    tokenizer = load_tokenizer("configs/tiny/mt_tokenizer", "mt")
+    example = {"passage": "The river flows through the old town " * 20, "question": "What flows?",
+               "answers": ["the river", "a road", "old wine", "nothing at all"], "label": 0}
+    (item,) = encode_examples([example], "belebele", tokenizer, 40)
+    assert len(item["ids"]) <= 40
+    for answer, span in zip(example["answers"], item["spans"]):
+        assert span == list(range(span[0], span[-1] + 1))
+        assert tokenizer.decode([item["ids"][k] for k in span]).strip() == answer
+    with pytest.raises(ConfigError, match=r"max_length 8: the question and answers alone need"):
+        encode_examples([example], "belebele", tokenizer, 8)
+
+
+def test_stage2_user_errors_name_the_problem(runs, tmp_path):
+    root, data = runs
+    with pytest.raises(ConfigError, match=r"task.teacher: required by task-distill"):
+        run_task(tmp_path, data, "x", "task-distill", **{"task.init_from": str(root / "s1")})
+    with pytest.raises(ConfigError, match=r"task.teacher: .* fine-tuned task.model 'stack'; the teacher must be"):
+        run_task(tmp_path, data, "x", "task-distill", **{"task.init_from": str(root / "s1"),
+                                                        "task.teacher": str(root / "ft_straight")})
+    bad_language = json.dumps([{"benchmark": "xnli", "languages": ["el", "xx"], "dev": "d", "test": "t"}])
+    with pytest.raises(ConfigError, match=r"language 'xx' is not a xnli language"):
+        run_task(tmp_path, data, "x", **{"task.eval": bad_language})
+    with pytest.raises(ConfigError, match=r"task.train: 64 examples is less than one global batch"):
+        run_task(tmp_path, data, "x", **{"train.global_batch_size": 128, "data.micro_batch_size": 8})
+    with pytest.raises(ConfigError, match=r"hf://org/x:train: reading Hugging Face datasets needs the `datasets`"):
+        run_task(tmp_path, data, "x", **{"task.train": "hf://org/x:train"})
+    with pytest.raises(ConfigError, match=r"task.eval\[0\]: expected a mapping"):
+        load_config("configs/tiny.yaml", ["task.eval=[3]"])
+
+
+@pytest.mark.parametrize("backend", ["ddp", "fsdp"])
+def test_two_process_task_distill_matches_one_process(runs, backend):
+    root, data = runs
+    extra = {"task.init_from": str(root / "s1"), "task.teacher": str(root / "llm"), "model.lora.dropout": 0.0}
+    reference = run_task(root, data, f"s2_one_{backend}", "task-distill", **extra)
+    process = torchrun("task-distill", "--config", "configs/tiny.yaml",
+                       *overrides(root, data, f"s2_two_{backend}", **extra, **{"distributed.backend": backend}))
+    code, output = finish(process)
+    two = [json.loads(line)["loss"] for line in (root / f"s2_two_{backend}" / "metrics.jsonl").read_text().splitlines()]
+    assert code == 0, output[-3000:]
+    torch.testing.assert_close(torch.tensor(two), torch.tensor(reference["losses"]), rtol=1e-5, atol=1e-6)
+    assert read_validation(root / f"s2_two_{backend}") == read_validation(root / f"s2_one_{backend}")
