@@ -56,6 +56,8 @@ def train(cfg: Config) -> dict:
     backend, device, world_size = cfg.distributed.backend, dist_info.device, dist_info.world_size
     accumulation = accumulation_steps(cfg, world_size)
     run_dir = Path(cfg.run.dir) / cfg.run.name
+    if (run_dir / "task.json").is_file():
+        raise ConfigError(f"run folder {run_dir} holds a stage-2 run; give this stage-1 run its own run.name")
     if dist_info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, run_dir / "config.yaml")

@@ -65,3 +65,18 @@ def test_missing_or_malformed_config_file(tmp_path):
 def test_models_are_required():
     with pytest.raises(ConfigError, match=r"model.mt_encoder: required"):
         load_config(None)
+
+
+def test_base_configs_merge_key_by_key_and_replace_inline_models_whole(tmp_path):
+    (tmp_path / "base.yaml").write_text("run: {name: base, seed: 3}\nmodel: {llm: {model_type: llama, hidden_size: 64}, "
+                                        "mt_encoder: enc, pooling: eos}\n")
+    (tmp_path / "row.yaml").write_text("base: base.yaml\nrun: {name: row}\nmodel: {llm: {model_type: gpt2}}\n")
+    cfg = load_config(tmp_path / "row.yaml")
+    assert (cfg.run.name, cfg.run.seed, cfg.model.pooling) == ("row", 3, "eos")
+    assert cfg.model.llm == {"model_type": "gpt2"}
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(ConfigError, match=r"loop.yaml' is its own base"):
+        load_config(tmp_path / "loop.yaml")
+    (tmp_path / "orphan.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(ConfigError, match=r"missing.yaml' does not exist"):
+        load_config(tmp_path / "orphan.yaml")

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from conftest import train_overrides
+from conftest import ROOT, train_overrides
 from mtllm_train.checkpoint import complete_checkpoints, checkpoint_path, load_trainable
 from mtllm_train.config import ConfigError, load_config
 from mtllm_train.tasks import finetune
@@ -208,6 +208,12 @@ def test_stage2_user_errors_name_the_problem(runs, tmp_path):
         run_task(tmp_path, data, "x", **{"train.global_batch_size": 128, "data.micro_batch_size": 8})
     with pytest.raises(ConfigError, match=r"hf://org/x:train: reading Hugging Face datasets needs the `datasets`"):
         run_task(tmp_path, data, "x", **{"task.train": "hf://org/x:train"})
+    with pytest.raises(ConfigError, match=r"holds a stage-1 run; give this stage-2 run its own run.name"):
+        run_task(root, data, "s1")
+    with pytest.raises(ConfigError, match=r"holds a task-train run of the llm; this is task-train of the stack"):
+        run_task(root, data, "llm", **{"task.model": "stack", "task.init_from": str(root / "s1")})
+    with pytest.raises(ConfigError, match=r"holds a stage-2 run; give this stage-1 run its own run.name"):
+        train(load_config("configs/tiny.yaml", train_overrides(root, "unused", **{"run.name": "llm"})))
     with pytest.raises(ConfigError, match=r"task.eval\[0\]: expected a mapping"):
         load_config("configs/tiny.yaml", ["task.eval=[3]"])
 
@@ -224,3 +230,23 @@ def test_two_process_task_distill_matches_one_process(runs, backend):
     assert code == 0, output[-3000:]
     torch.testing.assert_close(torch.tensor(two), torch.tensor(reference["losses"]), rtol=1e-5, atol=1e-6)
     assert read_validation(root / f"s2_two_{backend}") == read_validation(root / f"s2_one_{backend}")
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "stage2").glob("*.yaml")), ids=lambda path: path.stem)
+def test_paper_stage2_configs_validate_and_every_language_has_an_nllb_code(path):
+    from mtllm_train.model.loading import load_tokenizer
+    from mtllm_train.tasks.languages import resolve, tokenizer_language_codes
+
+    cfg = load_config(path)
+    assert (cfg.optim.lr, cfg.train.global_batch_size, cfg.task.validate_every) == (1e-4, 32, 0.1)
+    assert cfg.task.epochs == {"nli": 3, "belebele": 5, "sentiment": 20}[cfg.task.name]
+    # The tiny MT tokenizer carries NLLB-200's 202 language codes.
+    nllb_codes = tokenizer_language_codes(load_tokenizer("configs/tiny/mt_tokenizer", "mt"))
+    benchmarks = {entry["benchmark"] for entry in cfg.task.eval}
+    assert benchmarks == {"nli": {"xnli", "americas_nli", "kardes_nlu"}, "belebele": {"belebele"},
+                          "sentiment": {"nusax"}}[cfg.task.name]
+    for entry in cfg.task.eval:
+        for code in entry["languages"]:
+            assert resolve(code, entry["benchmark"], nllb_codes, cfg.task.language_fallbacks) in nllb_codes
+    if path.stem.endswith(("_s1_ft", "_s1_s2")):
+        assert cfg.task.init_from == "runs/" + load_config("configs/stage1_nllb600m_llm2vec_llama3_8b.yaml").run.name

@@ -49,6 +49,18 @@ def check_task_config(cfg: Config, command: str) -> str:
     return kind
 
 
+def check_run_folder(run_dir: Path, info: dict) -> None:
+    """Never write into another kind of run: a stage-1 run, or a stage-2 run of another command or model."""
+    if not (run_dir / "config.yaml").is_file():
+        return
+    if not (run_dir / "task.json").is_file():
+        raise ConfigError(f"run folder {run_dir} holds a stage-1 run; give this stage-2 run its own run.name")
+    existing = json.loads((run_dir / "task.json").read_text())
+    if (existing["command"], existing["kind"]) != (info["command"], info["kind"]):
+        raise ConfigError(f"run folder {run_dir} holds a {existing['command']} run of the {existing['kind']}; this is "
+                          f"{info['command']} of the {info['kind']}: give it its own run.name")
+
+
 def validation_steps(total: int, every: float) -> set[int]:
     count = math.ceil(1 / every - 1e-9)
     return {max(1, min(total, round(total * every * k))) for k in range(1, count + 1)} | {total}
@@ -108,6 +120,7 @@ def train_task(cfg: Config, command: str) -> dict:
     if distill:
         info["teacher_step"] = source_best_step(Path(cfg.task.teacher))
         load_head(model_module.head, cfg.task.teacher, info["teacher_step"])  # predictions use the teacher's head
+    check_run_folder(run_dir, info)
     if dist_info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, run_dir / "config.yaml")
