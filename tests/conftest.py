@@ -89,3 +89,16 @@ def read_metrics(run_dir):
     import json
 
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def preempt_at(monkeypatch, step):
+    """Make the ranks agree on preemption at the `step`-th step boundary (as after a SIGTERM)."""
+    from mtllm_train.engine import Preemption
+
+    calls = {"n": 0}
+
+    def agreed(self, device):
+        calls["n"] += 1
+        return calls["n"] == step
+
+    monkeypatch.setattr(Preemption, "agreed", agreed)

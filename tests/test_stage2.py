@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from conftest import ROOT, train_overrides
+from conftest import ROOT, preempt_at, train_overrides
 from mtllm_train.checkpoint import complete_checkpoints, checkpoint_path, load_trainable
 from mtllm_train.config import ConfigError, load_config
 from mtllm_train.tasks import finetune
@@ -90,22 +90,12 @@ def test_evaluation_scores_match_a_hand_count(runs):
     assert evaluator.scores(model, "test", ["nusax:ind"])["nusax:ind"] == pytest.approx(correct / len(items))
 
 
-def _preempt_at(monkeypatch, step):
-    calls = {"n": 0}
-
-    def agreed(self, device):
-        calls["n"] += 1
-        return calls["n"] == step
-
-    monkeypatch.setattr(finetune.Preemption, "agreed", agreed)
-
-
 def test_stack_fine_tuning_resumes_bit_identically(runs, monkeypatch):
     root, data = runs
     extra = {"task.model": "stack", "task.init_from": str(root / "s1")}
     run_task(root, data, "ft_straight", **extra)
     with monkeypatch.context() as patch:
-        _preempt_at(patch, 5)
+        preempt_at(patch, 5)
         summary = run_task(root, data, "ft_resumed", **extra)
     assert summary["preempted"] and summary["end_step"] == 5
     resumed = run_task(root, data, "ft_resumed", **extra)
@@ -136,9 +126,14 @@ def test_task_distillation_lowers_mse_and_raises_agreement_with_the_teacher(runs
     root, data = runs
     extra = {"task.init_from": str(root / "s1"), "task.teacher": str(root / "llm"), "task.epochs": 12}
     on_the_fly = run_task(root, data, "s2", "task-distill", **extra)
-    cached = run_task(root, data, "s2_cached", "task-distill", **extra, **{"task.cache_teacher": "true"})
-    # Same targets; only the padding of the batches they were computed in differs.
-    assert cached["losses"] == pytest.approx(on_the_fly["losses"], rel=1e-5)
+    with pytest.MonkeyPatch.context() as patch:
+        preempt_at(patch, 7)
+        assert run_task(root, data, "s2_cached", "task-distill", **extra, **{"task.cache_teacher": "true"})["preempted"]
+    resumed = run_task(root, data, "s2_cached", "task-distill", **extra, **{"task.cache_teacher": "true"})
+    assert resumed["start_step"] == 7
+    cached_losses = [json.loads(line)["loss"] for line in (root / "s2_cached" / "metrics.jsonl").read_text().splitlines()]
+    # Same targets (the resumed run reused the cache); only the padding of the batches they were computed in differs.
+    assert cached_losses == pytest.approx(on_the_fly["losses"], rel=1e-5)
     assert len(list((root / "s2_cached" / "teacher_cache").glob("*.safetensors"))) == 1
 
     cfg = load_config(root / "s2" / "config.yaml")

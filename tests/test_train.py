@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import mtllm_train.train as train_module
-from conftest import read_metrics, trained_weights, train_overrides
+from conftest import preempt_at, read_metrics, trained_weights, train_overrides
 from mtllm_train.checkpoint import COMMIT, complete_checkpoints
 from mtllm_train.config import ConfigError, load_config
 from mtllm_train.export import export_run, load_mtllm, load_trained_stack
@@ -55,22 +55,12 @@ def test_training_logs_checkpoints_and_exports(tmp_path, train_shards):
     assert embedded.shape == (2, 64) and not torch.equal(embedded, mtllm.embed(texts, lang="deu_Latn"))
 
 
-def _preempt_at(monkeypatch, step):
-    calls = {"n": 0}
-
-    def agreed(self, device):
-        calls["n"] += 1
-        return calls["n"] == step
-
-    monkeypatch.setattr(train_module.Preemption, "agreed", agreed)
-
-
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_preempted_and_resumed_run_is_bit_identical(tmp_path, train_shards, monkeypatch, num_workers):
     extra = {"data.num_workers": num_workers}
     train(_cfg(tmp_path, train_shards, "straight", **extra))
     with monkeypatch.context() as patch:
-        _preempt_at(patch, 7)
+        preempt_at(patch, 7)
         summary = train(_cfg(tmp_path, train_shards, "preempted", **extra))
     assert summary["preempted"] and summary["end_step"] == 7
     assert [s for s, _ in complete_checkpoints(tmp_path / "preempted")][-1] == 7
@@ -137,7 +127,7 @@ def test_wandb_offline_run_continues_with_the_same_id_after_resume(tmp_path, tra
     monkeypatch.delenv("WANDB_MODE", raising=False)
     extra = {"logging.wandb": "offline", "train.steps": 8}
     with monkeypatch.context() as patch:
-        _preempt_at(patch, 3)
+        preempt_at(patch, 3)
         train(_cfg(tmp_path, train_shards, "wb", **extra))
     first_id = json.loads((tmp_path / "wb/checkpoints/step_00000003/meta.json").read_text())["wandb_id"]
     train(_cfg(tmp_path, train_shards, "wb", **extra))

@@ -31,7 +31,8 @@ from mtllm_train.model.loss import squared_error
 from mtllm_train.tasks.data import NLI_LABELS, load_split
 from mtllm_train.tasks.encode import collate, encode_examples
 from mtllm_train.tasks.evaluation import ENGLISH, Evaluator, read_validation, source_best_step, steps_to_keep
-from mtllm_train.tasks.models import TaskModel, build_task_model, load_head, load_stage1, load_teacher
+from mtllm_train.tasks.models import (TaskModel, build_task_model, load_head, load_stage1, load_teacher,
+                                      teacher_config)
 from mtllm_train.train import accumulation_steps
 
 
@@ -44,6 +45,8 @@ def check_task_config(cfg: Config, command: str) -> str:
         raise ConfigError(f"task.init_from: required by {command} with the stack (the stage-1 run folder)")
     if command == "task-distill" and not cfg.task.teacher:
         raise ConfigError("task.teacher: required by task-distill (the task-train run of the LLM)")
+    if command == "task-distill":
+        teacher_config(cfg)  # before anything is written
     if cfg.task.translate_test and kind != "llm":
         raise ConfigError("task.translate_test: only a task-train run of task.model llm is evaluated on translations")
     return kind
