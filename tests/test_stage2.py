@@ -245,3 +245,15 @@ def test_paper_stage2_configs_validate_and_every_language_has_an_nllb_code(path)
             assert resolve(code, entry["benchmark"], nllb_codes, cfg.task.language_fallbacks) in nllb_codes
     if path.stem.endswith(("_s1_ft", "_s1_s2")):
         assert cfg.task.init_from == "runs/" + load_config("configs/stage1_nllb600m_llm2vec_llama3_8b.yaml").run.name
+
+
+def test_cli_runs_task_train_and_evaluate(runs, capsys):
+    from mtllm_train.__main__ import main
+
+    root, data = runs
+    assert main(["task-train", "--config", "configs/tiny.yaml", *overrides(root, data, "cli", **{"task.epochs": 1})]) == 0
+    assert "steps 0 -> 4 of 4" in capsys.readouterr().out
+    assert main(["evaluate", "--run", str(root / "cli")]) == 0
+    assert "| S-DEV |" in capsys.readouterr().out
+    assert main(["evaluate", "--run", str(root / "s1")]) == 2
+    assert "not a stage-2 run folder (no task.json)" in capsys.readouterr().err
