@@ -19,8 +19,8 @@ from mtllm_train.data.manifest import check_tokenizers
 from mtllm_train.data.reader import BatchReader
 from mtllm_train.data.views import fingerprint
 from mtllm_train.distributed import all_reduce, gradient_sync, init_distributed, repeated_layers, shutdown
-from mtllm_train.engine import (Preemption, backward, check_finite_loss, optimizer_step, resume,
-                                setup_backend)
+from mtllm_train.engine import (Preemption, accumulation_steps, backward, check_finite_loss, optimizer_step,
+                                resume, setup_backend)
 from mtllm_train.metrics import (MetricsLogger, parameter_count, peak_flops, peak_memory_gb, plot_loss_curve,
                                  step_flops)
 from mtllm_train.model.loading import load_tokenizer
@@ -28,14 +28,6 @@ from mtllm_train.model.loss import fvu_from_sums, squared_error
 from mtllm_train.model.stack import build_stack
 
 VIEWS = ("mt_input_ids", "mt_attention_mask", "llm_input_ids", "llm_attention_mask")
-
-
-def accumulation_steps(cfg: Config, world_size: int) -> int:
-    per_step = cfg.data.micro_batch_size * world_size
-    if cfg.train.global_batch_size % per_step:
-        raise ConfigError(f"train.global_batch_size {cfg.train.global_batch_size} is not a multiple of "
-                          f"data.micro_batch_size {cfg.data.micro_batch_size} x world size {world_size} = {per_step}")
-    return cfg.train.global_batch_size // per_step
 
 
 def run_tokenizers(cfg: Config) -> tuple[tuple[str, str], tuple[str, str]]:

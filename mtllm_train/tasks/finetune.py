@@ -25,7 +25,8 @@ from mtllm_train.checkpoint import checkpoint_path, save_checkpoint
 from mtllm_train.config import Config, ConfigError, dump_config, to_dict
 from mtllm_train.data.views import pad_id, set_source_language
 from mtllm_train.distributed import all_reduce, barrier, gradient_sync, init_distributed, shutdown
-from mtllm_train.engine import Preemption, backward, check_finite_loss, optimizer_step, resume, setup_backend
+from mtllm_train.engine import (Preemption, accumulation_steps, backward, check_finite_loss, optimizer_step,
+                                resume, setup_backend)
 from mtllm_train.metrics import MetricsLogger
 from mtllm_train.model.loss import squared_error
 from mtllm_train.tasks.data import NLI_LABELS, load_split
@@ -33,7 +34,6 @@ from mtllm_train.tasks.encode import collate, encode_examples
 from mtllm_train.tasks.evaluation import ENGLISH, Evaluator, read_validation, source_best_step, steps_to_keep
 from mtllm_train.tasks.models import (TaskModel, build_task_model, load_head, load_stage1, load_teacher,
                                       teacher_config)
-from mtllm_train.train import accumulation_steps
 
 
 def check_task_config(cfg: Config, command: str) -> str:
