@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from mtllm_train.checkpoint import checkpoint_path, load_trainable
 from mtllm_train.config import ConfigError, ModelConfig, from_dict, load_config, to_dict
+from mtllm_train.data.reader import pad_right
 from mtllm_train.data.views import pad_id, set_source_language
 from mtllm_train.model.loading import load_tokenizer
 from mtllm_train.model.stack import MTLLM, build_stack
@@ -71,14 +72,7 @@ class MTLLMEmbedder:
 
     def _tokenize(self, tokenizer, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         tokenizer.padding_side = "right"
-        encoded = tokenizer(texts, truncation=True, max_length=self.max_length)
-        longest = max(len(ids) for ids in encoded["input_ids"])
-        ids = torch.full((len(texts), longest), pad_id(tokenizer), dtype=torch.long)
-        mask = torch.zeros((len(texts), longest), dtype=torch.long)
-        for row, sequence in enumerate(encoded["input_ids"]):
-            ids[row, : len(sequence)] = torch.tensor(sequence)
-            mask[row, : len(sequence)] = 1
-        return ids, mask
+        return pad_right(tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"], pad_id(tokenizer))
 
     @torch.no_grad()
     def embed(self, texts: list[str], lang: str | None = "eng_Latn", batch_size: int = 32) -> torch.Tensor:

@@ -145,7 +145,7 @@ def test_task_distillation_lowers_mse_and_raises_agreement_with_the_teacher(runs
     from mtllm_train.tasks.encode import collate
     batch = {}
     for view in ("mt", "llm"):
-        encoded = collate(evaluator.encoded("source", "dev", view), 1 if view == "mt" else 2)
+        encoded, _ = collate(evaluator.encoded("source", "dev", view), 1 if view == "mt" else 2)
         batch[f"{view}_ids"], batch[f"{view}_mask"] = encoded["input_ids"], encoded["attention_mask"]
     before = build_task_model(cfg, "stack")
     load_stage1(before, str(root / "s1"), 0)

@@ -31,16 +31,21 @@ from mtllm_train.data.manifest import load_manifest
 from mtllm_train.data.tar_reader import iter_samples
 
 
+def pad_right(sequences, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists -> right-padded ids and attention mask [B, longest] (int64)."""
+    longest = max(len(sequence) for sequence in sequences)
+    ids = np.full((len(sequences), longest), pad, dtype=np.int64)
+    mask = np.zeros((len(sequences), longest), dtype=np.int64)
+    for row, sequence in enumerate(sequences):
+        ids[row, : len(sequence)] = sequence
+        mask[row, : len(sequence)] = 1
+    return torch.from_numpy(ids), torch.from_numpy(mask)
+
+
 def collate(samples: list[dict], pad_ids: dict[str, int]) -> dict[str, torch.Tensor]:
     batch = {}
     for view in ("mt", "llm"):
-        longest = max(len(s[view]) for s in samples)
-        ids = np.full((len(samples), longest), pad_ids[view], dtype=np.int64)
-        mask = np.zeros((len(samples), longest), dtype=np.int64)
-        for row, sample in enumerate(samples):
-            ids[row, : len(sample[view])] = sample[view]
-            mask[row, : len(sample[view])] = 1
-        batch[f"{view}_input_ids"], batch[f"{view}_attention_mask"] = torch.from_numpy(ids), torch.from_numpy(mask)
+        batch[f"{view}_input_ids"], batch[f"{view}_attention_mask"] = pad_right([s[view] for s in samples], pad_ids[view])
     return batch
 
 

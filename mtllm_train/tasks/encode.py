@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from mtllm_train.config import ConfigError
+from mtllm_train.data.reader import pad_right
 
 
 def _multiple_choice(example: dict, tokenizer, max_length: int) -> dict:
@@ -50,19 +51,15 @@ def encode_examples(examples: list[dict], task: str, tokenizer, max_length: int)
     return [{"ids": ids, "label": example["label"]} for ids, example in zip(encoded["input_ids"], examples)]
 
 
-def collate(items: list[dict], pad: int) -> dict[str, torch.Tensor]:
-    """Right-padded ids and mask [B, T], labels [B], and for multiple choice choice_masks [B, K, T]."""
-    longest = max(len(item["ids"]) for item in items)
-    ids = torch.full((len(items), longest), pad, dtype=torch.long)
-    mask = torch.zeros((len(items), longest), dtype=torch.long)
-    for row, item in enumerate(items):
-        ids[row, : len(item["ids"])] = torch.tensor(item["ids"])
-        mask[row, : len(item["ids"])] = 1
-    batch = {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([item["label"] for item in items])}
+def collate(items: list[dict], pad: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """(model inputs: right-padded input_ids and attention_mask [B, T], for multiple choice choice_masks
+    [B, K, T]; labels [B])."""
+    ids, mask = pad_right([item["ids"] for item in items], pad)
+    inputs = {"input_ids": ids, "attention_mask": mask}
     if "spans" in items[0]:
-        choices = torch.zeros((len(items), len(items[0]["spans"]), longest), dtype=torch.long)
+        choices = torch.zeros((len(items), len(items[0]["spans"]), ids.shape[1]), dtype=torch.long)
         for row, item in enumerate(items):
             for k, span in enumerate(item["spans"]):
                 choices[row, k, span] = 1
-        batch["choice_masks"] = choices
-    return batch
+        inputs["choice_masks"] = choices
+    return inputs, torch.tensor([item["label"] for item in items])

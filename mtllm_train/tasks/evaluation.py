@@ -122,9 +122,9 @@ class Evaluator:
         confusion = torch.zeros(classes, classes, dtype=torch.long, device=device)
         for start in range(0, math.ceil(len(items) / world / size) * size, size):
             chunk = mine[start:start + size]
-            batch = collate(chunk or items[:1], pad_id(self.tokenizers[view]))
-            labels = batch.pop("labels").to(device)
-            _, logits, _ = model(**{name: tensor.to(device) for name, tensor in batch.items()})
+            inputs, labels = collate(chunk or items[:1], pad_id(self.tokenizers[view]))
+            _, logits, _ = model(**{name: tensor.to(device) for name, tensor in inputs.items()})
+            labels = labels.to(device)
             if chunk:  # a rank with fewer examples still joins the forward pass, and counts nothing
                 confusion.index_put_((labels, logits.argmax(-1)), torch.ones_like(labels), accumulate=True)
         return all_reduce(confusion)

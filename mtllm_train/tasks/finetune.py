@@ -29,7 +29,7 @@ from mtllm_train.engine import (Preemption, accumulation_steps, backward, check_
                                 resume, setup_backend)
 from mtllm_train.metrics import MetricsLogger
 from mtllm_train.model.loss import squared_error
-from mtllm_train.tasks.data import NLI_LABELS, load_split
+from mtllm_train.tasks.data import load_split
 from mtllm_train.tasks.encode import collate, encode_examples
 from mtllm_train.tasks.evaluation import ENGLISH, Evaluator, read_validation, source_best_step, steps_to_keep
 from mtllm_train.tasks.models import (TaskModel, build_task_model, load_head, load_stage1, load_teacher,
@@ -43,9 +43,9 @@ def check_task_config(cfg: Config, command: str) -> str:
         raise ConfigError("task.train: required (the English training split)")
     if kind == "stack" and not cfg.task.init_from:
         raise ConfigError(f"task.init_from: required by {command} with the stack (the stage-1 run folder)")
-    if command == "task-distill" and not cfg.task.teacher:
-        raise ConfigError("task.teacher: required by task-distill (the task-train run of the LLM)")
     if command == "task-distill":
+        if not cfg.task.teacher:
+            raise ConfigError("task.teacher: required by task-distill (the task-train run of the LLM)")
         teacher_config(cfg)  # before anything is written
     if cfg.task.translate_test and kind != "llm":
         raise ConfigError("task.translate_test: only a task-train run of task.model llm is evaluated on translations")
@@ -82,9 +82,8 @@ def teacher_representations(teacher: TaskModel, items: list[dict], batch_size: i
     out = []
     with torch.no_grad():
         for start in range(0, len(items), batch_size):
-            batch = collate(items[start:start + batch_size], pad)
-            batch.pop("labels")
-            out.append(teacher.representation(**{k: v.to(device) for k, v in batch.items()}).float().cpu())
+            inputs, _ = collate(items[start:start + batch_size], pad)
+            out.append(teacher.representation(**{k: v.to(device) for k, v in inputs.items()}).float().cpu())
     return torch.cat(out)
 
 
@@ -134,8 +133,9 @@ def train_task(cfg: Config, command: str) -> dict:
     evaluator = Evaluator(cfg, run_dir, dist_info, kind)
     tokenizers = evaluator.tokenizers
     set_source_language(tokenizers["mt"], ENGLISH)
-    examples = load_split(cfg.task.train, cfg.task.name, tuple(cfg.task.labels) or NLI_LABELS)
+    examples = load_split(cfg.task.train, cfg.task.name, evaluator.labels)
     views = [model_module.view] + (["llm"] if distill else [])
+    pads = {view: pad_id(tokenizer) for view, tokenizer in tokenizers.items()}
     train_items = {view: encode_examples(examples, cfg.task.name, tokenizers[view], cfg.task.max_length)
                    for view in views}
     steps_per_epoch = len(examples) // cfg.train.global_batch_size
@@ -151,7 +151,7 @@ def train_task(cfg: Config, command: str) -> dict:
         if cfg.task.cache_teacher:
             digest = hashlib.sha256(json.dumps(examples, sort_keys=True).encode()).hexdigest()
             cached = cached_teacher(cfg, run_dir, dist_info.is_main, info["teacher_step"], digest, lambda: teacher_representations(
-                teacher, train_items["llm"], cfg.task.eval_batch_size, pad_id(tokenizers["llm"]), device))
+                teacher, train_items["llm"], cfg.task.eval_batch_size, pads["llm"], device))
             del teacher
         else:
             model_module.teacher = teacher
@@ -185,12 +185,11 @@ def train_task(cfg: Config, command: str) -> dict:
             for index in range(accumulation):
                 last = index == accumulation - 1
                 micro = mine[index * cfg.data.micro_batch_size:(index + 1) * cfg.data.micro_batch_size]
-                batch = collate([train_items[student_view][i] for i in micro], pad_id(tokenizers[student_view]))
-                labels = batch.pop("labels").to(device)
+                batch, labels = collate([train_items[student_view][i] for i in micro], pads[student_view])
                 inputs = {name: tensor.to(device) for name, tensor in batch.items()}
+                labels = labels.to(device)
                 if distill and cached is None:
-                    teacher_batch = collate([train_items["llm"][i] for i in micro], pad_id(tokenizers["llm"]))
-                    teacher_batch.pop("labels")
+                    teacher_batch, _ = collate([train_items["llm"][i] for i in micro], pads["llm"])
                     inputs.update({f"teacher_{name}": tensor.to(device) for name, tensor in teacher_batch.items()})
                 with gradient_sync(model, backend, last):
                     with autocast:
