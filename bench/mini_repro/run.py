@@ -251,8 +251,8 @@ NOTES = """## Findings (the fresh run of 2026-11-22 above: 42.8 minutes includin
   5x slower than MiniLM) leave it inside the plateau above (FVU 3.07 -> 1.31, still > 1), and every score is at
   chance. What it shows: the decoder path runs end to end with real weights (GGUF dequantised, causal, GQA, tied
   embeddings) and that a causal decoder with mean pooling is a weak teacher here (teacher on X: R@1 ~0.01); its
-  start FVU of 3 (vs 1.6 for MiniLM) comes from the mean-pooled states, which the first position's very large
-  activations dominate. A meaningful decoder run needs hours on these machines, or a GPU.
+  start FVU of 3 (vs 1.6 for MiniLM) is probably the first position's very large activations in the mean-pooled
+  states (not measured). A meaningful decoder run needs hours on these machines, or a GPU.
 
 ## Notes
 
