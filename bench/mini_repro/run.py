@@ -116,7 +116,7 @@ class EvaluationTexts:
     """Every text the evaluation embeds. The X side's MT-encoder states are computed once and reused for every
     checkpoint: the encoder is frozen."""
 
-    def __init__(self, retrieval: dict, sentiment: dict, mt_tokenizer, mt_encoder):
+    def __init__(self, retrieval: dict, sentiment: dict, mt_tokenizer, mt_states):
         self.x = {name: [x for x, _ in pairs] for name, pairs in retrieval.items()}
         self.x |= {f"sentiment {language}": [text for text, _ in rows] for language, rows in sentiment.items()
                    if language != "en"}
@@ -125,9 +125,8 @@ class EvaluationTexts:
         self.labels = {f"sentiment {language}": torch.tensor([label for _, label in rows])
                        for language, rows in sentiment.items()}
         self.x_batches = {name: TextBatches(mt_tokenizer, texts) for name, texts in self.x.items()}
-        with torch.no_grad():
-            self.x_states = {name: [mt_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
-                                    for ids, mask in batches.batches] for name, batches in self.x_batches.items()}
+        self.x_states = {name: [mt_states(ids, mask) for ids, mask in batches.batches]
+                         for name, batches in self.x_batches.items()}
 
     def embed(self, side: str, tokenizer, embed_batch, prefix: str = "") -> dict[str, torch.Tensor]:
         """Vectors of every set on one side ("x" or "english"), text by text with `embed_batch`."""
@@ -155,13 +154,13 @@ def evaluate_variant(variant: Variant, run_dir: Path, retrieval: dict, sentiment
     step 0 and at the checkpoints."""
     cfg = load_config(run_dir / "config.yaml")
     base = build_stack(cfg.model).eval()
-    e5, e5_tokenizer = base.mt_encoder, load_tokenizer(cfg.model.mt_encoder, "model.mt_encoder")
+    e5_tokenizer = load_tokenizer(cfg.model.mt_encoder, "model.mt_encoder")
     llm_tokenizer = load_tokenizer(cfg.model.llm, "model.llm")
     texts = EvaluationTexts(*(subset(retrieval, sentiment, variant.sizes) if variant.sizes else (retrieval, sentiment)),
-                            e5_tokenizer, e5)
+                            e5_tokenizer, base.mt_states)
 
     def e5_alone(_, ids, mask):  # e5's own usage: mean pooling over "query: " + text
-        return pool(e5(input_ids=ids, attention_mask=mask).last_hidden_state, mask, "mean")
+        return pool(base.mt_states(ids, mask), mask, "mean")
 
     def teacher(_, ids, mask):
         return base.teacher_pooled(ids, mask)
