@@ -37,13 +37,13 @@ sys.path.insert(0, str(ROOT))
 os.chdir(ROOT)
 
 from mtllm_train import metrics as metrics_module  # noqa: E402
-from mtllm_train.checkpoint import load_checkpoint, save_checkpoint, step_dir  # noqa: E402
+from mtllm_train.checkpoint import Checkpoints  # noqa: E402
 from mtllm_train.config import load_config  # noqa: E402
 from mtllm_train.data.inspect_shards import padding_efficiency  # noqa: E402
 from mtllm_train.data.reader import BatchReader  # noqa: E402
 from mtllm_train.data.shard_writer import build_shards  # noqa: E402
 from mtllm_train.distributed import Dist  # noqa: E402
-from mtllm_train.model.loading import load_tokenizer  # noqa: E402
+from mtllm_train.model.tokenizers import load_tokenizer  # noqa: E402
 from mtllm_train.model.loss import squared_error  # noqa: E402
 from mtllm_train.model.stack import build_stack, trainable_parameters  # noqa: E402
 from mtllm_train.optim import build_optimizer, build_scheduler  # noqa: E402
@@ -256,19 +256,17 @@ def bench_checkpoints(workdir: Path, repeats: int) -> list[str]:
     optimizer.step()
     # AdamW keeps two fp32 moments per parameter (+ a step counter per tensor).
     payload = sum(p.numel() * p.element_size() * 3 + 8 for p in params.values())
-    dist_info = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-    run_dir = workdir / "ckpt"
+    checkpoints = Checkpoints(workdir / "ckpt", model=stack, optimizer=optimizer, scheduler=scheduler, backend="none",
+                              dist_info=Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
     saves, loads, sizes = [], [], []
     for repeat in range(repeats):
-        shutil.rmtree(run_dir, ignore_errors=True)
+        shutil.rmtree(checkpoints.run_dir, ignore_errors=True)
         start = time.perf_counter()
-        path = save_checkpoint(run_dir, 1, model=stack, optimizer=optimizer, scheduler=scheduler, backend="none",
-                               dist_info=dist_info, reader_state={}, meta={}, keep_last=2)
+        path = checkpoints.save(1, meta={}, keep_last=2)
         saves.append(time.perf_counter() - start)
         sizes.append(sum(f.stat().st_size for f in (path / "state").iterdir()))
         start = time.perf_counter()
-        load_checkpoint(step_dir(run_dir, 1), model=stack, optimizer=optimizer, scheduler=scheduler, backend="none",
-                        dist_info=dist_info)
+        checkpoints.resume()
         loads.append(time.perf_counter() - start)
     frozen = sum(p.numel() * p.element_size() for p in stack.parameters() if not p.requires_grad)
     rows.append(f"| mid (frozen base {frozen / 2**20:.0f} MiB, not saved) | {payload / 2**20:.2f} MiB | "

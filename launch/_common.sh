@@ -23,13 +23,21 @@ local_gpus() {
   echo $((count > 0 ? count : 1))
 }
 
-# Parse `[--dry-run] CONFIG [key.sub=value ...]` for script "$1": sets DRY_RUN, CONFIG and OVERRIDES
-# (an array); prints the usage and exits 2 when CONFIG is missing or -h/--help is given.
+# Parse `[--dry-run] [COMMAND] CONFIG [key.sub=value ...]` for script "$1": sets DRY_RUN, COMMAND (train,
+# task-train or task-distill; default train), CONFIG and OVERRIDES (an array); prints the usage and exits 2
+# when CONFIG is missing or -h/--help is given.
 parse_config_args() {
   local script=$1
   shift
   if [[ ${1:-} == --dry-run ]]; then
     DRY_RUN=1
+    shift
+  fi
+  # shellcheck disable=SC2034  # read by the script that sources this file
+  COMMAND=train
+  if [[ ${1:-} == train || ${1:-} == task-train || ${1:-} == task-distill ]]; then
+    # shellcheck disable=SC2034
+    COMMAND=$1
     shift
   fi
   if [[ $# -lt 1 || $1 == -h || $1 == --help ]]; then

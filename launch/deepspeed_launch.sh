@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Stage 1 with the DeepSpeed launcher (ZeRO-2 or ZeRO-3), on this node or on the nodes of a hostfile.
+# Training with the DeepSpeed launcher (ZeRO-2 or ZeRO-3), on this node or on the nodes of a hostfile.
 #
-# Usage: launch/deepspeed_launch.sh [--dry-run] CONFIG [key.sub=value ...]
+# Usage: launch/deepspeed_launch.sh [--dry-run] [COMMAND] CONFIG [key.sub=value ...]
 #   --dry-run   print the resolved command instead of running it
+#   COMMAND     train (stage 1, the default), task-train or task-distill (stage 2)
 # Environment:
 #   ZERO        2 or 3: uses configs/deepspeed/zero$ZERO.json; default 2
 #   HOSTFILE    a DeepSpeed hostfile (see launch/hostfile.example); unset: this node only
@@ -25,5 +26,5 @@ fi
 launcher=(deepspeed)
 if [[ -n ${HOSTFILE:-} ]]; then launcher+=(--hostfile "$HOSTFILE"); fi
 if [[ -n ${NUM_GPUS:-} ]]; then launcher+=(--num_gpus "$NUM_GPUS"); fi
-run "${launcher[@]}" --module mtllm_train train --config "$CONFIG" distributed.backend=deepspeed \
+run "${launcher[@]}" --module mtllm_train "$COMMAND" --config "$CONFIG" distributed.backend=deepspeed \
   "distributed.deepspeed_config=configs/deepspeed/zero$zero.json" "${OVERRIDES[@]}"

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Stage 1 on one node: torchrun starts one training process per GPU.
+# Training on one node: torchrun starts one training process per GPU.
 #
-# Usage: launch/torchrun_single_node.sh [--dry-run] CONFIG [key.sub=value ...]
+# Usage: launch/torchrun_single_node.sh [--dry-run] [COMMAND] CONFIG [key.sub=value ...]
 #   --dry-run   print the resolved command instead of running it
+#   COMMAND     train (stage 1, the default), task-train or task-distill (stage 2)
 # Environment:
 #   NPROC       processes (GPUs) to start; default: every GPU nvidia-smi lists (1 without GPUs)
 #   PYTHON      the Python of the environment with mtllm-train installed; default: python
@@ -16,4 +17,4 @@ source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 parse_config_args "$0" "$@"
 
 run "${PYTHON:-python}" -m torch.distributed.run --standalone --nproc_per_node "${NPROC:-$(local_gpus)}" \
-  -m mtllm_train train --config "$CONFIG" "${OVERRIDES[@]}"
+  -m mtllm_train "$COMMAND" --config "$CONFIG" "${OVERRIDES[@]}"

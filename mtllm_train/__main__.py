@@ -27,37 +27,30 @@ def _config(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
+    """train (stage 1), task-train and task-distill (stage 2)."""
     from mtllm_train.config import load_config
-    from mtllm_train.engine import NonFiniteError
-    from mtllm_train.train import train
+    from mtllm_train.loop import NonFiniteError
 
     cfg = load_config(args.config, args.overrides)
     try:
-        summary = train(cfg)
+        if args.command == "train":
+            from mtllm_train.train import train
+
+            summary = train(cfg)
+        else:
+            from mtllm_train.tasks.finetune import train_task
+
+            summary = train_task(cfg, args.command)
     except NonFiniteError as err:
         print(f"mtllm: stopped: {err}", file=sys.stderr)
         return 1
     if summary["is_main"] and summary["losses"]:
-        print(f"steps {summary['start_step']} -> {summary['end_step']}: loss {summary['losses'][0]:.4g} -> "
-              f"{summary['losses'][-1]:.4g}; run in {summary['run_dir']}")
-    return 0
-
-
-def _task(args: argparse.Namespace) -> int:
-    from mtllm_train.config import load_config
-    from mtllm_train.engine import NonFiniteError
-    from mtllm_train.tasks.finetune import train_task
-
-    cfg = load_config(args.config, args.overrides)
-    try:
-        summary = train_task(cfg, args.command)
-    except NonFiniteError as err:
-        print(f"mtllm: stopped: {err}", file=sys.stderr)
-        return 1
-    if summary["is_main"] and summary["losses"]:
-        print(f"steps {summary['start_step']} -> {summary['end_step']} of {summary['total_steps']}: loss "
-              f"{summary['losses'][0]:.4g} -> {summary['losses'][-1]:.4g}; run in {summary['run_dir']} "
-              f"(then: mtllm evaluate --run {summary['run_dir']})")
+        stage2 = args.command != "train"
+        steps = f"steps {summary['start_step']} -> {summary['end_step']}"
+        if stage2:
+            steps += f" of {summary['total_steps']}"
+        print(f"{steps}: loss {summary['losses'][0]:.4g} -> {summary['losses'][-1]:.4g}; run in {summary['run_dir']}"
+              + (f" (then: mtllm evaluate --run {summary['run_dir']})" if stage2 else ""))
     return 0
 
 
@@ -91,8 +84,9 @@ def _tiny_tokenizers(args: argparse.Namespace) -> None:
 
 def _shards_build(args: argparse.Namespace) -> None:
     from mtllm_train.data.shard_writer import build_shards
+    from mtllm_train.model.tokenizers import ENGLISH
 
-    build_shards(args.input, args.out, args.llm_tokenizer, args.mt_tokenizer, args.mt_lang, args.max_length,
+    build_shards(args.input, args.out, args.llm_tokenizer, args.mt_tokenizer, args.mt_lang or ENGLISH, args.max_length,
                  args.shard_size, args.workers, args.text_field)
 
 
@@ -117,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--out", required=True, help="output folder (rerun the same command to resume)")
     build.add_argument("--llm-tokenizer", required=True, help="the LLM's tokenizer (folder or hub id)")
     build.add_argument("--mt-tokenizer", required=True, help="the MT encoder's tokenizer (folder or hub id)")
-    build.add_argument("--mt-lang", default="eng_Latn", help="source-language code of the MT view (default eng_Latn)")
+    build.add_argument("--mt-lang", default=None, help="source-language code of the MT view (default: English)")
     build.add_argument("--max-length", type=int, default=512, help="max tokens per view; both views cover the same text")
     build.add_argument("--shard-size", type=int, default=10_000, help="documents per shard (default 10000)")
     build.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1)")
@@ -148,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
         task.add_argument("--config", required=True, help="a YAML config with a task section, e.g. configs/stage2/...")
         task.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
         task.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-        task.set_defaults(func=_task)
+        task.set_defaults(func=_train)
 
     evaluate = commands.add_parser("evaluate", help="test the S-DEV / T-DEV checkpoints of a stage-2 run on every "
                                                     "language; write RUN/results/<row>.json and .md")

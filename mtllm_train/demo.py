@@ -2,7 +2,9 @@
 
 1. build aligned shards from the shipped English sample (minus 20 held-out documents) with the tiny tokenizers;
 2. train the tiny stack (configs/tiny.yaml) on 2 processes with FSDP2 over gloo, via launch/torchrun_single_node.sh;
-3. send SIGTERM to the trainers half-way: they checkpoint at the step boundary and exit 0;
+3. half-way, ask for a preemption as a cluster scheduler does (the run folder's STOP file, which
+   launch/slurm_multinode.sbatch writes before the time limit): the ranks agree at the step boundary, checkpoint
+   and exit 0;
 4. rerun the same command: training resumes from that checkpoint and finishes;
 5. export the MT-LLM, load it back with one call, embed the held-out documents and compare with the teacher;
 6. print a summary and point at the loss curve.
@@ -13,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -25,21 +26,10 @@ import torch
 from mtllm_train.config import load_config
 from mtllm_train.data.manifest import MANIFEST
 from mtllm_train.data.shard_writer import build_shards
+from mtllm_train.model.tokenizers import ENGLISH
 
 SAMPLE = "shards/sample/enwiki_sample.jsonl"
 HELD_OUT = 20
-
-
-def child_pids(parent: int) -> list[int]:
-    """Process ids whose parent is `parent` (from /proc)."""
-    pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == parent:
-                pids.append(int(stat.parent.name))
-        except (OSError, ValueError):
-            continue
-    return pids
 
 
 def _launch(overrides: list[str]) -> subprocess.Popen:
@@ -57,7 +47,7 @@ def run_demo(workdir: str) -> None:
     train_file.write_text("\n".join(documents[:-HELD_OUT]) + "\n", encoding="utf-8")
     print(f"[1/5] shards: {SAMPLE} minus {HELD_OUT} held-out documents -> {shards}")
     if not (shards / MANIFEST).is_file():
-        build_shards([str(train_file)], str(shards), cfg.model.llm_tokenizer, cfg.model.mt_tokenizer, "eng_Latn",
+        build_shards([str(train_file)], str(shards), cfg.model.llm_tokenizer, cfg.model.mt_tokenizer, ENGLISH,
                      cfg.data.max_length, shard_size=50, workers=1)
 
     overrides = [f"run.dir={workdir}", f"data.shards={shards}", "distributed.backend=fsdp", "logging.progress_bar=false"]
@@ -69,9 +59,8 @@ def run_demo(workdir: str) -> None:
     while launcher.poll() is None and (not metrics.is_file() or len(metrics.read_text().splitlines()) < cfg.train.steps // 2):
         time.sleep(0.05)
     if launcher.poll() is None:
-        print("[3/5] SIGTERM to both trainers (a preemption): they agree, checkpoint and exit 0")
-        for pid in child_pids(launcher.pid):  # the launch script execs torchrun; its children are the ranks
-            os.kill(pid, signal.SIGTERM)
+        print("[3/5] preemption (the scheduler's STOP file): both trainers agree, checkpoint and exit 0")
+        (run_dir / "STOP").touch()
     if launcher.wait() != 0:
         raise SystemExit("the first training launch failed; see its output above")
     print("[3/5] rerunning the same command: resume from the newest complete checkpoint")
@@ -85,9 +74,9 @@ def run_demo(workdir: str) -> None:
     export_dir = export_run(str(run_dir), str(run_dir / "export"))
     mtllm = load_mtllm(export_dir)
     teacher = mtllm.embed_teacher(held_out)
-    trained = mtllm.embed(held_out, lang="eng_Latn")
+    trained = mtllm.embed(held_out, lang=ENGLISH)
     mtllm.stack = build_stack(cfg.model).eval()  # the same stack before stage 1, for comparison
-    untrained = mtllm.embed(held_out, lang="eng_Latn")
+    untrained = mtllm.embed(held_out, lang=ENGLISH)
 
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
     print("[5/5] summary")

@@ -22,12 +22,10 @@ import torch
 from peft import set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
-from mtllm_train.checkpoint import checkpoint_path, load_trainable
+from mtllm_train.checkpoint import Checkpoints
 from mtllm_train.config import ConfigError, ModelConfig, from_dict, load_config, to_dict
-from mtllm_train.data.reader import pad_right
-from mtllm_train.data.views import pad_id, set_source_language
-from mtllm_train.model.loading import load_tokenizer
 from mtllm_train.model.stack import MTLLM, build_stack
+from mtllm_train.model.tokenizers import ENGLISH, pad_id, pad_right, set_source_language, view_tokenizer
 
 EXPORT_VERSION = 1
 
@@ -37,9 +35,8 @@ def load_trained_stack(run_dir: Path, step: int | None = None) -> tuple[MTLLM, M
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"--run {run_dir}: not a run folder (no config.yaml)")
     cfg = load_config(run_dir / "config.yaml")
-    path = checkpoint_path(run_dir, step)
     stack = build_stack(cfg.model)
-    meta = load_trainable(stack, path)
+    meta = Checkpoints(run_dir).load_trainable(stack, step)
     return stack.eval(), cfg.model, meta
 
 
@@ -53,9 +50,8 @@ def export_run(run: str, out: str, step: int | None = None) -> Path:
     save_file({"weight": stack.projection.weight.detach().contiguous(), "bias": stack.projection.bias.detach()},
               str(out_dir / "projection.safetensors"))
     model = to_dict(model_cfg)
-    for view, spec in (("llm", model_cfg.llm), ("mt", model_cfg.mt_encoder)):
-        name = model[f"{view}_tokenizer"] or spec
-        load_tokenizer(name, f"model.{view}_tokenizer").save_pretrained(str(out_dir / "tokenizers" / view))
+    for view in ("llm", "mt"):
+        view_tokenizer(model_cfg, view).save_pretrained(str(out_dir / "tokenizers" / view))
         model[f"{view}_tokenizer"] = f"tokenizers/{view}"
     manifest = {"format_version": EXPORT_VERSION, "model": model, "run": str(run_dir), "step": meta["step"],
                 "backend": meta["backend"]}
@@ -75,7 +71,7 @@ class MTLLMEmbedder:
         return pad_right(tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"], pad_id(tokenizer))
 
     @torch.no_grad()
-    def embed(self, texts: list[str], lang: str | None = "eng_Latn", batch_size: int = 32) -> torch.Tensor:
+    def embed(self, texts: list[str], lang: str | None = ENGLISH, batch_size: int = 32) -> torch.Tensor:
         set_source_language(self.mt_tokenizer, lang)
         out = [self.stack.student_pooled(*self._tokenize(self.mt_tokenizer, texts[i:i + batch_size]))
                for i in range(0, len(texts), batch_size)]
@@ -102,6 +98,4 @@ def load_mtllm(path: str | Path) -> MTLLMEmbedder:
     set_peft_model_state_dict(stack.llm, load_file(str(path / "adapter" / "adapter_model.safetensors")))
     projection = load_file(str(path / "projection.safetensors"))
     stack.projection.load_state_dict(projection)
-    llm_tokenizer = load_tokenizer(model_cfg.llm_tokenizer, "llm tokenizer")
-    mt_tokenizer = load_tokenizer(model_cfg.mt_tokenizer, "mt tokenizer")
-    return MTLLMEmbedder(stack.eval(), llm_tokenizer, mt_tokenizer)
+    return MTLLMEmbedder(stack.eval(), view_tokenizer(model_cfg, "llm"), view_tokenizer(model_cfg, "mt"))

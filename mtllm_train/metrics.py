@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 import resource
-import uuid
 import sys
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from mtllm_train.config import LoggingConfig
+from mtllm_train.distributed import all_reduce
+from mtllm_train.model.loss import fvu_from_sums
 
 # Dense bf16 peak FLOP/s per GPU, by the name torch reports.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
@@ -52,6 +55,53 @@ def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+@dataclass
+class StepTotals:
+    """One stage-1 step's statistics summed over micro-batches and ranks."""
+    error_sum: float  # of per-target squared errors
+    llm_real: float  # real (unpadded) tokens of each view
+    mt_real: float
+    llm_computed: int  # computed (padded) tokens of each view
+    mt_computed: int
+    bad_samples: int
+    teacher_sum: torch.Tensor  # [D] sums of the teacher's pooled vectors and of their squares, for FVU
+    teacher_sq_sum: torch.Tensor
+
+    def fvu(self, targets: int) -> float:
+        return fvu_from_sums(self.error_sum, self.teacher_sum, self.teacher_sq_sum, targets)
+
+
+class StepStatistics:
+    """Accumulates a stage-1 step's statistics without a host sync per micro-batch (device sums; host counts)
+    and all-reduces them once, teacher sums in float64."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.device_sums = torch.zeros(3, device=device, dtype=torch.float64)  # error, llm real, mt real
+        self.teacher_sum = self.teacher_sq_sum = 0.0
+        self.llm_computed = self.mt_computed = self.bad_samples = 0
+
+    def add(self, errors: torch.Tensor, teacher_pooled: torch.Tensor, llm_mask: torch.Tensor, mt_mask: torch.Tensor,
+            bad_samples: int) -> None:
+        teacher = teacher_pooled.detach().float()
+        self.teacher_sum = self.teacher_sum + teacher.sum(0)
+        self.teacher_sq_sum = self.teacher_sq_sum + teacher.pow(2).sum(0)
+        self.device_sums += torch.stack([errors.detach().sum(), llm_mask.sum(), mt_mask.sum()]).double()
+        self.llm_computed += llm_mask.numel()
+        self.mt_computed += mt_mask.numel()
+        self.bad_samples += bad_samples
+
+    def all_reduced(self) -> StepTotals:
+        counters = torch.tensor([self.llm_computed, self.mt_computed, self.bad_samples], device=self.device,
+                                dtype=torch.float64)
+        totals = all_reduce(torch.cat([self.device_sums, counters, self.teacher_sum.double(),
+                                       self.teacher_sq_sum.double()]))
+        error_sum, llm_real, mt_real, llm_computed, mt_computed, bad_samples = totals[:6].tolist()
+        teacher_sum, teacher_sq_sum = totals[6:].chunk(2)
+        return StepTotals(error_sum, llm_real, mt_real, int(llm_computed), int(mt_computed), int(bad_samples),
+                          teacher_sum, teacher_sq_sum)
 
 
 class MetricsLogger:

@@ -41,7 +41,7 @@ TEXTS = [
 
 def tokenize_views(cfg, texts=TEXTS):
     """Both views of `texts` as padded tensors (right padding), the way the trainer feeds the stack."""
-    from mtllm_train.model.loading import load_tokenizer
+    from mtllm_train.model.tokenizers import load_tokenizer
 
     llm_tok = load_tokenizer(cfg.model.llm_tokenizer, "model.llm_tokenizer")
     mt_tok = load_tokenizer(cfg.model.mt_tokenizer, "model.mt_tokenizer")
@@ -93,7 +93,7 @@ def read_metrics(run_dir):
 
 def preempt_at(monkeypatch, step):
     """Make the ranks agree on preemption at the `step`-th step boundary (as after a SIGTERM)."""
-    from mtllm_train.engine import Preemption
+    from mtllm_train.loop import Preemption
 
     calls = {"n": 0}
 

@@ -30,7 +30,7 @@ def test_committed_tiny_tokenizers_rebuild_identically(tmp_path):
 
 
 def test_tiny_mt_tokenizer_knows_nllb_language_codes():
-    from mtllm_train.model.loading import load_tokenizer
+    from mtllm_train.model.tokenizers import load_tokenizer
 
     mt_tok = load_tokenizer("configs/tiny/mt_tokenizer", "model.mt_tokenizer")
     mt_tok.src_lang = "ell_Grek"

@@ -2,17 +2,15 @@
 
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 import torch
 
-from conftest import ROOT, read_metrics, trained_weights, train_overrides
-from mtllm_train.checkpoint import complete_checkpoints
+from conftest import read_metrics, trained_weights, train_overrides
+from helpers import child_pids, finish, torchrun
+from mtllm_train.checkpoint import Checkpoints
 from mtllm_train.config import load_config
-from mtllm_train.demo import child_pids
 from mtllm_train.train import train
 
 STEPS = 40
@@ -20,27 +18,10 @@ STEPS = 40
 COMMON = {"train.steps": STEPS, "checkpoint.every": 10, "model.lora.dropout": 0.0}
 
 
-def _env():
-    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-            "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache/torch_extensions"))}
-
-
-def torchrun(*cli_args):
-    """Start `mtllm <cli_args>` on 2 ranks under torchrun."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "mtllm_train", *cli_args]
-    return subprocess.Popen(command, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
 def _torchrun(run_dir, shards, name, backend, **overrides):
     """Start `mtllm train` on 2 ranks; COMMON settings unless `overrides` says otherwise."""
     settings = {**COMMON, "run.name": name, "distributed.backend": backend, "data.num_workers": 1, **overrides}
     return torchrun("train", "--config", "configs/tiny.yaml", *train_overrides(run_dir, shards, **settings))
-
-
-def finish(process, timeout=300):
-    output, _ = process.communicate(timeout=timeout)
-    return process.returncode, output
 
 
 def _run_preempted(run_dir, shards, name, backend):
@@ -56,7 +37,7 @@ def _run_preempted(run_dir, shards, name, backend):
     code, output = finish(process)
     assert code == 0, output[-3000:]
     assert "preempted: saved step" in output, output[-3000:]
-    return complete_checkpoints(run_dir / name)[-1][0]
+    return Checkpoints(run_dir / name).steps()[-1]
 
 
 @pytest.fixture(scope="module")

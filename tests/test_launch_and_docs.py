@@ -60,6 +60,16 @@ def test_deepspeed_dry_run():
     assert load_config("configs/tiny.yaml", out.split()[8:]).distributed.deepspeed_config.endswith("zero3.json")
 
 
+@pytest.mark.parametrize("command", ["task-train", "task-distill"])
+def test_launch_scripts_run_the_stage2_commands(command):
+    """Every training launcher takes the command; the default stays `train`."""
+    config = "configs/stage2/nli_llm.yaml"
+    env = {"NPROC": "2", "SLURM_NNODES": "2", "SLURM_JOB_ID": "5", "GPUS_PER_NODE": "2", "ZERO": "2"}
+    for script in ("launch/torchrun_single_node.sh", "launch/slurm_multinode.sbatch", "launch/deepspeed_launch.sh"):
+        out = _dry_run(script, command, config, "run.name=x", **env)
+        assert f" -m mtllm_train {command} --config {config} " in out.replace("--module", "-m"), out
+
+
 def test_prepare_fineweb_dry_run(tmp_path):
     for name in ("000_00000.parquet", "001_00000.parquet"):
         (tmp_path / name).touch()

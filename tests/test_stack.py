@@ -4,7 +4,7 @@ import torch
 from conftest import TINY_GPT2, tokenize_views
 from mtllm_train.config import ConfigError
 from mtllm_train.model.loading import build_llm
-from mtllm_train.model.loss import mse
+from mtllm_train.model.loss import squared_error
 from mtllm_train.model.pooling import pool
 from mtllm_train.model.stack import build_stack, trainable_parameters
 
@@ -51,7 +51,7 @@ def _train_steps(stack, batch, steps, lr=3e-3):
     losses = []
     for _ in range(steps):
         student_pooled, teacher_pooled = stack(**batch)
-        loss = mse(student_pooled, teacher_pooled)
+        loss = squared_error(student_pooled, teacher_pooled).mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -82,7 +82,7 @@ def test_only_projection_and_lora_get_gradients(tiny_cfg):
     stack = build_stack(tiny_cfg.model)
     student_pooled, teacher_pooled = stack(**batch)
     assert not teacher_pooled.requires_grad
-    mse(student_pooled, teacher_pooled).backward()
+    squared_error(student_pooled, teacher_pooled).mean().backward()
     with_grad = {name for name, p in stack.named_parameters() if p.grad is not None}
     assert with_grad == set(trainable_parameters(stack))
     assert all(name.startswith("projection.") or ".lora_" in name for name in with_grad)

@@ -7,15 +7,16 @@ import pytest
 import torch
 
 from conftest import ROOT, preempt_at, train_overrides
-from mtllm_train.checkpoint import complete_checkpoints, checkpoint_path, load_trainable
+from helpers import finish, torchrun
+from mtllm_train.checkpoint import Checkpoints
 from mtllm_train.config import ConfigError, load_config
 from mtllm_train.tasks import finetune
-from mtllm_train.tasks.evaluation import Evaluator, evaluate_run, read_validation
+from mtllm_train.tasks.evaluation import Evaluator, evaluate_run
 from mtllm_train.tasks.finetune import train_task
+from mtllm_train.tasks.selection import read_validation
 from mtllm_train.tasks.models import build_task_model, load_head, load_stage1, load_teacher
 from mtllm_train.train import train
 from stage2_data import build_belebele, build_nli, build_sentiment
-from test_distributed import finish, torchrun
 
 TRANSLATOR = {"model_type": "m2m_100", "vocab_size": 2000, "d_model": 32, "encoder_layers": 1, "decoder_layers": 1,
               "encoder_attention_heads": 2, "decoder_attention_heads": 2, "encoder_ffn_dim": 64,
@@ -48,7 +49,9 @@ def runs(tmp_path_factory, train_shards):
 
 
 def _best(dev, key):
-    return max(sorted(dev), key=lambda step: (dev[step][key], -step))
+    """The paper's rule, written out: the highest score; among equal scores, the earliest step."""
+    top = max(scores[key] for scores in dev.values())
+    return min(step for step, scores in dev.items() if scores[key] == top)
 
 
 def test_task_train_validates_every_quarter_keeps_the_selected_checkpoints_and_evaluates(runs):
@@ -58,7 +61,7 @@ def test_task_train_validates_every_quarter_keeps_the_selected_checkpoints_and_e
     assert sorted(dev) == [3, 6, 9, 12]
     assert set(dev[3]) == {"source", "nusax:ind", "translate_test/nusax:ind"}
     selected = {_best(dev, "source"), _best(dev, "nusax:ind"), _best(dev, "translate_test/nusax:ind")}
-    assert [step for step, _ in complete_checkpoints(run)] == sorted(selected | {12})
+    assert [step for step, _ in Checkpoints(run).complete()] == sorted(selected | {12})
 
     written = evaluate_run(str(run))
     assert [path.name for path in written] == ["llm.md", "translate_test.md"]
@@ -79,7 +82,7 @@ def test_evaluation_scores_match_a_hand_count(runs):
     cfg = load_config(root / "llm" / "config.yaml")
     evaluator = Evaluator(cfg, root / "llm", finetune.init_distributed(cfg), "llm")
     model = build_task_model(cfg, "llm")
-    load_trainable(model, checkpoint_path(root / "llm", 12))
+    Checkpoints(root / "llm").load_trainable(model, 12)
     model.eval()
     items = evaluator.encoded("nusax:ind", "test", "llm")
     correct = 0
@@ -105,7 +108,7 @@ def test_stack_fine_tuning_resumes_bit_identically(runs, monkeypatch):
     weights = []
     for name in ("ft_straight", "ft_resumed"):
         model = build_task_model(cfg, "stack")
-        load_trainable(model, checkpoint_path(root / name, 12))
+        Checkpoints(root / name).load_trainable(model, 12)
         weights.append({k: p.detach().clone() for k, p in model.named_parameters() if p.requires_grad})
     assert weights[0].keys() == weights[1].keys() and any("lora" in k for k in weights[0])
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
@@ -152,7 +155,7 @@ def test_task_distillation_lowers_mse_and_raises_agreement_with_the_teacher(runs
     after = build_task_model(cfg, "stack")
     for model in (before, after):
         load_head(model.head, str(root / "llm"), teacher_step)
-    load_trainable(after, checkpoint_path(root / "s2"))
+    Checkpoints(root / "s2").load_trainable(after)
     agreement_before, mse_before = _agreement_and_mse(before.eval(), teacher, batch)
     agreement_after, mse_after = _agreement_and_mse(after.eval(), teacher, batch)
     assert mse_after < 0.5 * mse_before
@@ -174,7 +177,7 @@ def test_other_tasks_and_the_mt_encoder_baseline_run_and_evaluate(runs, task):
 
 
 def test_multiple_choice_spans_cover_each_answer_and_long_passages_are_cut():
-    from mtllm_train.model.loading import load_tokenizer
+    from mtllm_train.model.tokenizers import load_tokenizer
     from mtllm_train.tasks.encode import encode_examples
 
     tokenizer = load_tokenizer("configs/tiny/mt_tokenizer", "mt")
@@ -229,14 +232,15 @@ def test_two_process_task_distill_matches_one_process(runs, backend):
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs" / "stage2").glob("*.yaml")), ids=lambda path: path.stem)
 def test_paper_stage2_configs_validate_and_every_language_has_an_nllb_code(path):
-    from mtllm_train.model.loading import load_tokenizer
-    from mtllm_train.tasks.languages import resolve, tokenizer_language_codes
+    from mtllm_train.model.tokenizers import load_tokenizer
+    from mtllm_train.model.tokenizers import language_codes
+    from mtllm_train.tasks.languages import resolve
 
     cfg = load_config(path)
     assert (cfg.optim.lr, cfg.train.global_batch_size, cfg.task.validate_every) == (1e-4, 32, 0.1)
     assert cfg.task.epochs == {"nli": 3, "belebele": 5, "sentiment": 20}[cfg.task.name]
     # The tiny MT tokenizer carries NLLB-200's 202 language codes.
-    nllb_codes = tokenizer_language_codes(load_tokenizer("configs/tiny/mt_tokenizer", "mt"))
+    nllb_codes = language_codes(load_tokenizer("configs/tiny/mt_tokenizer", "mt"))
     benchmarks = {entry["benchmark"] for entry in cfg.task.eval}
     assert benchmarks == {"nli": {"xnli", "americas_nli", "kardes_nlu"}, "belebele": {"belebele"},
                           "sentiment": {"nusax"}}[cfg.task.name]

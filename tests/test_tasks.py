@@ -2,14 +2,14 @@ import pytest
 import torch
 
 from mtllm_train.config import ConfigError
-from mtllm_train.model.loading import load_tokenizer
+from mtllm_train.model.tokenizers import language_codes, load_tokenizer
 from mtllm_train.tasks.heads import ClassificationHead, MultipleChoiceHead, choice_pool
-from mtllm_train.tasks.languages import BENCHMARKS, resolve, tokenizer_language_codes
+from mtllm_train.tasks.languages import BENCHMARKS, resolve
 
 
 @pytest.fixture(scope="module")
 def mt_codes():
-    return tokenizer_language_codes(load_tokenizer("configs/tiny/mt_tokenizer", "model.mt_tokenizer"))
+    return language_codes(load_tokenizer("configs/tiny/mt_tokenizer", "model.mt_tokenizer"))
 
 
 def test_every_table_code_is_an_nllb_code(mt_codes):
@@ -105,3 +105,25 @@ def test_bad_task_rows_name_the_file_and_line(tmp_path):
     (tmp_path / "nli.jsonl").write_text('{"premise": "x", "label": 0}\n')
     with pytest.raises(ConfigError, match=r"nli.jsonl:1: no hypothesis field"):
         read_task_file(tmp_path / "nli.jsonl", "nli")
+
+
+def test_best_step_takes_the_highest_score_and_the_earliest_of_ties():
+    from mtllm_train.tasks.selection import best_step
+
+    dev = {10: {"en": 0.5}, 20: {"en": 0.7}, 30: {"en": 0.7}, 40: {"en": 0.6}}
+    assert best_step(dev, "en") == 20
+    with pytest.raises(ConfigError, match="no dev score for language 'de'"):
+        best_step(dev, "de")
+
+
+@pytest.mark.parametrize("view, key", [("llm", "model.llm_tokenizer"), ("mt", "model.mt_tokenizer")])
+def test_an_inline_model_without_its_tokenizer_is_one_config_error_everywhere(tiny_cfg, view, key):
+    """Stage 1, stage 2 and export ask the same helper which tokenizer a view reads."""
+    from mtllm_train.model.tokenizers import tokenizer_spec, view_tokenizer
+    from mtllm_train.tasks.encode import TaskData
+
+    setattr(tiny_cfg.model, key.split(".")[1], "")
+    assert tokenizer_spec(tiny_cfg.model, "llm" if view == "mt" else "mt")  # the other view is still named
+    for attempt in (lambda: view_tokenizer(tiny_cfg.model, view), lambda: TaskData(tiny_cfg)):
+        with pytest.raises(ConfigError, match=rf"{key}: required when model\.\w+ is an inline config"):
+            attempt()

@@ -8,10 +8,10 @@ import torch
 
 import mtllm_train.train as train_module
 from conftest import preempt_at, read_metrics, trained_weights, train_overrides
-from mtllm_train.checkpoint import COMMIT, complete_checkpoints
+from mtllm_train.checkpoint import COMMIT, Checkpoints
 from mtllm_train.config import ConfigError, load_config
 from mtllm_train.export import export_run, load_mtllm, load_trained_stack
-from mtllm_train.engine import NonFiniteError
+from mtllm_train.loop import NonFiniteError
 from mtllm_train.train import train
 
 METRIC_KEYS = {"step", "loss", "fvu", "lr", "grad_norm", "seqs_per_s", "llm_tokens_per_s", "mt_tokens_per_s",
@@ -34,7 +34,7 @@ def test_training_logs_checkpoints_and_exports(tmp_path, train_shards):
     # Warmup 10% of 24 steps = 2 steps: lr rises to its peak at step 2, then decays linearly.
     assert metrics[0]["lr"] == pytest.approx(1.5e-3) and metrics[1]["lr"] == pytest.approx(3e-3)
     assert load_config(run_dir / "config.yaml") == _cfg(tmp_path, train_shards, "a", **{"train.steps": 24})
-    assert [step for step, _ in complete_checkpoints(run_dir)] == [20, 24]  # keep_last 2
+    assert Checkpoints(run_dir).steps() == [20, 24]  # keep_last 2
     # Only trainable parameters (and their optimizer state) are saved, never the frozen base.
     import torch.distributed.checkpoint as dcp
 
@@ -63,7 +63,7 @@ def test_preempted_and_resumed_run_is_bit_identical(tmp_path, train_shards, monk
         preempt_at(patch, 7)
         summary = train(_cfg(tmp_path, train_shards, "preempted", **extra))
     assert summary["preempted"] and summary["end_step"] == 7
-    assert [s for s, _ in complete_checkpoints(tmp_path / "preempted")][-1] == 7
+    assert Checkpoints(tmp_path / "preempted").steps()[-1] == 7
     resumed = train(_cfg(tmp_path, train_shards, "preempted", **extra))
     assert (resumed["start_step"], resumed["end_step"]) == (7, 16)
     straight, preempted = trained_weights(tmp_path / "straight"), trained_weights(tmp_path / "preempted")
@@ -79,7 +79,7 @@ def test_checkpoint_without_commit_marker_is_skipped(tmp_path, train_shards):
     (checkpoints / "step_00000012" / COMMIT).unlink()  # a save that died before its marker
     summary = train(_cfg(tmp_path, train_shards, "r", **{"train.steps": 16}))
     assert summary["start_step"] == 8 and summary["end_step"] == 16
-    assert [s for s, _ in complete_checkpoints(tmp_path / "r")] == [12, 16]
+    assert Checkpoints(tmp_path / "r").steps() == [12, 16]
     assert (checkpoints / "step_00000012" / COMMIT).is_file()
 
 
@@ -95,7 +95,7 @@ def test_non_finite_loss_stops_the_run_and_leaves_no_nan_checkpoint(tmp_path, tr
     monkeypatch.setattr(train_module, "squared_error", poisoned)
     with pytest.raises(NonFiniteError, match=r"step 7: the loss is nan; the step was not applied"):
         train(_cfg(tmp_path, train_shards, "nan"))
-    assert [s for s, _ in complete_checkpoints(tmp_path / "nan")] == [4]
+    assert Checkpoints(tmp_path / "nan").steps() == [4]
     assert all(torch.isfinite(p).all() for p in trained_weights(tmp_path / "nan").values())
     assert len(read_metrics(tmp_path / "nan")) == 6
 
@@ -150,5 +150,5 @@ def test_stop_file_checkpoints_and_stops_then_the_rerun_continues(tmp_path, trai
     summary = train(_cfg(tmp_path, train_shards, "stop", **{"train.steps": 8}))
     assert summary["preempted"] and summary["end_step"] == 1
     assert not (tmp_path / "stop" / "STOP").exists()
-    assert [s for s, _ in complete_checkpoints(tmp_path / "stop")] == [1]
+    assert Checkpoints(tmp_path / "stop").steps() == [1]
     assert train(_cfg(tmp_path, train_shards, "stop", **{"train.steps": 8}))["end_step"] == 8

@@ -29,14 +29,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 import assets  # noqa: E402
 from evaluate import accuracy, fit_logistic_regression, recall_at_1  # noqa: E402
 
-from mtllm_train.checkpoint import complete_checkpoints  # noqa: E402
+from mtllm_train.checkpoint import Checkpoints  # noqa: E402
 from mtllm_train.config import load_config  # noqa: E402
-from mtllm_train.data.reader import pad_right  # noqa: E402
-from mtllm_train.data.views import pad_id  # noqa: E402
 from mtllm_train.export import load_trained_stack  # noqa: E402
-from mtllm_train.model.loading import load_tokenizer  # noqa: E402
 from mtllm_train.model.pooling import pool  # noqa: E402
 from mtllm_train.model.stack import build_stack  # noqa: E402
+from mtllm_train.model.tokenizers import load_tokenizer, pad_id, pad_right  # noqa: E402
 
 PAIRS = 1000  # candidates per retrieval set, as in ../shared/offline-assets.md's baselines
 SENTIMENT_ENGLISH, SENTIMENT_PER_LANGUAGE = 2000, 500
@@ -169,7 +167,7 @@ def evaluate_variant(variant: Variant, run_dir: Path, retrieval: dict, sentiment
                                                      texts.embed("english", e5_tokenizer, e5_alone, "query: "))}
     english = texts.embed("english", llm_tokenizer, teacher)
     table[f"teacher on X ({variant.name} alone)"] = texts.score(texts.embed("x", llm_tokenizer, teacher), english)
-    steps = [step for step, _ in complete_checkpoints(run_dir)]
+    steps = Checkpoints(run_dir).steps()
     curve = {0: texts.score(texts.stack(base), english)}
     for step in steps if variant.every_checkpoint else steps[-1:]:
         curve[step] = texts.score(texts.stack(load_trained_stack(run_dir, step)[0]), english)

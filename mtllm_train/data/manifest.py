@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from mtllm_train.config import ConfigError
+from mtllm_train.files import write_atomic
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -21,9 +22,7 @@ def sha256_file(path: Path) -> str:
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False))
-    tmp.replace(path)
+    write_atomic(path, json.dumps(data, indent=1, ensure_ascii=False))
 
 
 def load_manifest(shards_dir: str | Path) -> dict:

@@ -22,24 +22,13 @@ from collections.abc import Iterator
 from itertools import islice
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mtllm_train.config import ConfigError
 from mtllm_train.data.manifest import load_manifest
 from mtllm_train.data.tar_reader import iter_samples
-
-
-def pad_right(sequences, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token id lists -> right-padded ids and attention mask [B, longest] (int64)."""
-    longest = max(len(sequence) for sequence in sequences)
-    ids = np.full((len(sequences), longest), pad, dtype=np.int64)
-    mask = np.zeros((len(sequences), longest), dtype=np.int64)
-    for row, sequence in enumerate(sequences):
-        ids[row, : len(sequence)] = sequence
-        mask[row, : len(sequence)] = 1
-    return torch.from_numpy(ids), torch.from_numpy(mask)
+from mtllm_train.model.tokenizers import pad_right
 
 
 def collate(samples: list[dict], pad_ids: dict[str, int]) -> dict[str, torch.Tensor]:

@@ -24,7 +24,9 @@ from tqdm import tqdm
 from mtllm_train.config import ConfigError
 from mtllm_train.data.documents import read_documents
 from mtllm_train.data.manifest import FORMAT_VERSION, MANIFEST, sha256_file, write_json_atomic
-from mtllm_train.data.views import ViewTokenizer, fingerprint, pad_id
+from mtllm_train.data.views import ViewTokenizer
+from mtllm_train.files import atomic_path
+from mtllm_train.model.tokenizers import ENGLISH, fingerprint, pad_id
 
 _worker_tokenizer: ViewTokenizer | None = None
 
@@ -72,24 +74,23 @@ def write_shard(out_dir: Path, index: int, first_doc: int, documents: list[tuple
     """Tokenize and write one shard; atomically, so a crash never leaves a half shard under its final name."""
     assert _worker_tokenizer is not None
     path = out_dir / shard_name(index)
-    tmp = path.with_name(path.name + ".tmp")
     stats = {"name": path.name, "samples": 0, "llm_tokens": 0, "mt_tokens": 0, "empty_dropped": 0,
              "truncated": 0}
-    with wds.TarWriter(str(tmp)) as writer:
-        for offset, (doc_id, text) in enumerate(documents):
-            views = _worker_tokenizer.views(text)
-            if views is None:
-                stats["empty_dropped"] += 1
-                continue
-            llm_ids, mt_ids, truncated = views
-            writer.write({"__key__": f"{first_doc + offset:010d}", "llm.npy": _npy_bytes(llm_ids),
-                          "mt.npy": _npy_bytes(mt_ids), "id.txt": doc_id})
-            stats["samples"] += 1
-            stats["truncated"] += int(truncated)
-            stats["llm_tokens"] += len(llm_ids)
-            stats["mt_tokens"] += len(mt_ids)
-    stats["sha256"] = sha256_file(tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        with wds.TarWriter(str(tmp)) as writer:
+            for offset, (doc_id, text) in enumerate(documents):
+                views = _worker_tokenizer.views(text)
+                if views is None:
+                    stats["empty_dropped"] += 1
+                    continue
+                llm_ids, mt_ids, truncated = views
+                writer.write({"__key__": f"{first_doc + offset:010d}", "llm.npy": _npy_bytes(llm_ids),
+                              "mt.npy": _npy_bytes(mt_ids), "id.txt": doc_id})
+                stats["samples"] += 1
+                stats["truncated"] += int(truncated)
+                stats["llm_tokens"] += len(llm_ids)
+                stats["mt_tokens"] += len(mt_ids)
+        stats["sha256"] = sha256_file(tmp)
     write_json_atomic(out_dir / ".build" / f"{path.stem}.json", stats)
     return stats
 
@@ -100,7 +101,7 @@ def _chunks(documents, size: int):
         yield chunk
 
 
-def build_shards(inputs: list[str], out: str, llm_tokenizer: str, mt_tokenizer: str, mt_lang: str | None = "eng_Latn",
+def build_shards(inputs: list[str], out: str, llm_tokenizer: str, mt_tokenizer: str, mt_lang: str | None = ENGLISH,
                  max_length: int = 512, shard_size: int = 10_000, workers: int = 1, text_field: str = "text",
                  progress: bool = True) -> dict:
     if max_length < 4 or shard_size < 1 or workers < 1:

@@ -8,46 +8,17 @@ its own 512th token, so teacher and student pooled over different text.)
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from mtllm_train.config import ConfigError
-from mtllm_train.model.loading import load_tokenizer
-from mtllm_train.tasks.languages import tokenizer_language_codes
+from mtllm_train.model.tokenizers import load_tokenizer, set_source_language
 
 # No token spans more than this many characters: documents are pre-cut here before tokenizing.
 MAX_CHARS_PER_TOKEN = 32
 _LAST_SPACE = re.compile(r"\s(?=\S*$)")
-
-
-def fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
-    """A hash of the vocabulary (tokens and ids, added tokens included)."""
-    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
-    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()[:16]
-
-
-def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
-    """Padding is masked out, so any valid id will do when a tokenizer (Llama's) has no pad token."""
-    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
-        if candidate is not None:
-            return int(candidate)
-    return 0
-
-
-def set_source_language(tokenizer: PreTrainedTokenizerBase, lang: str | None) -> str | None:
-    """Set an NLLB-style tokenizer's source language; tokenizers without language codes ignore it."""
-    if lang is None or not hasattr(tokenizer, "src_lang"):
-        return None
-    if tokenizer.convert_tokens_to_ids(lang) in (None, tokenizer.unk_token_id):
-        known = tokenizer_language_codes(tokenizer)
-        raise ConfigError(f"language code {lang!r} is not in the MT tokenizer {tokenizer.name_or_path!r} "
-                          f"(it knows {len(known)} codes, e.g. {', '.join(sorted(known)[:4])})")
-    tokenizer.src_lang = lang
-    return lang
 
 
 class ViewTokenizer:

@@ -1,4 +1,4 @@
-"""Load the frozen parts of the stack (MT encoder, LLM, tokenizers) from a folder, a hub id or an inline config."""
+"""Load the frozen parts of the stack (MT encoder, LLM) from a folder, a hub id or an inline config."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_model
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModel, BitsAndBytesConfig
 
 from mtllm_train.config import ConfigError, ModelConfig
 
@@ -30,10 +30,6 @@ def from_pretrained(loader, spec: str, key: str, **kwargs):
         cause = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(f"{key}: cannot load {spec!r}: not a local model folder and not in the local "
                           f"Hugging Face cache ({cause})") from None
-
-
-def load_tokenizer(spec: str, key: str) -> PreTrainedTokenizerBase:
-    return from_pretrained(AutoTokenizer, spec, key)
 
 
 def quantization_config(cfg: ModelConfig) -> BitsAndBytesConfig | None:

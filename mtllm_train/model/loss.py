@@ -12,10 +12,6 @@ def squared_error(student_pooled: torch.Tensor, teacher_pooled: torch.Tensor) ->
     return (student_pooled.float() - teacher_pooled.float()).pow(2).mean(dim=-1)
 
 
-def mse(student_pooled: torch.Tensor, teacher_pooled: torch.Tensor) -> torch.Tensor:
-    return squared_error(student_pooled, teacher_pooled).mean()
-
-
 def fvu_from_sums(error_sum: float, teacher_sum: torch.Tensor, teacher_sq_sum: torch.Tensor, count: int) -> float:
     """Fraction of variance unexplained = MSE / Var(teacher), both averaged over the hidden dimension.
 
@@ -24,10 +20,3 @@ def fvu_from_sums(error_sum: float, teacher_sum: torch.Tensor, teacher_sq_sum: t
     mean = teacher_sum / count
     variance = (teacher_sq_sum / count - mean.pow(2)).mean()
     return float(error_sum / count / variance.clamp_min(1e-12))
-
-
-@torch.no_grad()
-def fvu(student_pooled: torch.Tensor, teacher_pooled: torch.Tensor) -> float:
-    teacher = teacher_pooled.float()
-    return fvu_from_sums(float(squared_error(student_pooled, teacher).sum()), teacher.sum(0),
-                         teacher.pow(2).sum(0), teacher.shape[0])

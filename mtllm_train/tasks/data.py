@@ -12,10 +12,9 @@ import csv
 import json
 from pathlib import Path
 
-from mtllm_train.config import ConfigError
+from mtllm_train.config import CHOICES, ConfigError
 
 NLI_LABELS = ("entailment", "neutral", "contradiction")
-TASKS = ("nli", "sentiment", "belebele")
 
 
 def _rows(path: Path):
@@ -86,8 +85,8 @@ def read_task_file(path: str | Path, task: str, label_names: tuple[str, ...] = N
 
 
 def _normalise(rows, source: str, task: str, label_names: tuple[str, ...]) -> list[dict]:
-    if task not in TASKS:
-        raise ConfigError(f"task {task!r}: expected one of {', '.join(TASKS)}")
+    if task not in CHOICES["task.name"]:
+        raise ConfigError(f"task {task!r}: expected one of {', '.join(CHOICES['task.name'])}")
     examples = []
     for number, row in rows:
         where = f"{source}:{number}"

@@ -1,4 +1,5 @@
 """Task examples -> token ids (one view: the LLM's or the MT encoder's tokenizer) -> padded batches.
+`TaskData` owns what this needs for a run: the two views' tokenizers, their padding ids and the label names.
 
 - nli: premise and hypothesis encoded jointly as a pair, with the tokenizer's own pair template;
 - sentiment: the text;
@@ -11,8 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from mtllm_train.config import ConfigError
-from mtllm_train.data.reader import pad_right
+from mtllm_train.config import Config, ConfigError
+from mtllm_train.model.tokenizers import ENGLISH, pad_id, pad_right, set_source_language, view_tokenizer
+from mtllm_train.tasks.data import NLI_LABELS, load_split
 
 
 def _multiple_choice(example: dict, tokenizer, max_length: int) -> dict:
@@ -63,3 +65,29 @@ def collate(items: list[dict], pad: int) -> tuple[dict[str, torch.Tensor], torch
                 choices[row, k, span] = 1
         inputs["choice_masks"] = choices
     return inputs, torch.tensor([item["label"] for item in items])
+
+
+class TaskData:
+    """A stage-2 run's task data: splits read with its label names, encoded for either view, batched.
+
+    Encoding sets the MT tokenizer's source language for the examples at hand, every time, so no caller
+    depends on the language another caller left behind.
+    """
+
+    def __init__(self, cfg: Config):
+        self.task, self.max_length = cfg.task.name, cfg.task.max_length
+        self.labels = tuple(cfg.task.labels) or NLI_LABELS
+        self.tokenizers = {view: view_tokenizer(cfg.model, view) for view in ("llm", "mt")}
+        self.pads = {view: pad_id(tokenizer) for view, tokenizer in self.tokenizers.items()}
+
+    def split(self, spec: str, lang: str | None = None) -> list[dict]:
+        return load_split(spec, self.task, self.labels, lang)
+
+    def encode(self, examples: list[dict], view: str, lang: str = ENGLISH) -> list[dict]:
+        """Token ids of `examples` (written in `lang`, an MT language code) for `view`."""
+        tokenizer = self.tokenizers[view]
+        set_source_language(tokenizer, lang)
+        return encode_examples(examples, self.task, tokenizer, self.max_length)
+
+    def batch(self, items: list[dict], view: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        return collate(items, self.pads[view])

@@ -18,20 +18,17 @@ from pathlib import Path
 
 import torch
 
-from mtllm_train.checkpoint import checkpoint_path, load_trainable
+from mtllm_train.checkpoint import Checkpoints
 from mtllm_train.config import Config, ConfigError, EvalSet, from_dict, load_config
-from mtllm_train.data.views import pad_id, set_source_language
 from mtllm_train.distributed import Dist, all_reduce, barrier
-from mtllm_train.model.loading import load_tokenizer
-from mtllm_train.tasks.data import NLI_LABELS, load_split
-from mtllm_train.tasks.encode import collate, encode_examples
-from mtllm_train.tasks.languages import resolve, tokenizer_language_codes
+from mtllm_train.loop import run_identity
+from mtllm_train.model.tokenizers import ENGLISH, language_codes
+from mtllm_train.tasks.encode import TaskData
+from mtllm_train.tasks.languages import resolve
 from mtllm_train.tasks.models import TaskModel, build_task_model, load_head, num_classes
-from mtllm_train.tasks.selection import markdown_table, needed_tests, select
+from mtllm_train.tasks.selection import SOURCE, markdown_table, needed_tests, read_validation, select
 from mtllm_train.tasks.translate import Translator, cached_translations
 
-SOURCE = "source"
-ENGLISH = "eng_Latn"
 TRANSLATE_TEST = "translate_test/"
 ROWS = {("task-train", "llm"): "llm", ("task-train", "mt_encoder"): "mt_encoder",
         ("task-train", "stack"): "stack_s1_ft", ("task-distill", "stack"): "stack_s1_s2"}
@@ -51,7 +48,7 @@ def eval_languages(cfg: Config, mt_tokenizer) -> list[Language]:
     if not cfg.task.source_dev:
         raise ConfigError("task.source_dev: required (the English dev split that S-DEV selects on)")
     languages = [Language(SOURCE, "en", ENGLISH, cfg.task.source_dev, "")]
-    mt_codes = tokenizer_language_codes(mt_tokenizer)
+    mt_codes = language_codes(mt_tokenizer)
     for index, entry in enumerate(cfg.task.eval):
         eval_set = from_dict(EvalSet, entry, f"task.eval[{index}]")
         for code in eval_set.languages:
@@ -72,15 +69,13 @@ def score(confusion: torch.Tensor, metric: str) -> float:
 
 
 class Evaluator:
-    def __init__(self, cfg: Config, run_dir: Path, dist_info: Dist, kind: str):
+    def __init__(self, cfg: Config, run_dir: Path, dist_info: Dist, kind: str, data: TaskData | None = None):
         self.cfg, self.run_dir, self.dist_info, self.kind = cfg, run_dir, dist_info, kind
-        self.tokenizers = {"llm": load_tokenizer(cfg.model.llm_tokenizer or cfg.model.llm, "model.llm_tokenizer"),
-                           "mt": load_tokenizer(cfg.model.mt_tokenizer or cfg.model.mt_encoder, "model.mt_tokenizer")}
-        self.languages = eval_languages(cfg, self.tokenizers["mt"])
+        self.data = data or TaskData(cfg)
+        self.languages = eval_languages(cfg, self.data.tokenizers["mt"])
         self.prefixes = [""] + ([TRANSLATE_TEST] if kind == "llm" and cfg.task.translate_test else [])
         if TRANSLATE_TEST in self.prefixes and not cfg.task.translator:
             raise ConfigError("task.translator: required with task.translate_test (a seq2seq MT model)")
-        self.labels = tuple(cfg.task.labels) or NLI_LABELS
         self._encoded: dict[tuple, list[dict]] = {}
 
     def targets(self) -> list[str]:
@@ -91,8 +86,7 @@ class Evaluator:
         return ([SOURCE] if split == "dev" else []) + [prefix + key for prefix in self.prefixes for key in self.targets()]
 
     def _examples(self, language: Language, split: str, translated: bool) -> list[dict]:
-        examples = load_split(language.dev if split == "dev" else language.test, self.cfg.task.name, self.labels,
-                              language.code)
+        examples = self.data.split(language.dev if split == "dev" else language.test, language.code)
         if not translated or language.mt_code == ENGLISH:
             return examples
         path = self.run_dir / "translations" / f"{language.key.replace(':', '_')}.{split}.jsonl"
@@ -105,11 +99,9 @@ class Evaluator:
         if (key, split, view) not in self._encoded:
             translated = key.startswith(TRANSLATE_TEST)
             language = next(lang for lang in self.languages if lang.key == key.removeprefix(TRANSLATE_TEST))
-            tokenizer = self.tokenizers[view]
-            set_source_language(tokenizer, ENGLISH if translated else language.mt_code)
             examples = self._examples(language, split, translated)
-            self._encoded[(key, split, view)] = encode_examples(examples, self.cfg.task.name, tokenizer,
-                                                                self.cfg.task.max_length)
+            self._encoded[(key, split, view)] = self.data.encode(examples, view,
+                                                                 ENGLISH if translated else language.mt_code)
         return self._encoded[(key, split, view)]
 
     @torch.no_grad()
@@ -122,7 +114,7 @@ class Evaluator:
         confusion = torch.zeros(classes, classes, dtype=torch.long, device=device)
         for start in range(0, math.ceil(len(items) / world / size) * size, size):
             chunk = mine[start:start + size]
-            inputs, labels = collate(chunk or items[:1], pad_id(self.tokenizers[view]))
+            inputs, labels = self.data.batch(chunk or items[:1], view)
             _, logits, _ = model(**{name: tensor.to(device) for name, tensor in inputs.items()})
             labels = labels.to(device)
             if chunk:  # a rank with fewer examples still joins the forward pass, and counts nothing
@@ -137,14 +129,6 @@ class Evaluator:
                    for key in (keys if keys is not None else self.keys(split))}
         model.train(was_training)
         return results
-
-
-def read_validation(run_dir: Path) -> dict[int, dict[str, float]]:
-    path = run_dir / "validation.jsonl"
-    if not path.is_file():
-        return {}
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return {record["step"]: record["dev"] for record in records}
 
 
 def split_by_row(scores: dict[int, dict[str, float]], prefix: str) -> dict[int, dict[str, float]]:
@@ -167,27 +151,20 @@ def steps_to_keep(scores: dict[int, dict[str, float]], prefixes: list[str]) -> s
     return keep
 
 
-def source_best_step(run_dir: Path) -> int:
-    """The S-DEV checkpoint of a run: its best English dev score."""
-    dev = read_validation(run_dir)
-    if not dev:
-        raise ConfigError(f"{run_dir}: no validation.jsonl with dev scores; run the task-train command to its end")
-    return max(sorted(dev), key=lambda step: (dev[step][SOURCE], -step))
-
-
 def evaluate_run(run: str) -> list[Path]:
     """Test the selected checkpoints of a stage-2 run; write RUN/results/<row>.json and <row>.md per row."""
     run_dir = Path(run)
-    if not (run_dir / "task.json").is_file():
+    info = run_identity(run_dir)
+    if info is None:
         raise ConfigError(f"--run {run_dir}: not a stage-2 run folder (no task.json); run task-train or task-distill")
     cfg = load_config(run_dir / "config.yaml")
-    info = json.loads((run_dir / "task.json").read_text())
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     evaluator = Evaluator(cfg, run_dir, Dist(0, 1, 0, device), info["kind"])
     model: TaskModel = build_task_model(cfg, info["kind"]).to(device)
     if info["command"] == "task-distill":
         load_head(model.head, cfg.task.teacher, info["teacher_step"])
     scores = read_validation(run_dir)
+    checkpoints = Checkpoints(run_dir)
     written = []
     for prefix in evaluator.prefixes:
         row = "translate_test" if prefix else ROWS[(info["command"], info["kind"])]
@@ -195,7 +172,7 @@ def evaluate_run(run: str) -> list[Path]:
         targets = evaluator.targets()
         test: dict[int, dict[str, float]] = {}
         for step, languages in sorted(needed_tests(dev, SOURCE, targets).items()):
-            load_trainable(model, checkpoint_path(run_dir, step))
+            checkpoints.load_trainable(model, step)
             test[step] = {key.removeprefix(prefix): value
                           for key, value in evaluator.scores(model, "test", [prefix + k for k in sorted(languages)]).items()}
         selection = select(dev, test, SOURCE, targets)

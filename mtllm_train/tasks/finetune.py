@@ -21,19 +21,19 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from mtllm_train.checkpoint import checkpoint_path, save_checkpoint
-from mtllm_train.config import Config, ConfigError, dump_config, to_dict
-from mtllm_train.data.views import pad_id, set_source_language
+from mtllm_train.checkpoint import Checkpoints
+from mtllm_train.config import Config, ConfigError, to_dict
 from mtllm_train.distributed import all_reduce, barrier, gradient_sync, init_distributed, shutdown
-from mtllm_train.engine import (Preemption, accumulation_steps, backward, check_finite_loss, optimizer_step,
-                                resume, setup_backend)
+from mtllm_train.files import atomic_path
+from mtllm_train.loop import (Preemption, accumulation_steps, autocast, backward, check_finite_loss, end_of_step,
+                              new_summary, open_run_folder, optimizer_step, setup_backend)
 from mtllm_train.metrics import MetricsLogger
 from mtllm_train.model.loss import squared_error
-from mtllm_train.tasks.data import load_split
-from mtllm_train.tasks.encode import collate, encode_examples
-from mtllm_train.tasks.evaluation import ENGLISH, Evaluator, read_validation, source_best_step, steps_to_keep
+from mtllm_train.tasks.encode import TaskData
+from mtllm_train.tasks.evaluation import Evaluator, steps_to_keep
 from mtllm_train.tasks.models import (TaskModel, build_task_model, load_head, load_stage1, load_teacher,
                                       teacher_config)
+from mtllm_train.tasks.selection import read_validation, source_best_step, write_validation
 
 
 def check_task_config(cfg: Config, command: str) -> str:
@@ -52,18 +52,6 @@ def check_task_config(cfg: Config, command: str) -> str:
     return kind
 
 
-def check_run_folder(run_dir: Path, info: dict) -> None:
-    """Never write into another kind of run: a stage-1 run, or a stage-2 run of another command or model."""
-    if not (run_dir / "config.yaml").is_file():
-        return
-    if not (run_dir / "task.json").is_file():
-        raise ConfigError(f"run folder {run_dir} holds a stage-1 run; give this stage-2 run its own run.name")
-    existing = json.loads((run_dir / "task.json").read_text())
-    if (existing["command"], existing["kind"]) != (info["command"], info["kind"]):
-        raise ConfigError(f"run folder {run_dir} holds a {existing['command']} run of the {existing['kind']}; this is "
-                          f"{info['command']} of the {info['kind']}: give it its own run.name")
-
-
 def validation_steps(total: int, every: float) -> set[int]:
     count = math.ceil(1 / every - 1e-9)
     return {max(1, min(total, round(total * every * k))) for k in range(1, count + 1)} | {total}
@@ -76,13 +64,13 @@ def step_examples(step: int, steps_per_epoch: int, global_batch: int, count: int
     return order[position * global_batch:(position + 1) * global_batch].tolist()
 
 
-def teacher_representations(teacher: TaskModel, items: list[dict], batch_size: int, pad: int,
+def teacher_representations(teacher: TaskModel, items: list[dict], batch_size: int, data: TaskData,
                             device: torch.device) -> torch.Tensor:
     """The teacher's task representation of every training example, in order (float32, on CPU)."""
     out = []
     with torch.no_grad():
         for start in range(0, len(items), batch_size):
-            inputs, _ = collate(items[start:start + batch_size], pad)
+            inputs, _ = data.batch(items[start:start + batch_size], "llm")
             out.append(teacher.representation(**{k: v.to(device) for k, v in inputs.items()}).float().cpu())
     return torch.cat(out)
 
@@ -91,17 +79,17 @@ def cached_teacher(cfg: Config, run_dir: Path, is_main: bool, teacher_step: int,
                    compute) -> torch.Tensor:
     """The teacher's representations from the cache, computed once (by rank 0) when the fingerprint is new.
     The fingerprint covers the training data, the teacher checkpoint and every setting that changes them."""
-    teacher_checkpoint = checkpoint_path(Path(cfg.task.teacher), teacher_step)
-    key = json.dumps({"data": train_spec_digest, "teacher": str(teacher_checkpoint.resolve()),
-                      "saved_at": json.loads((teacher_checkpoint / "meta.json").read_text())["saved_at"],
+    teacher_checkpoints = Checkpoints(cfg.task.teacher)
+    key = json.dumps({"data": train_spec_digest, "teacher": str(teacher_checkpoints.path(teacher_step).resolve()),
+                      "saved_at": teacher_checkpoints.meta(teacher_step)["saved_at"],
                       "model": to_dict(cfg.model), "task": cfg.task.name, "max_length": cfg.task.max_length},
                      sort_keys=True)
     fingerprint = hashlib.sha256(key.encode()).hexdigest()[:16]
     path = Path(cfg.task.cache_dir or run_dir / "teacher_cache") / f"{fingerprint}.safetensors"
     if is_main and not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"representations": compute()}, str(path.with_suffix(".partial")))
-        path.with_suffix(".partial").replace(path)
+        with atomic_path(path) as partial:
+            save_file({"representations": compute()}, str(partial))
     barrier()
     return load_file(str(path))["representations"]
 
@@ -111,7 +99,6 @@ def train_task(cfg: Config, command: str) -> dict:
     dist_info = init_distributed(cfg)
     device, world_size, backend = dist_info.device, dist_info.world_size, cfg.distributed.backend
     accumulation = accumulation_steps(cfg, world_size)
-    run_dir = Path(cfg.run.dir) / cfg.run.name
     distill = command == "task-distill"
 
     # The task model: a new LoRA + head on the LLM or the MT encoder, or the stage-1 stack (+ the teacher).
@@ -122,22 +109,14 @@ def train_task(cfg: Config, command: str) -> dict:
     if distill:
         info["teacher_step"] = source_best_step(Path(cfg.task.teacher))
         load_head(model_module.head, cfg.task.teacher, info["teacher_step"])  # predictions use the teacher's head
-    check_run_folder(run_dir, info)
-    if dist_info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, run_dir / "config.yaml")
-        (run_dir / "task.json").write_text(json.dumps(info, indent=1))
-    torch.manual_seed(cfg.run.seed * 1000 + dist_info.rank)  # LoRA dropout: restored on resume
+    run_dir = open_run_folder(cfg, dist_info, info)
 
     # English training data, tokenized for what reads it (the student's view; the teacher's too in distill).
-    evaluator = Evaluator(cfg, run_dir, dist_info, kind)
-    tokenizers = evaluator.tokenizers
-    set_source_language(tokenizers["mt"], ENGLISH)
-    examples = load_split(cfg.task.train, cfg.task.name, evaluator.labels)
+    data = TaskData(cfg)
+    evaluator = Evaluator(cfg, run_dir, dist_info, kind, data)
+    examples = data.split(cfg.task.train)
     views = [model_module.view] + (["llm"] if distill else [])
-    pads = {view: pad_id(tokenizer) for view, tokenizer in tokenizers.items()}
-    train_items = {view: encode_examples(examples, cfg.task.name, tokenizers[view], cfg.task.max_length)
-                   for view in views}
+    train_items = {view: data.encode(examples, view) for view in views}
     steps_per_epoch = len(examples) // cfg.train.global_batch_size
     if steps_per_epoch == 0:
         raise ConfigError(f"task.train: {len(examples)} examples is less than one global batch "
@@ -151,7 +130,7 @@ def train_task(cfg: Config, command: str) -> dict:
         if cfg.task.cache_teacher:
             digest = hashlib.sha256(json.dumps(examples, sort_keys=True).encode()).hexdigest()
             cached = cached_teacher(cfg, run_dir, dist_info.is_main, info["teacher_step"], digest, lambda: teacher_representations(
-                teacher, train_items["llm"], cfg.task.eval_batch_size, pads["llm"], device))
+                teacher, train_items["llm"], cfg.task.eval_batch_size, data, device))
             del teacher
         else:
             model_module.teacher = teacher
@@ -160,22 +139,19 @@ def train_task(cfg: Config, command: str) -> dict:
     sharded, replicated = model_module.backend_parts()
     model, optimizer, scheduler, trainable = setup_backend(model_module, cfg, dist_info, accumulation, total_steps,
                                                            sharded=sharded, replicated=replicated)
-    start_step = 0
-    resumed = resume(run_dir, model, optimizer, scheduler, backend, dist_info)
-    if resumed:
-        start_step = resumed[1]["step"]
+    checkpoints = Checkpoints(run_dir, model=model, optimizer=optimizer, scheduler=scheduler, backend=backend,
+                              dist_info=dist_info)
+    resumed = checkpoints.resume()
+    start_step = resumed.meta["step"] if resumed else 0
     validation = {step: dev for step, dev in read_validation(run_dir).items() if step <= start_step}
     logger = MetricsLogger(run_dir, cfg.logging, dist_info.is_main, start_step, total_steps,
-                           resumed[1].get("wandb_id") if resumed else None, to_dict(cfg))
+                           resumed.meta.get("wandb_id") if resumed else None, to_dict(cfg))
     if resumed:
-        logger.message(f"resumed from {resumed[0]} at step {start_step}")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16,
-                              enabled=device.type == "cuda" and cfg.distributed.mixed_precision == "bf16")
+        logger.message(f"resumed from {resumed.path} at step {start_step}")
     model.train()
     per_rank = cfg.train.global_batch_size // world_size
     student_view = model_module.view
-    summary = {"start_step": start_step, "end_step": start_step, "losses": [], "preempted": False,
-               "run_dir": str(run_dir), "is_main": dist_info.is_main, "total_steps": total_steps}
+    summary = new_summary(run_dir, dist_info, start_step, total_steps)
 
     with Preemption(run_dir / "STOP", dist_info.is_main) as preemption, closing(logger):
         for step in range(start_step, total_steps):
@@ -185,14 +161,14 @@ def train_task(cfg: Config, command: str) -> dict:
             for index in range(accumulation):
                 last = index == accumulation - 1
                 micro = mine[index * cfg.data.micro_batch_size:(index + 1) * cfg.data.micro_batch_size]
-                batch, labels = collate([train_items[student_view][i] for i in micro], pads[student_view])
+                batch, labels = data.batch([train_items[student_view][i] for i in micro], student_view)
                 inputs = {name: tensor.to(device) for name, tensor in batch.items()}
                 labels = labels.to(device)
                 if distill and cached is None:
-                    teacher_batch, _ = collate([train_items["llm"][i] for i in micro], pads["llm"])
+                    teacher_batch, _ = data.batch([train_items["llm"][i] for i in micro], "llm")
                     inputs.update({f"teacher_{name}": tensor.to(device) for name, tensor in teacher_batch.items()})
                 with gradient_sync(model, backend, last):
-                    with autocast:
+                    with autocast(cfg, device):
                         representation, logits, teacher_representation = model(**inputs)
                         if distill:
                             if cached is not None:
@@ -214,23 +190,15 @@ def train_task(cfg: Config, command: str) -> dict:
             summary["losses"].append(loss_value)
             summary["end_step"] = step + 1
 
-            preempted = preemption.agreed(device)
             if step + 1 in validate_at:
                 validation[step + 1] = evaluator.scores(model, "dev")
                 record.update({f"dev/{key}": value for key, value in validation[step + 1].items()})
                 if dist_info.is_main:
-                    (run_dir / "validation.jsonl").write_text(
-                        "".join(json.dumps({"step": s, "dev": validation[s]}) + "\n" for s in sorted(validation)))
+                    write_validation(run_dir, validation)
             logger.log(record)
-            if step + 1 in validate_at or preempted:
-                save_checkpoint(run_dir, step + 1, model=model, optimizer=optimizer, scheduler=scheduler,
-                                backend=backend, dist_info=dist_info, reader_state={},
-                                meta={"wandb_id": logger.wandb_id}, keep_last=cfg.checkpoint.keep_last,
-                                keep_steps=steps_to_keep(validation, evaluator.prefixes))
-            if preempted:
-                preemption.served()
-                logger.message(f"preempted: saved step {step + 1}; rerun the same command to resume")
-                summary["preempted"] = True
+            if end_of_step(step + 1, step + 1 in validate_at, preemption=preemption, checkpoints=checkpoints,
+                           logger=logger, summary=summary, device=device, keep_last=cfg.checkpoint.keep_last,
+                           keep_steps=steps_to_keep(validation, evaluator.prefixes)):
                 break
     shutdown()
     return summary

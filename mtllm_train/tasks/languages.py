@@ -7,8 +7,6 @@ such a language needs an explicit fallback from the config; an unknown code is a
 
 from __future__ import annotations
 
-import re
-
 from mtllm_train.config import ConfigError
 
 # XNLI (ISO 639-1)
@@ -54,8 +52,3 @@ def resolve(code: str, benchmark: str, mt_codes: set[str], fallbacks: dict[str, 
     if target not in mt_codes:
         raise ConfigError(f"{target!r} ({reason}) is not a language code of the MT tokenizer")
     return target
-
-
-def tokenizer_language_codes(tokenizer) -> set[str]:
-    """The xxx_Xxxx language tokens a (NLLB-style) tokenizer knows."""
-    return {token for token in tokenizer.get_vocab() if re.fullmatch(r"[a-z]{3}_[A-Z][a-z]{3}", token)}

@@ -16,10 +16,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
 from torch import nn
 
-from mtllm_train.checkpoint import checkpoint_path, load_trainable, read_meta
+from mtllm_train.checkpoint import Checkpoints
 from mtllm_train.config import Config, ConfigError, load_config
 from mtllm_train.model.loading import build_llm, build_mt_encoder
 from mtllm_train.model.pooling import pool
@@ -112,9 +111,9 @@ def build_task_model(cfg: Config, kind: str) -> TaskModel:
 
 def load_stage1(model: TaskModel, run_dir: str, step: int) -> Path:
     """Start the stack from a stage-1 run's checkpoint (its LoRA and projection)."""
-    path = checkpoint_path(Path(run_dir), step or None)
-    load_trainable(model.body, path)
-    return path
+    checkpoints = Checkpoints(run_dir)
+    checkpoints.load_trainable(model.body, step or None)
+    return checkpoints.path(step or None)
 
 
 def teacher_config(cfg: Config) -> Config:
@@ -139,23 +138,12 @@ def teacher_config(cfg: Config) -> Config:
 def load_teacher(cfg: Config, step: int) -> TaskModel:
     """The fine-tuned LLM with its task LoRA and head at `step`, frozen."""
     teacher = build_task_model(teacher_config(cfg), "llm")
-    load_trainable(teacher, checkpoint_path(Path(cfg.task.teacher), step))
+    Checkpoints(cfg.task.teacher).load_trainable(teacher, step)
     teacher.requires_grad_(False)
     return teacher.eval()
 
 
 def load_head(head: nn.Module, run_dir: str, step: int) -> None:
     """Only the head's weights from a task-train checkpoint (no LLM built), frozen."""
-    path = checkpoint_path(Path(run_dir), step)
-    if read_meta(path)["backend"] == "deepspeed":
-        from safetensors.torch import load_file
-
-        weights = {name.removeprefix("head."): tensor for name, tensor in load_file(str(path / "trainable.safetensors")).items()
-                   if name.startswith("head.")}
-    else:
-        weights = {name: torch.empty_like(tensor) for name, tensor in head.state_dict().items()}
-        state = {"model": {f"head.{name}": tensor for name, tensor in weights.items()}}
-        dcp.load(state, checkpoint_id=str(path / "state"))
-        weights = {name.removeprefix("head."): tensor for name, tensor in state["model"].items()}
-    head.load_state_dict(weights)
+    Checkpoints(run_dir).load_trainable(head, step, prefix="head.")
     head.requires_grad_(False)

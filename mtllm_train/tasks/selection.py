@@ -5,16 +5,46 @@
   assumes target-language dev data).
 Ties go to the earlier step. Test scores are needed only where a selection lands (`needed_tests`), so a run
 keeps just those checkpoints and tests just those.
+
+The dev scores a stage-2 run records while training live in RUN/validation.jsonl, one line per validated step:
+{"step": N, "dev": {"source": score, "<benchmark>:<code>": score, ...}}.
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from mtllm_train.config import ConfigError
+from mtllm_train.files import write_atomic
 
 Scores = dict[int, dict[str, float]]  # scores[step][language]
+SOURCE = "source"  # the key of the English (source-language) dev score
+VALIDATION = "validation.jsonl"
 
 
-def _best_step(scores: Scores, language: str) -> int:
+def read_validation(run_dir: Path) -> Scores:
+    path = run_dir / VALIDATION
+    if not path.is_file():
+        return {}
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {record["step"]: record["dev"] for record in records}
+
+
+def write_validation(run_dir: Path, scores: Scores) -> None:
+    write_atomic(run_dir / VALIDATION, "".join(json.dumps({"step": step, "dev": scores[step]}) + "\n"
+                                              for step in sorted(scores)))
+
+
+def source_best_step(run_dir: Path) -> int:
+    """The S-DEV checkpoint of a run: its best English dev score."""
+    dev = read_validation(run_dir)
+    if not dev:
+        raise ConfigError(f"{run_dir}: no {VALIDATION} with dev scores; run the task-train command to its end")
+    return best_step(dev, SOURCE)
+
+
+def best_step(scores: Scores, language: str) -> int:
     steps = [step for step in sorted(scores) if language in scores[step]]
     if not steps:
         raise ConfigError(f"no dev score for language {language!r} at any validated step")
@@ -23,9 +53,9 @@ def _best_step(scores: Scores, language: str) -> int:
 
 def needed_tests(dev: Scores, source: str, languages: list[str]) -> dict[int, set[str]]:
     """{step: languages} whose test scores S-DEV and T-DEV select."""
-    needed: dict[int, set[str]] = {_best_step(dev, source): set(languages)}
+    needed: dict[int, set[str]] = {best_step(dev, source): set(languages)}
     for language in languages:
-        needed.setdefault(_best_step(dev, language), set()).add(language)
+        needed.setdefault(best_step(dev, language), set()).add(language)
     return needed
 
 
@@ -39,10 +69,10 @@ def select(dev: Scores, test: Scores, source: str = "en", languages: list[str] |
             raise ConfigError(f"no test score for {language!r} at step {step}, the {selection} checkpoint")
         return test[step][language]
 
-    s_step = _best_step(dev, source)
+    s_step = best_step(dev, source)
     t_dev = {}
     for language in languages:
-        step = _best_step(dev, language)
+        step = best_step(dev, language)
         t_dev[language] = {"step": step, "test": test_score(step, language, "T-DEV")}
     return {"s_dev": {"step": s_step, "test": {lang: test_score(s_step, lang, "S-DEV") for lang in languages}},
             "t_dev": t_dev}

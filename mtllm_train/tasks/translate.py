@@ -11,10 +11,9 @@ import torch
 from transformers import AutoModelForSeq2SeqLM
 
 from mtllm_train.config import Config
-from mtllm_train.data.views import set_source_language
-from mtllm_train.model.loading import load_model, load_tokenizer
-
-TARGET_LANGUAGE = "eng_Latn"
+from mtllm_train.files import write_atomic
+from mtllm_train.model.loading import load_model
+from mtllm_train.model.tokenizers import ENGLISH, load_tokenizer, set_source_language
 
 
 class Translator:
@@ -29,7 +28,7 @@ class Translator:
     def translate(self, texts: list[str], source_language: str) -> list[str]:
         set_source_language(self.tokenizer, source_language)
         self.tokenizer.padding_side = "right"
-        english = self.tokenizer.convert_tokens_to_ids(TARGET_LANGUAGE)
+        english = self.tokenizer.convert_tokens_to_ids(ENGLISH)
         translations = []
         for start in range(0, len(texts), self.batch_size):
             inputs = self.tokenizer(texts[start:start + self.batch_size], return_tensors="pt", padding=True,
@@ -63,7 +62,5 @@ def cached_translations(path: Path, examples: list[dict], source_language: str, 
     if not path.is_file():
         translated = translator_fn().translate_examples(examples, source_language)
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(".partial")
-        partial.write_text("".join(json.dumps(example, ensure_ascii=False) + "\n" for example in translated))
-        partial.replace(path)
+        write_atomic(path, "".join(json.dumps(example, ensure_ascii=False) + "\n" for example in translated))
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]

@@ -1,9 +1,11 @@
-"""The parts of a training loop that stage 1 (train.py) and stage 2 (tasks/finetune.py) share: batch geometry,
-backend set-up with optimizer and schedule, resume, backward, the optimizer step with its non-finite check,
-preemption."""
+"""The pieces both training loops use, stage 1 (train.py) and stage 2 (tasks/finetune.py): the run folder,
+batch geometry, backend set-up with optimizer and schedule, autocast, backward, the optimizer step with its
+non-finite check, preemption, and the end-of-step block (agree -> checkpoint -> stop). Each loop's own step
+stays in its own file."""
 
 from __future__ import annotations
 
+import json
 import math
 import signal
 from pathlib import Path
@@ -11,15 +13,59 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mtllm_train.checkpoint import complete_checkpoints, load_checkpoint
-from mtllm_train.config import Config, ConfigError
+from mtllm_train.checkpoint import Checkpoints
+from mtllm_train.config import Config, ConfigError, dump_config
 from mtllm_train.distributed import Dist, all_reduce, deepspeed_engine, wrap_model
+from mtllm_train.metrics import MetricsLogger
 from mtllm_train.model.stack import trainable_parameters
 from mtllm_train.optim import build_optimizer, build_scheduler
 
 
 class NonFiniteError(RuntimeError):
     """A non-finite loss or gradient norm: the step was not applied and the run stops."""
+
+
+TASK_FILE = "task.json"  # what a stage-2 run is: command, kind of model (and where it started from)
+
+
+def run_identity(run_dir: Path) -> dict | None:
+    """The identity a stage-2 run folder records (None for a stage-1 run or an empty folder)."""
+    path = run_dir / TASK_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def open_run_folder(cfg: Config, dist_info: Dist, identity: dict | None = None) -> Path:
+    """The run folder, ready for this run: refuse one that holds another kind of run, write the resolved
+    config (and a stage-2 run's `identity`), and seed this rank's dropout stream (restored on resume)."""
+    run_dir = Path(cfg.run.dir) / cfg.run.name
+    existing = run_identity(run_dir)
+    if identity is None and existing is not None:
+        raise ConfigError(f"run folder {run_dir} holds a stage-2 run; give this stage-1 run its own run.name")
+    if identity is not None and (run_dir / "config.yaml").is_file():
+        if existing is None:
+            raise ConfigError(f"run folder {run_dir} holds a stage-1 run; give this stage-2 run its own run.name")
+        if (existing["command"], existing["kind"]) != (identity["command"], identity["kind"]):
+            raise ConfigError(f"run folder {run_dir} holds a {existing['command']} run of the {existing['kind']}; "
+                              f"this is {identity['command']} of the {identity['kind']}: give it its own run.name")
+    if dist_info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, run_dir / "config.yaml")
+        if identity is not None:
+            (run_dir / TASK_FILE).write_text(json.dumps(identity, indent=1))
+    torch.manual_seed(cfg.run.seed * 1000 + dist_info.rank)
+    return run_dir
+
+
+def autocast(cfg: Config, device: torch.device):
+    """bf16 autocast on GPU when distributed.mixed_precision is bf16; a no-op context otherwise."""
+    return torch.autocast(device.type, dtype=torch.bfloat16,
+                          enabled=device.type == "cuda" and cfg.distributed.mixed_precision == "bf16")
+
+
+def new_summary(run_dir: Path, dist_info: Dist, start_step: int, total_steps: int) -> dict:
+    """What a loop returns: its steps, losses and whether it was preempted (the CLI prints it)."""
+    return {"start_step": start_step, "end_step": start_step, "total_steps": total_steps, "losses": [],
+            "preempted": False, "run_dir": str(run_dir), "is_main": dist_info.is_main}
 
 
 class Preemption:
@@ -83,16 +129,20 @@ def setup_backend(module: nn.Module, cfg: Config, dist_info: Dist, accumulation:
     return model, optimizer, scheduler, list(trainable_parameters(module).values())
 
 
-def resume(run_dir: Path, model, optimizer, scheduler, backend: str, dist_info: Dist) -> tuple[Path, dict, dict] | None:
-    """Restore the newest complete checkpoint: (its path, meta, this rank's reader state), or None."""
-    checkpoints = complete_checkpoints(run_dir)
-    if not checkpoints:
-        return None
-    path = checkpoints[-1][1]
-    meta, reader_state = load_checkpoint(path, model=model, optimizer=optimizer,
-                                         scheduler=None if backend == "deepspeed" else scheduler, backend=backend,
-                                         dist_info=dist_info)
-    return path, meta, reader_state
+def end_of_step(step: int, save_due: bool, *, preemption: Preemption, checkpoints: Checkpoints,
+                logger: MetricsLogger, summary: dict, device: torch.device, keep_last: int,
+                keep_steps: set[int] | None = None, reader_state: dict | None = None) -> bool:
+    """After optimizer step `step`: the ranks agree on preemption, save when due or preempted, and on
+    preemption clear the STOP file and say so. Returns True when the loop must stop."""
+    preempted = preemption.agreed(device)
+    if save_due or preempted:
+        checkpoints.save(step, meta={"wandb_id": logger.wandb_id}, keep_last=keep_last, keep_steps=keep_steps,
+                         reader_state=reader_state)
+    if preempted:
+        preemption.served()
+        logger.message(f"preempted: saved step {step}; rerun the same command to resume")
+        summary["preempted"] = True
+    return preempted
 
 
 def backward(model, loss: torch.Tensor, backend: str, last: bool) -> None:

@@ -1,0 +1,36 @@
+"""Writing files so that a reader never sees half of one: write beside it, flush to disk, rename into place."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a written file to disk (so a rename after it cannot outlive its contents in a crash)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path` to write to; on success it is synced and renamed to `path`, on
+    failure removed. Readers see the old file or the whole new one, never a part."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.partial")
+    try:
+        yield tmp
+        fsync_path(tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_atomic(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
