@@ -5,29 +5,42 @@ runs/NAME/checkpoints/step_00000020/
     state/          torch.distributed.checkpoint: trainable parameters + optimizer (none/ddp/fsdp), or
     deepspeed/      DeepSpeed's own checkpoint with frozen parameters excluded (+ trainable.safetensors)
     rank_<r>.pt     RNG states (and the stage-1 data-reader position) of rank r (loaded with weights_only=True)
-    meta.json       step, world size, backend, scheduler state, W&B run id
+    meta.json       step, world size, backend, scheduler state, W&B run id, sha256 of every file above
     COMPLETE        written last: a folder without it is an interrupted save and is ignored
+
+Every file is flushed to disk before COMPLETE is written. Loading checks the checksums first: a damaged newest
+checkpoint is reported and the previous one resumed; export and evaluation refuse a damaged one. Nothing is
+unpickled beyond what a checkpoint is made of: the distributed checkpoint's metadata goes through an unpickler
+that knows only its own classes, its stored values load with weights_only, rank files with weights_only.
+(DeepSpeed's own files are read by DeepSpeed, which unpickles them: load those only from runs you trust.)
+Weights or optimizer state that are not finite are never saved.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import pickle
 import random
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import StorageMeta
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
 
 from mtllm_train.config import ConfigError
-from mtllm_train.distributed import Dist, barrier
-from mtllm_train.files import write_atomic
+from mtllm_train.distributed import Dist, all_reduce, barrier
+from mtllm_train.files import fsync_path, sha256_file, write_atomic
 
 COMMIT = "COMPLETE"
 DEEPSPEED_TAG = "deepspeed"
@@ -55,6 +68,65 @@ def _trainable_state(engine) -> dict[str, torch.Tensor]:
     params = {name: p for name, p in engine.module.named_parameters() if p.requires_grad}
     with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None):
         return {name: p.detach().float().cpu().clone() for name, p in params.items()}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles a distributed checkpoint's .metadata from the classes it is made of, nothing else: a crafted
+    file cannot name a function to run."""
+
+    ALLOWED = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+               ("torch.distributed.checkpoint.filesystem", "_StorageInfo")}
+
+    def find_class(self, module: str, name: str):
+        found = super().find_class(module, name) if module.startswith(("torch", "pathlib")) else None
+        if (module, name) in self.ALLOWED or isinstance(found, torch.dtype) or (
+                module == "torch.distributed.checkpoint.metadata" and isinstance(found, type)):
+            return found
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint's metadata")
+
+
+class _SafeReader(dcp.FileSystemReader):
+    refusal: str | None = None
+
+    def read_metadata(self, *args, **kwargs):
+        path = self._get_metadata_path(kwargs.get("rank"))
+        try:
+            with open(path, "rb") as handle:
+                metadata = _MetadataUnpickler(handle).load()
+        except pickle.UnpicklingError as err:
+            self.refusal = f"{path}: refused ({err}); a checkpoint's metadata holds nothing else"
+            raise
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class _SafePlanner(DefaultLoadPlanner):
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        torch.load(value, weights_only=True)  # the optimizer's scalars; refuses anything that is not plain data
+        value.seek(0)
+        super().load_bytes(read_item, value)
+
+
+def _dcp_load(state: dict, folder: Path) -> None:
+    reader = _SafeReader(folder)
+    try:
+        dcp.load(state, storage_reader=reader, planner=_SafePlanner())
+    except CheckpointException:
+        if reader.refusal is None:
+            raise
+        raise ConfigError(reader.refusal) from None  # one line, not the wrapped traceback of every rank
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a parameter: FSDP2's shard, ZeRO-3's partition, or the tensor itself."""
+    tensor = getattr(tensor, "ds_tensor", tensor)
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def all_finite(tensors) -> bool:
+    return all(bool(torch.isfinite(_local(t).detach()).all()) for t in tensors if t.is_floating_point())
 
 
 @dataclass
@@ -105,35 +177,61 @@ class Checkpoints:
     def meta(self, step: int | None = None) -> dict:
         return json.loads((self.path(step) / "meta.json").read_text())
 
+    @staticmethod
+    def damage(path: Path) -> str | None:
+        """What is wrong with complete checkpoint `path` (unreadable meta.json, a missing file, a checksum that
+        does not match), or None. Checkpoints written before checksums were recorded are taken as they are."""
+        try:
+            meta = json.loads((path / "meta.json").read_text())
+            files = meta.get("files", {})
+        except (OSError, ValueError, AttributeError) as err:
+            return f"meta.json is unreadable ({err})"
+        for name, digest in files.items():
+            file = path / name
+            if not file.is_file():
+                return f"{name} is missing"
+            if sha256_file(file) != digest:
+                return f"{name} does not match its checksum"
+        return None
+
+    def state_is_finite(self) -> bool:
+        """Whether every trainable weight and optimizer state tensor is finite, on every rank."""
+        tensors = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer_state = getattr(self.optimizer, "state", {})  # DeepSpeed's wrappers keep theirs inside
+        tensors += [v for state in optimizer_state.values() for v in state.values() if torch.is_tensor(v)]
+        flag = torch.tensor(float(not all_finite(tensors)), device=self.dist_info.device)
+        return not all_reduce(flag, torch.distributed.ReduceOp.MAX).item()
+
     def save(self, step: int, *, meta: dict, keep_last: int, keep_steps: set[int] | None = None,
              reader_state: dict | None = None) -> Path:
         """Save, commit, then prune: keep the newest `keep_last` complete checkpoints or, when `keep_steps` is
         given (stage 2 keeps what checkpoint selection needs), those steps and the newest."""
-        dist_info, model = self.dist_info, self.model
+        dist_info = self.dist_info
         path = self._step_dir(step)
         if dist_info.is_main and path.exists():
             shutil.rmtree(path)  # an interrupted save of the same step
         barrier()
-        path.mkdir(parents=True, exist_ok=True)
-        if self.backend == "deepspeed":
-            model.save_checkpoint(str(path / "deepspeed"), tag=DEEPSPEED_TAG, save_latest=False,
-                                  exclude_frozen_parameters=True)
-            trainable = _trainable_state(model)
+        failure = None
+        try:
+            self._write_state(path, reader_state)
+        except OSError as err:
+            failure = err
+        # Instead of a barrier: every rank learns whether all could write (a full disk fails one rank, or all).
+        if all_reduce(torch.tensor(float(failure is not None), device=dist_info.device)).item():
             if dist_info.is_main:
-                save_file(trainable, str(path / TRAINABLE))
-        else:
-            model_state, optim_state = get_state_dict(model, self.optimizer,
-                                                      options=StateDictOptions(ignore_frozen_params=True))
-            dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(path / "state"))
-        rank_state = {"rng": _rng_state()} | ({"reader": reader_state} if reader_state is not None else {})
-        torch.save(rank_state, path / f"rank_{dist_info.rank}.pt")
+                shutil.rmtree(path, ignore_errors=True)
+            reason = failure.strerror if failure is not None and failure.strerror else "another rank failed"
+            raise ConfigError(f"checkpoint step {step}: cannot write {path} ({reason}); the earlier checkpoints are "
+                              f"intact: free space, then rerun the same command to resume")
         if dist_info.is_main:
+            files = sorted(f for f in path.rglob("*") if f.is_file())
+            for file in files:
+                fsync_path(file)
             scheduler_state = self.scheduler.state_dict() if self.scheduler is not None else None
-            write_atomic(path / "meta.json", json.dumps({**meta, "step": step, "world_size": dist_info.world_size,
-                                                         "backend": self.backend, "scheduler": scheduler_state,
-                                                         "saved_at": time.time()}, indent=1))
-        barrier()
-        if dist_info.is_main:
+            write_atomic(path / "meta.json", json.dumps({
+                **meta, "step": step, "world_size": dist_info.world_size, "backend": self.backend,
+                "scheduler": scheduler_state, "saved_at": time.time(),
+                "files": {str(f.relative_to(path)): sha256_file(f) for f in files}}, indent=1))
             write_atomic(path / COMMIT, str(step))
             complete = self.complete()
             if keep_steps is None:
@@ -148,11 +246,48 @@ class Checkpoints:
         barrier()
         return path
 
+    def _write_state(self, path: Path, reader_state: dict | None) -> None:
+        """This rank's part of a checkpoint: trainable state (sharded), RNG and reader position."""
+        path.mkdir(parents=True, exist_ok=True)
+        if self.backend == "deepspeed":
+            self.model.save_checkpoint(str(path / "deepspeed"), tag=DEEPSPEED_TAG, save_latest=False,
+                                       exclude_frozen_parameters=True)
+            trainable = _trainable_state(self.model)
+            if self.dist_info.is_main:
+                save_file(trainable, str(path / TRAINABLE))
+        else:
+            model_state, optim_state = get_state_dict(self.model, self.optimizer,
+                                                      options=StateDictOptions(ignore_frozen_params=True))
+            dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(path / "state"))
+        rank_state = {"rng": _rng_state()} | ({"reader": reader_state} if reader_state is not None else {})
+        rank_file = path / f"rank_{self.dist_info.rank}.pt"
+        torch.save(rank_state, rank_file)
+        fsync_path(rank_file)
+
+    def _newest_sound(self) -> Path | None:
+        """The newest complete checkpoint whose files check out (rank 0 checks; every rank gets its step)."""
+        chosen = 0
+        if self.dist_info.is_main:
+            for step, path in reversed(self.complete()):
+                problem = self.damage(path)
+                if problem is None:
+                    chosen = step
+                    break
+                print(f"mtllm: checkpoint {path} is damaged ({problem}); trying the one before it", file=sys.stderr)
+            if self.complete() and not chosen:
+                raise ConfigError(f"{self.run_dir}: every complete checkpoint is damaged (see above); start a new "
+                                  f"run.name")
+        chosen = int(all_reduce(torch.tensor(float(chosen), device=self.dist_info.device),
+                                torch.distributed.ReduceOp.MAX).item())
+        return self._step_dir(chosen) if chosen else None
+
     def resume(self) -> Resumed | None:
-        """Restore model, optimizer, scheduler and RNG from the newest complete checkpoint, or None."""
+        """Restore model, optimizer, scheduler and RNG from the newest sound complete checkpoint, or None."""
         if not self.complete():
             return None
-        path, dist_info = self.path(), self.dist_info
+        path, dist_info = self._newest_sound(), self.dist_info
+        if path is None:
+            return None
         meta = json.loads((path / "meta.json").read_text())
         if meta["world_size"] != dist_info.world_size:
             raise ConfigError(f"checkpoint {path} was written by {meta['world_size']} ranks, this run has "
@@ -167,7 +302,7 @@ class Checkpoints:
             options = StateDictOptions(ignore_frozen_params=True)
             model_state, optim_state = get_state_dict(self.model, self.optimizer, options=options)
             state = {"model": model_state, "optim": optim_state}
-            dcp.load(state, checkpoint_id=str(path / "state"))
+            _dcp_load(state, path / "state")
             set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                            options=StateDictOptions(ignore_frozen_params=True, strict=False))
             self.scheduler.load_state_dict(meta["scheduler"])
@@ -179,6 +314,10 @@ class Checkpoints:
         """Load a checkpoint's trainable weights into an unwrapped `module` in this process; returns its meta.
         With `prefix` (e.g. "head."), `module` is the submodule of that name and only its weights are read."""
         path = self.path(step)
+        problem = self.damage(path)
+        if problem is not None:
+            raise ConfigError(f"checkpoint {path} is damaged ({problem}); choose another step "
+                              f"(complete: {', '.join(map(str, self.steps()))})")
         meta = self.meta(step)
         options = StateDictOptions(ignore_frozen_params=True)
         wanted = {prefix + name: tensor for name, tensor in get_model_state_dict(module, options=options).items()}
@@ -187,10 +326,13 @@ class Checkpoints:
                        if name.startswith(prefix)}
         else:
             trained = wanted
-            dcp.load({"model": trained}, checkpoint_id=str(path / "state"))
+            _dcp_load({"model": trained}, path / "state")
         if set(trained) != set(wanted):
             raise ConfigError(f"checkpoint {path}: its trainable parameters do not match the model built from the "
                               f"config ({len(set(trained) ^ set(wanted))} names differ)")
+        if not all_finite(trained.values()):
+            raise ConfigError(f"checkpoint {path} holds non-finite weights; choose an earlier step "
+                              f"(complete: {', '.join(map(str, self.steps()))})")
         set_model_state_dict(module, {name.removeprefix(prefix): tensor for name, tensor in trained.items()},
                              options=StateDictOptions(ignore_frozen_params=True, strict=False))
         return meta

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
@@ -235,22 +237,45 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     return cls(**values)
 
 
+def _float_fields(section: Any, prefix: str = "") -> Iterator[tuple[str, float]]:
+    """(dotted key, value) of every float-valued field, nested sections included; inline model configs are
+    mappings, not fields, and are left to the model's own config class."""
+    for f in dataclasses.fields(section):
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        value = getattr(section, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _float_fields(value, key)
+        elif isinstance(value, float):
+            yield key, value
+
+
 def validate(cfg: Config) -> Config:
     flat = to_dict(cfg)
     for key, options in CHOICES.items():
         section, name = key.split(".")
         if flat[section][name] not in options:
             raise ConfigError(f"{key}: expected one of {', '.join(options)}, got {flat[section][name]!r}")
+    # YAML reads .nan and .inf (a float field also takes 'nan'); the range checks below let NaN through (every
+    # comparison with it is false), so refuse non-finite values first.
+    for key, value in _float_fields(cfg):
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
     positive = {"train.steps": cfg.train.steps, "train.global_batch_size": cfg.train.global_batch_size,
                 "data.micro_batch_size": cfg.data.micro_batch_size, "data.max_length": cfg.data.max_length,
                 "checkpoint.every": cfg.checkpoint.every, "logging.every": cfg.logging.every,
                 "model.lora.r": cfg.model.lora.r, "optim.lr": cfg.optim.lr,
                 "data.length_group_batches": cfg.data.length_group_batches, "task.epochs": cfg.task.epochs,
                 "task.max_length": cfg.task.max_length, "task.eval_batch_size": cfg.task.eval_batch_size,
-                "task.max_new_tokens": cfg.task.max_new_tokens}
+                "task.max_new_tokens": cfg.task.max_new_tokens,
+                "distributed.timeout_minutes": cfg.distributed.timeout_minutes}
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key}: expected a positive value, got {value!r}")
+    non_negative = {"data.num_workers": cfg.data.num_workers, "optim.weight_decay": cfg.optim.weight_decay,
+                    "train.grad_clip": cfg.train.grad_clip}
+    for key, value in non_negative.items():
+        if value < 0:
+            raise ConfigError(f"{key}: expected a value >= 0, got {value!r}")
     if cfg.checkpoint.keep_last < 2:
         raise ConfigError(f"checkpoint.keep_last: expected at least 2 (one complete checkpoint must survive a "
                           f"crash during the next save), got {cfg.checkpoint.keep_last}")
@@ -259,12 +284,14 @@ def validate(cfg: Config) -> Config:
     warmup = cfg.optim.warmup
     if warmup < 0 or (isinstance(warmup, float) and warmup >= 1):
         raise ConfigError(f"optim.warmup: expected a step count (int >= 0) or a fraction in [0, 1), got {warmup!r}")
+    betas = cfg.optim.betas
+    # type(), not isinstance(): true/false are ints to isinstance but no beta.
+    if len(betas) != 2 or not all(type(b) in (int, float) and 0 <= b < 1 for b in betas):
+        raise ConfigError(f"optim.betas: expected two numbers in [0, 1), got {betas!r}")
     if not 0 <= cfg.optim.min_lr_ratio <= 1:
         raise ConfigError(f"optim.min_lr_ratio: expected a value in [0, 1], got {cfg.optim.min_lr_ratio}")
     if cfg.distributed.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"distributed.zero_stage: expected 0, 1, 2 or 3, got {cfg.distributed.zero_stage}")
-    if cfg.data.num_workers < 0:
-        raise ConfigError(f"data.num_workers: expected an integer >= 0, got {cfg.data.num_workers}")
     if cfg.optim.name == "adamw8bit" and cfg.distributed.backend == "fsdp":
         raise ConfigError("optim.name: adamw8bit cannot step FSDP2's sharded (DTensor) parameters (bitsandbytes has no "
                           "DTensor kernels); use adamw with fsdp (LoRA optimizer state is small), or ddp / deepspeed")
@@ -291,7 +318,15 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {text!r}: expected key.sub=value")
     # YAML parsing gives 200 -> int, true -> bool, [a, b] -> list, fsdp -> str.
-    return key.split("."), yaml.safe_load(raw) if raw != "" else ""
+    try:
+        return key.split("."), yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({_yaml_problem(err)})") from None
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """The cause of a YAML error in one line (str(err) adds lines of context, position and a caret)."""
+    return getattr(err, "problem", None) or getattr(err, "reason", None) or type(err).__name__
 
 
 def apply_override(data: dict, path: list[str], value: Any) -> None:

@@ -1,11 +1,21 @@
-"""Writing files so that a reader never sees half of one: write beside it, flush to disk, rename into place."""
+"""Files the pipeline writes and trusts: atomic writes (write beside, flush to disk, rename into place) and the
+checksum that shards and checkpoints record."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def fsync_path(path: Path) -> None:

@@ -5,16 +5,21 @@ stays in its own file."""
 
 from __future__ import annotations
 
+import dataclasses
+import fcntl
 import json
 import math
+import os
 import signal
+import socket
+import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from mtllm_train.checkpoint import Checkpoints
-from mtllm_train.config import Config, ConfigError, dump_config
+from mtllm_train.config import Config, ConfigError, dump_config, load_config
 from mtllm_train.distributed import Dist, all_reduce, deepspeed_engine, wrap_model
 from mtllm_train.metrics import MetricsLogger
 from mtllm_train.model.stack import trainable_parameters
@@ -34,10 +39,73 @@ def run_identity(run_dir: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+LOCK_FILE = ".lock"
+_held_locks: dict[Path, int] = {}  # run folder -> the open lock file of this process (released when it exits)
+# Settings a resumed run may change: how it logs, checkpoints and waits, and how fast it computes; every other
+# setting shapes the trajectory the checkpoints belong to.
+MAY_CHANGE_ON_RESUME = ("run.dir", "logging.", "checkpoint.every", "checkpoint.keep_last", "distributed.timeout_minutes",
+                        "model.compile", "model.activation_checkpointing", "data.skip_bad_samples", "task.cache_dir",
+                        "task.cache_teacher", "task.eval_batch_size")
+
+
+def _settings(config, prefix: str = "") -> dict:
+    """{"section.key": value} for every option of a config (nested dataclasses flattened; inline model configs,
+    lists and mappings are values)."""
+    settings = {}
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if dataclasses.is_dataclass(value):
+            settings.update(_settings(value, f"{prefix}{field.name}."))
+        else:
+            settings[f"{prefix}{field.name}"] = value
+    return settings
+
+
+def check_resume_settings(cfg: Config, run_dir: Path) -> None:
+    """A run folder with checkpoints resumes them: refuse settings that differ from the ones they were trained
+    with (config.yaml), except MAY_CHANGE_ON_RESUME."""
+    if not (run_dir / "config.yaml").is_file() or not Checkpoints(run_dir).complete():
+        return
+    trained, given = _settings(load_config(run_dir / "config.yaml")), _settings(cfg)
+    changed = [key for key in given if given[key] != trained.get(key) and not key.startswith(MAY_CHANGE_ON_RESUME)]
+    if changed:
+        key = changed[0]
+        more = f" (and {', '.join(changed[1:])})" if len(changed) > 1 else ""
+        raise ConfigError(f"{key}: the checkpoints in {run_dir} were trained with {trained.get(key)!r}, this command "
+                          f"gives {given[key]!r}{more}; a resumed run keeps its settings (drop the override, or start a "
+                          f"new run.name)")
+
+
+def lock_run_folder(run_dir: Path, dist_info: Dist) -> None:
+    """One trainer per run folder: rank 0 holds an exclusive flock on RUN/.lock until its process ends (also
+    when it crashes); every rank learns whether it got it."""
+    holder = ""
+    if dist_info.is_main and run_dir.resolve() not in _held_locks:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+        else:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"host {socket.gethostname()}, pid {os.getpid()}, since "
+                          f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+            _held_locks[run_dir.resolve()] = fd
+    taken_elsewhere = all_reduce(torch.tensor(float(bool(holder)), device=dist_info.device),
+                                 torch.distributed.ReduceOp.MAX)
+    if taken_elsewhere.item():
+        raise ConfigError(f"run folder {run_dir} is in use by another trainer ({holder or 'see rank 0'}); wait for it "
+                          f"to end, or give this run its own run.name")
+
+
 def open_run_folder(cfg: Config, dist_info: Dist, identity: dict | None = None) -> Path:
-    """The run folder, ready for this run: refuse one that holds another kind of run, write the resolved
-    config (and a stage-2 run's `identity`), and seed this rank's dropout stream (restored on resume)."""
+    """The run folder, ready for this run: locked for this trainer, refused when it holds another kind of run or
+    checkpoints trained with other settings; then the resolved config (and a stage-2 run's `identity`) is
+    written, and this rank's dropout stream seeded (restored on resume)."""
     run_dir = Path(cfg.run.dir) / cfg.run.name
+    lock_run_folder(run_dir, dist_info)
     existing = run_identity(run_dir)
     if identity is None and existing is not None:
         raise ConfigError(f"run folder {run_dir} holds a stage-2 run; give this stage-1 run its own run.name")
@@ -47,6 +115,7 @@ def open_run_folder(cfg: Config, dist_info: Dist, identity: dict | None = None) 
         if (existing["command"], existing["kind"]) != (identity["command"], identity["kind"]):
             raise ConfigError(f"run folder {run_dir} holds a {existing['command']} run of the {existing['kind']}; "
                               f"this is {identity['command']} of the {identity['kind']}: give it its own run.name")
+    check_resume_settings(cfg, run_dir)
     if dist_info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, run_dir / "config.yaml")
@@ -135,6 +204,9 @@ def end_of_step(step: int, save_due: bool, *, preemption: Preemption, checkpoint
     """After optimizer step `step`: the ranks agree on preemption, save when due or preempted, and on
     preemption clear the STOP file and say so. Returns True when the loop must stop."""
     preempted = preemption.agreed(device)
+    if (save_due or preempted) and not checkpoints.state_is_finite():
+        raise NonFiniteError(f"step {step}: trainable weights or optimizer state are not finite (optim.lr too high?); "
+                             f"not saved: a rerun resumes from the newest checkpoint")
     if save_due or preempted:
         checkpoints.save(step, meta={"wandb_id": logger.wandb_id}, keep_last=keep_last, keep_steps=keep_steps,
                          reader_state=reader_state)
@@ -164,7 +236,10 @@ def optimizer_step(model, optimizer, scheduler, trainable: list, backend: str, g
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm)
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
     if not math.isfinite(grad_norm):
-        raise NonFiniteError(f"step {step}: the gradient norm is {grad_norm}; the step was not applied")
+        # DeepSpeed applies the update before it reports the norm (it skips steps only with fp16 loss scaling);
+        # either way nothing from this step is saved.
+        applied = "DeepSpeed applied the step; it is not saved" if backend == "deepspeed" else "the step was not applied"
+        raise NonFiniteError(f"step {step}: the gradient norm is {grad_norm}; {applied}")
     if backend != "deepspeed":
         optimizer.step()
         scheduler.step()

@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from mtllm_train.config import LoggingConfig
 from mtllm_train.distributed import all_reduce
+from mtllm_train.files import write_atomic
 from mtllm_train.model.loss import fvu_from_sums
 
 # Dense bf16 peak FLOP/s per GPU, by the name torch reports.
@@ -104,13 +105,29 @@ class StepStatistics:
                           teacher_sum, teacher_sq_sum)
 
 
+def read_records(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl (a line cut short by a crash is skipped)."""
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
 class MetricsLogger:
-    """Writes one JSON object per optimizer step; only the main rank writes anything."""
+    """Writes one JSON object per optimizer step; only the main rank writes anything. A resumed run first drops
+    the records of steps after its checkpoint (a crash's lost steps), so every step appears once."""
 
     def __init__(self, run_dir: Path, cfg: LoggingConfig, enabled: bool, start_step: int, total_steps: int,
                  wandb_id: str | None, config: dict):
         self.enabled, self.cfg = enabled, cfg
-        self.file = (run_dir / "metrics.jsonl").open("a") if enabled else None
+        path = run_dir / "metrics.jsonl"
+        if enabled and path.is_file():
+            kept = [record for record in read_records(path) if record["step"] <= start_step]
+            write_atomic(path, "".join(json.dumps(record) + "\n" for record in kept))
+        self.file = path.open("a") if enabled else None
         self.wandb_run = None
         self.wandb_id = wandb_id
         if enabled and cfg.wandb != "disabled":
@@ -155,7 +172,7 @@ def plot_loss_curve(run_dir: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    records = read_records(run_dir / "metrics.jsonl")
     steps = [r["step"] for r in records]
     figure, (loss_axis, fvu_axis) = plt.subplots(1, 2, figsize=(10, 3.6))
     loss_axis.plot(steps, [r["loss"] for r in records])

@@ -13,9 +13,10 @@ from contextlib import closing
 import torch
 
 from mtllm_train.checkpoint import Checkpoints
-from mtllm_train.config import Config, to_dict
+from mtllm_train.config import Config, ConfigError, to_dict
 from mtllm_train.data.manifest import check_tokenizers
 from mtllm_train.data.reader import BatchReader
+from mtllm_train.data.tar_reader import ShardError
 from mtllm_train.distributed import all_reduce, gradient_sync, init_distributed, repeated_layers, shutdown
 from mtllm_train.loop import (Preemption, accumulation_steps, autocast, backward, check_finite_loss, end_of_step,
                               new_summary, open_run_folder, optimizer_step, setup_backend)
@@ -32,6 +33,24 @@ def run_tokenizers(cfg: Config) -> tuple[tuple[str, str], tuple[str, str]]:
     """(name, fingerprint) of the run's LLM and MT tokenizers, to check against the shards."""
     llm, mt = ((tokenizer_spec(cfg.model, view), fingerprint(view_tokenizer(cfg.model, view))) for view in ("llm", "mt"))
     return llm, mt
+
+
+def step_batches(batches, accumulation: int, device: torch.device) -> tuple[list[dict], float]:
+    """This step's micro-batches and the global number of pooled targets. The count's all-reduce also carries
+    whether a rank could not read its data, so every rank stops at once instead of waiting on that rank."""
+    try:
+        micro_batches, data_error = [next(batches) for _ in range(accumulation)], None
+    except ConfigError as err:
+        micro_batches, data_error = [], err
+    local = torch.tensor([float(sum(b["mt_input_ids"].shape[0] for b in micro_batches)), float(data_error is not None)],
+                         device=device)
+    global_targets, failed_ranks = all_reduce(local).tolist()
+    if data_error is not None:
+        raise data_error
+    if failed_ranks:
+        raise ShardError(f"{int(failed_ranks)} other rank(s) could not read their data (their error names the shard); "
+                         f"stopping")
+    return micro_batches, global_targets
 
 
 def train(cfg: Config) -> dict:
@@ -75,11 +94,9 @@ def train(cfg: Config) -> dict:
     with Preemption(run_dir / "STOP", dist_info.is_main) as preemption, closing(logger), closing(reader):
         for step in range(start_step, cfg.train.steps):
             step_start = time.perf_counter()
-            micro_batches = [next(batches) for _ in range(accumulation)]
-            data_wait = time.perf_counter() - step_start
             # Every pooled target weighs the same: normalise by the global count over micro-batches and ranks.
-            counts = torch.tensor([float(sum(b["mt_input_ids"].shape[0] for b in micro_batches))], device=device)
-            global_targets = all_reduce(counts).item()
+            micro_batches, global_targets = step_batches(batches, accumulation, device)
+            data_wait = time.perf_counter() - step_start
 
             stats = StepStatistics(device)
             for index, batch in enumerate(micro_batches):

@@ -72,8 +72,10 @@ def test_preempted_and_resumed_run_is_bit_identical(tmp_path, train_shards, monk
     assert [m["loss"] for m in read_metrics(tmp_path / "straight")] == [m["loss"] for m in read_metrics(tmp_path / "preempted")]
 
 
-def test_checkpoint_without_commit_marker_is_skipped(tmp_path, train_shards):
-    train(_cfg(tmp_path, train_shards, "r", **{"train.steps": 8}))
+def test_checkpoint_without_commit_marker_is_skipped(tmp_path, train_shards, monkeypatch):
+    with monkeypatch.context() as patch:
+        preempt_at(patch, 8)
+        train(_cfg(tmp_path, train_shards, "r", **{"train.steps": 16}))
     checkpoints = tmp_path / "r" / "checkpoints"
     shutil.copytree(checkpoints / "step_00000008", checkpoints / "step_00000012")
     (checkpoints / "step_00000012" / COMMIT).unlink()  # a save that died before its marker
@@ -106,7 +108,7 @@ def test_resume_with_another_world_size_is_refused(tmp_path, train_shards):
     meta = json.loads(meta_path.read_text())
     meta_path.write_text(json.dumps({**meta, "world_size": 2}))
     with pytest.raises(ConfigError, match=r"was written by 2 ranks, this run has 1: .*resume with 2 ranks"):
-        train(_cfg(tmp_path, train_shards, "w", **{"train.steps": 8}))
+        train(_cfg(tmp_path, train_shards, "w", **{"train.steps": 4}))
 
 
 def test_user_errors_give_clear_messages(tmp_path, train_shards, monkeypatch):

@@ -13,10 +13,31 @@ from mtllm_train.config import ConfigError
 SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet", ".txt")
 
 
+def _utf8(data: bytes, path: Path, first_line: int) -> str:
+    """`data` (text starting at line `first_line` of `path`) decoded; a bad byte is reported with its line."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = first_line + data.count(b"\n", 0, err.start)
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte {data[err.start]:#04x}); convert the file to "
+                          f"UTF-8") from None
+
+
+def _text(value: object, path: Path, lineno: int, text_field: str) -> str:
+    """A record's text; null is an empty document (dropped and counted), any other non-string a mistake."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise ConfigError(f"{path}:{lineno}: '{text_field}' must be a string, got {type(value).__name__}")
+    return value
+
+
 def _jsonl(path: Path, text_field: str) -> Iterator[tuple[str, str]]:
     opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as lines:
-        for lineno, line in enumerate(lines, 1):
+    # Binary lines, decoded one by one: a text-mode reader fails on a bad byte without saying on which line.
+    with opener(path, "rb") as lines:
+        for lineno, raw in enumerate(lines, 1):
+            line = _utf8(raw, path, lineno)
             if not line.strip():
                 continue
             try:
@@ -25,16 +46,21 @@ def _jsonl(path: Path, text_field: str) -> Iterator[tuple[str, str]]:
                 raise ConfigError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
             if not isinstance(record, dict) or text_field not in record:
                 raise ConfigError(f"{path}:{lineno}: no '{text_field}' field (set --text-field)")
-            yield str(record.get("id", f"{path.name}:{lineno}")), record[text_field] or ""
+            yield str(record.get("id", f"{path.name}:{lineno}")), _text(record[text_field], path, lineno, text_field)
 
 
 def _parquet(path: Path, text_field: str) -> Iterator[tuple[str, str]]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     parquet = pq.ParquetFile(path)
     names = parquet.schema_arrow.names
     if text_field not in names:
         raise ConfigError(f"{path}: no '{text_field}' column (columns: {', '.join(names)}; set --text-field)")
+    column_type = parquet.schema_arrow.field(text_field).type
+    if not (pa.types.is_string(column_type) or pa.types.is_large_string(column_type)
+            or pa.types.is_string_view(column_type)):
+        raise ConfigError(f"{path}: column '{text_field}' must hold strings, got {column_type}")
     columns = [text_field] + (["id"] if "id" in names else [])
     row = 0
     for batch in parquet.iter_batches(columns=columns, batch_size=1024):
@@ -46,7 +72,10 @@ def _parquet(path: Path, text_field: str) -> Iterator[tuple[str, str]]:
 
 def _txt(path: Path) -> Iterator[tuple[str, str]]:
     """Documents are separated by blank lines."""
-    documents = [d.strip() for d in re.split(r"\n\s*\n", path.read_text(encoding="utf-8"))]
+    text = _utf8(path.read_bytes(), path, 1)
+    # As text-mode reading did: \r\n and \r are newlines, so Windows files give the same documents.
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    documents = [d.strip() for d in re.split(r"\n\s*\n", text)]
     for number, document in enumerate(d for d in documents if d):
         yield f"{path.name}:{number}", document
 

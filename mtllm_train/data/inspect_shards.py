@@ -7,8 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from mtllm_train.data.manifest import load_manifest, sha256_file
+from mtllm_train.data.manifest import load_manifest
 from mtllm_train.data.tar_reader import iter_samples
+from mtllm_train.files import sha256_file
 
 
 def padding_efficiency(lengths: list[tuple[int, ...]], batch_size: int, group_batches: int | None,

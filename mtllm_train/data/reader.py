@@ -11,6 +11,12 @@ reader yields exactly the batch an uninterrupted one would have.
 
 Batches are length-grouped: a buffer of `group_batches` batches is sorted by length, cut into batches,
 and the batches are shuffled; each view is padded to its own longest sequence (right padding).
+
+Every shard is checked against the manifest's sha256 when a reader opens it (a few ms per shard, from the page
+cache the read itself then uses), so a changed or damaged shard never trains silently. With skip_bad_samples a
+damaged shard is skipped whole and every sample the manifest lists for it is counted as dropped. A reader error
+in a DataLoader worker travels to the training process as a message (one line, naming shard and sample), and
+the workers, which ignore SIGTERM for preemption's sake, are stopped whatever happens: shut down, then killed.
 """
 
 from __future__ import annotations
@@ -27,7 +33,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mtllm_train.config import ConfigError
 from mtllm_train.data.manifest import load_manifest
-from mtllm_train.data.tar_reader import iter_samples
+from mtllm_train.data.tar_reader import ShardError, iter_samples
+from mtllm_train.files import sha256_file
 from mtllm_train.model.tokenizers import pad_right
 
 
@@ -69,7 +76,34 @@ class _EpochStream(IterableDataset):
         assignment = epoch_assignment(reader.shards, reader.seed, self.epoch, reader.readers)
         per_reader = batches_per_reader(assignment, reader.batch_size)
         g = reader.rank * workers + logical
-        yield from islice(reader.reader_batches(assignment[g], self.epoch, g), already, per_reader)
+        try:
+            yield from islice(reader.reader_batches(assignment[g], self.epoch, g), already, per_reader)
+        except ConfigError as err:
+            # Raised in a worker, the DataLoader would re-raise it wrapped in the worker's traceback text.
+            yield {"error": str(err)}
+
+
+def _stop_workers(loader_iterator) -> None:
+    """Shut a DataLoader's workers down; kill any that survive (they ignore SIGTERM, so terminate() is not enough
+    and a survivor would hang interpreter exit)."""
+    shutdown = getattr(loader_iterator, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+    for worker in getattr(loader_iterator, "_workers", []):
+        if worker.is_alive():
+            worker.kill()
+            worker.join()
+
+
+def shard_problem(path: Path, shard: dict) -> str | None:
+    """Why shard `path` cannot be trusted (missing, or not the bytes the manifest lists), or None."""
+    if not path.is_file():
+        return f"shard {path}: missing (listed in the manifest)"
+    actual = sha256_file(path)
+    if actual != shard["sha256"]:
+        return (f"shard {path}: checksum mismatch (sha256 {actual[:12]}..., the manifest says {shard['sha256'][:12]}...): "
+                f"it changed after `mtllm shards build`; rebuild the shards, or set data.skip_bad_samples=true to skip it")
+    return None
 
 
 class BatchReader:
@@ -86,7 +120,7 @@ class BatchReader:
         self.num_workers, self.logical_workers = num_workers, max(num_workers, 1)
         self.readers = world_size * self.logical_workers
         self.seed, self.group_batches, self.skip_bad_samples = seed, group_batches, skip_bad_samples
-        self.epoch, self.batches = 0, 0
+        self.epoch, self.batches, self.dropped = 0, 0, 0
         self.epoch_batches(0)  # fail now, not in the first step, if the data cannot feed every reader
 
     def epoch_batches(self, epoch: int) -> int:
@@ -98,31 +132,52 @@ class BatchReader:
                               f"rebuild with a smaller --shard-size or use fewer workers")
         return per_reader * self.logical_workers
 
+    def shard_samples(self, shard: dict) -> Iterator[dict]:
+        """The samples of one manifest entry, verified; with skip_bad_samples, what is dropped is counted in
+        self.dropped (everything the manifest lists that was not yielded)."""
+        path = self.shards_dir / shard["name"]
+        problem = shard_problem(path, shard)
+        if problem is not None and not self.skip_bad_samples:
+            raise ShardError(problem)
+        kept = 0
+        if problem is None:
+            for sample in iter_samples(path, self.skip_bad_samples):
+                kept += 1
+                yield sample
+        if kept > shard["samples"] or (kept < shard["samples"] and not self.skip_bad_samples):
+            raise ShardError(f"shard {path}: holds {kept} samples, the manifest says {shard['samples']}; rebuild the "
+                             f"shards")
+        self.dropped += shard["samples"] - kept
+
     def reader_batches(self, shards: list[dict], epoch: int, reader: int) -> Iterator[dict]:
         """Endless length-grouped batches of reader g. A pass over its shards ends in a partial buffer; a
         second pass only happens when skipped bad samples left the reader short of its E batches."""
         buffer_size = self.batch_size * self.group_batches
+        self.dropped = 0
         for repeat in range(1_000_000):
             rng = random.Random(f"batches:{self.seed}:{epoch}:{reader}:{repeat}")
-            buffer, bad = [], []
+            buffer, read = [], 0
             for shard in shards:
-                for sample in iter_samples(self.shards_dir / shard["name"], self.skip_bad_samples, bad):
+                for sample in self.shard_samples(shard):
+                    read += 1
                     buffer.append(sample)
                     if len(buffer) == buffer_size:
-                        yield from self._grouped(buffer, rng, bad)
+                        yield from self._grouped(buffer, rng)
                         buffer = []
-            yield from self._grouped(buffer, rng, bad)
+            if read == 0:
+                raise ShardError(f"shards {str(self.shards_dir)!r}: none of the {len(shards)} shards of reader {reader} "
+                                 f"could be read ({self.dropped} samples dropped)")
+            yield from self._grouped(buffer, rng)
         raise RuntimeError("unreachable: a reader looped over its shards a million times")
 
-    def _grouped(self, buffer: list[dict], rng: random.Random, bad: list) -> Iterator[dict]:
+    def _grouped(self, buffer: list[dict], rng: random.Random) -> Iterator[dict]:
         buffer.sort(key=lambda s: max(len(s["llm"]), len(s["mt"])))
         groups = [buffer[i:i + self.batch_size] for i in range(0, len(buffer) - self.batch_size + 1, self.batch_size)]
         rng.shuffle(groups)
         for samples in groups:
             batch = collate(samples, self.pad_ids)
             batch["keys"] = [s["key"] for s in samples]
-            batch["bad_samples"] = len(bad)
-            bad.clear()
+            batch["bad_samples"], self.dropped = self.dropped, 0
             yield batch
 
     def __iter__(self) -> Iterator[dict]:
@@ -147,9 +202,15 @@ class BatchReader:
                                     num_workers=self.num_workers, generator=torch.Generator().manual_seed(self.seed),
                                     worker_init_fn=_ignore_sigterm if self.num_workers else None,
                                     prefetch_factor=4 if self.num_workers else None)
-                for batch in loader:
-                    self.batches += 1
-                    yield batch
+                batches = iter(loader)
+                try:
+                    for batch in batches:
+                        if "error" in batch:
+                            raise ShardError(batch["error"])
+                        self.batches += 1
+                        yield batch
+                finally:
+                    _stop_workers(batches)
             self.epoch, self.batches = self.epoch + 1, 0
 
     def state_dict(self) -> dict:

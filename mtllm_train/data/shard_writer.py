@@ -23,9 +23,9 @@ from tqdm import tqdm
 
 from mtllm_train.config import ConfigError
 from mtllm_train.data.documents import read_documents
-from mtllm_train.data.manifest import FORMAT_VERSION, MANIFEST, sha256_file, write_json_atomic
+from mtllm_train.data.manifest import FORMAT_VERSION, MANIFEST, write_json_atomic
 from mtllm_train.data.views import ViewTokenizer
-from mtllm_train.files import atomic_path
+from mtllm_train.files import atomic_path, sha256_file
 from mtllm_train.model.tokenizers import ENGLISH, fingerprint, pad_id
 
 _worker_tokenizer: ViewTokenizer | None = None
@@ -145,9 +145,11 @@ def build_shards(inputs: list[str], out: str, llm_tokenizer: str, mt_tokenizer: 
         pool_context = multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=init_args)
     shard_stats: dict[int, dict] = {}
     reused = 0
-    bar = tqdm(desc="documents", unit="doc", disable=not progress, smoothing=0.1)
     start = time.perf_counter()
-    with pool_context as pool:
+    # disable=None: no bar where stderr is no terminal; `with` closes it when reading an input fails, so the
+    # error starts on a line of its own.
+    with pool_context as pool, tqdm(desc="documents", unit="doc", disable=None if progress else True,
+                                    smoothing=0.1) as bar:
         pending: deque = deque()
         for index, chunk in enumerate(_chunks(read_documents(inputs, text_field), shard_size)):
             previous = done(index)
@@ -165,7 +167,6 @@ def build_shards(inputs: list[str], out: str, llm_tokenizer: str, mt_tokenizer: 
         for i, n, result in pending:
             shard_stats[i] = result.get()
             bar.update(n)
-    bar.close()
     elapsed = time.perf_counter() - start
     if not shard_stats:
         raise ConfigError(f"--input {' '.join(inputs)}: no documents found")

@@ -1,0 +1,364 @@
+"""Fault behaviour a cluster user can trust: one table of fault cases (what goes wrong, what must happen), each
+run for real on the tiny config. Input mistakes (config values, manifests, input files) have their own table
+in tests/test_input_faults.py.
+
+Every case ends in a clear one-line error (exit code 2; 1 for a run stopped by non-finite numbers) or in a
+documented safe behaviour; none hangs, none loses or silently changes a result. FAULTS is the table: a case
+leaves it only by being deleted from both places, which the last test notices.
+"""
+
+import json
+import pickle
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import mtllm_train.loop as loop_module
+import mtllm_train.train as train_module
+from conftest import ROOT, read_metrics, trained_weights, train_overrides
+from helpers import finish, subprocess_env, torchrun
+from mtllm_train.__main__ import main
+from mtllm_train.checkpoint import Checkpoints
+from mtllm_train.config import load_config
+from mtllm_train.export import export_run
+from mtllm_train.files import sha256_file
+
+
+def _train_args(run_dir, shards, name, **extra):
+    return ["train", "--config", "configs/tiny.yaml",
+            *train_overrides(run_dir, shards, **{"run.name": name, "train.steps": 12, **extra})]
+
+
+def _run(capsys, *args):
+    """`mtllm <args>` in this process: (exit code, stderr lines)."""
+    code = main([str(a) for a in args])
+    return code, [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+
+
+def _cli(args, timeout=120):
+    """`mtllm <args>` in a fresh process (a hang shows as a timeout): (exit code, stderr)."""
+    done = subprocess.run([sys.executable, "-m", "mtllm_train", *map(str, args)], cwd=ROOT, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=timeout)
+    return done.returncode, done.stderr
+
+
+def _shards_copy(train_shards, tmp_path):
+    copy = tmp_path / "shards"
+    shutil.copytree(train_shards, copy)
+    return copy
+
+
+def _restamp(shards, name):
+    """Record shard `name`'s current bytes in the manifest: the damage then passes the checksum, as a shard
+    written damaged would, and the reader's own checks must catch it."""
+    manifest = json.loads((shards / "manifest.json").read_text())
+    for entry in manifest["shards"]:
+        if entry["name"] == name:
+            entry["sha256"] = sha256_file(shards / name)
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _truncate(path, keep=0.5):
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+# --- 1. a reader that fails stops the run in seconds, on every rank --------------------------------------------
+
+@pytest.mark.parametrize("workers", [0, 1, 2])
+def test_unreadable_shard_stops_at_once(tmp_path, train_shards, capsys, workers):
+    shards = _shards_copy(train_shards, tmp_path)
+    _truncate(shards / "shard-000000.tar")
+    _restamp(shards, "shard-000000.tar")  # past the checksum: the tar reader itself fails, inside a worker
+    start = time.perf_counter()
+    code, err = _cli(_train_args(tmp_path, shards, "bad", **{"data.num_workers": workers}), timeout=90)
+    assert code == 2 and time.perf_counter() - start < 60
+    assert err.strip().splitlines() == [err.strip()] and "shard-000000.tar: unreadable at sample" in err, err
+
+
+def test_one_rank_with_bad_data_stops_both(tmp_path, train_shards, capsys):
+    shards = _shards_copy(train_shards, tmp_path)
+    for name in ("shard-000000.tar", "shard-000001.tar"):  # whichever shard rank 1 opens first
+        _truncate(shards / name, 0.1)
+        _restamp(shards, name)
+    start = time.perf_counter()
+    process = torchrun(*_train_args(tmp_path, shards, "two", **{"distributed.backend": "ddp", "data.num_workers": 1}))
+    code, output = finish(process, timeout=120)
+    assert code != 0 and time.perf_counter() - start < 90, output[-2000:]
+    assert "unreadable at sample" in output, output[-2000:]
+
+
+# --- 2. shards are verified before use; skipping counts every dropped sample --------------------------------
+
+@pytest.mark.parametrize("damage", ["flipped token byte", "truncated", "missing"])
+def test_damaged_shard_is_refused(tmp_path, train_shards, capsys, damage):
+    shards = _shards_copy(train_shards, tmp_path)
+    shard = shards / "shard-000003.tar"
+    if damage == "missing":
+        shard.unlink()
+    elif damage == "truncated":
+        _truncate(shard)
+    else:
+        data = bytearray(shard.read_bytes())
+        data[2048 + 140] ^= 0x40  # inside the first sample's llm.npy payload
+        shard.write_bytes(bytes(data))
+    code, err = _run(capsys, *_train_args(tmp_path, shards, "d", **{"data.num_workers": 0}))
+    expected = "missing (listed in the manifest)" if damage == "missing" else "checksum mismatch"
+    assert code == 2 and len(err) == 1 and "shard-000003.tar" in err[0] and expected in err[0], err
+
+
+def test_skip_bad_samples_counts_every_dropped_sample(tmp_path, train_shards, capsys):
+    shards = _shards_copy(train_shards, tmp_path)
+    _truncate(shards / "shard-000003.tar")
+    code, err = _run(capsys, *_train_args(tmp_path, shards, "skip", **{"data.skip_bad_samples": "true",
+                                                                        "data.num_workers": 0}))
+    assert code == 0, err
+    dropped = sum(record["bad_samples"] for record in read_metrics(tmp_path / "skip"))
+    assert dropped > 0 and dropped % 10 == 0, dropped  # the whole shard (10 samples), once per pass over it
+
+
+def test_manifest_sample_count_is_checked_against_the_shard(tmp_path, train_shards, capsys):
+    shards = _shards_copy(train_shards, tmp_path)
+    manifest = json.loads((shards / "manifest.json").read_text())
+    manifest["shards"][0]["samples"] += 1
+    manifest["totals"]["samples"] += 1
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    code, err = _run(capsys, *_train_args(tmp_path, shards, "count", **{"data.num_workers": 0}))
+    assert code == 2 and "shard-000000.tar: holds 10 samples, the manifest says 11" in err[0], err
+
+
+# --- 3. checkpoints unpickle nothing they do not have to -------------------------------------------------------
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').close()",))
+
+
+def test_crafted_checkpoint_metadata_runs_no_code(tmp_path, train_shards, capsys):
+    run = tmp_path / "m"
+    assert main(_train_args(tmp_path, train_shards, "m", **{"train.steps": 4})) == 0
+    step = run / "checkpoints" / "step_00000004"
+    (step / "state" / ".metadata").write_bytes(pickle.dumps(_Payload(tmp_path / "PWNED")))
+    meta = json.loads((step / "meta.json").read_text())
+    meta["files"]["state/.metadata"] = sha256_file(step / "state" / ".metadata")  # the attacker fixes the sums
+    (step / "meta.json").write_text(json.dumps(meta))
+    capsys.readouterr()
+    for args in (["export", "--run", run], _train_args(tmp_path, train_shards, "m", **{"train.steps": 4})):
+        code, err = _run(capsys, *args)
+        assert code == 2 and len(err) == 1 and "refused" in err[0] and "builtins.exec" in err[0], err
+    assert not (tmp_path / "PWNED").exists()
+
+
+# --- 4. one trainer per run folder -----------------------------------------------------------------------------
+
+def test_second_trainer_on_a_run_folder_is_refused(tmp_path, train_shards, capsys):
+    args = _train_args(tmp_path, train_shards, "busy", **{"train.steps": 400, "checkpoint.every": 200})
+    first = subprocess.Popen([sys.executable, "-m", "mtllm_train", *args], cwd=ROOT, env=subprocess_env(),
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        while not (tmp_path / "busy" / "metrics.jsonl").is_file() and time.time() < deadline:
+            time.sleep(0.1)
+        code, err = _run(capsys, *args)
+        assert code == 2 and len(err) == 1 and "is in use by another trainer (host " in err[0], err
+        assert f"pid {first.pid}" in err[0]
+    finally:
+        first.terminate()  # a preemption: it checkpoints and exits 0
+        assert first.wait(timeout=60) == 0, first.stderr.read()[-2000:]
+    assert [r["step"] for r in read_metrics(tmp_path / "busy")] == list(range(1, len(read_metrics(tmp_path / "busy")) + 1))
+
+
+# --- 5. settings are checked against the checkpoints before anything is written --------------------------------
+
+@pytest.mark.parametrize("override, expected", [
+    ("model.lora.r=4", r"model.lora.r: the checkpoints in .* were trained with 8, this command gives 4"),
+    ("optim.lr=0.1", r"optim.lr: the checkpoints in .* were trained with 0.003, this command gives 0.1"),
+    ("train.steps=16", r"train.steps: the checkpoints in .* were trained with 12, this command gives 16"),
+])
+def test_resume_with_other_settings_is_refused(tmp_path, train_shards, capsys, override, expected):
+    args = _train_args(tmp_path, train_shards, "s", **{"checkpoint.every": 4})
+    assert main(args) == 0
+    config_before = (tmp_path / "s" / "config.yaml").read_text()
+    code, err = _run(capsys, *args, override)
+    assert code == 2 and len(err) == 1 and re.search(expected, err[0]), err
+    assert (tmp_path / "s" / "config.yaml").read_text() == config_before
+    export_run(str(tmp_path / "s"), str(tmp_path / "export"))  # the run is still whole
+
+
+def test_resume_may_change_how_it_logs_and_checkpoints(tmp_path, train_shards, capsys):
+    args = _train_args(tmp_path, train_shards, "ok", **{"checkpoint.every": 4, "train.steps": 8})
+    assert main(args) == 0
+    assert main([*args, "logging.every=2", "checkpoint.keep_last=3", "distributed.timeout_minutes=5"]) == 0
+    assert load_config(tmp_path / "ok" / "config.yaml").checkpoint.keep_last == 3
+
+
+# --- 6. non-finite weights never reach a checkpoint or an export ------------------------------------------------
+
+def test_non_finite_weights_are_never_saved(tmp_path, train_shards, capsys, monkeypatch):
+    real_step = loop_module.optimizer_step
+
+    def poisoning_step(model, optimizer, *args):
+        norm = real_step(model, optimizer, *args)
+        if optimizer.state and next(iter(optimizer.state.values()))["step"] >= 6:
+            with torch.no_grad():
+                next(p for p in model.parameters() if p.requires_grad).fill_(float("inf"))
+        return norm
+
+    monkeypatch.setattr(train_module, "optimizer_step", poisoning_step)
+    code, err = _run(capsys, *_train_args(tmp_path, train_shards, "inf", **{"checkpoint.every": 2}))
+    assert code == 1 and err == ["mtllm: stopped: step 6: trainable weights or optimizer state are not finite "
+                                 "(optim.lr too high?); not saved: a rerun resumes from the newest checkpoint"], err
+    assert Checkpoints(tmp_path / "inf").steps() == [2, 4]
+    assert all(torch.isfinite(p).all() for p in trained_weights(tmp_path / "inf").values())
+
+
+def test_export_refuses_a_checkpoint_with_non_finite_weights(tmp_path, train_shards, capsys):
+    run = tmp_path / "nf"
+    assert main(_train_args(tmp_path, train_shards, "nf", **{"train.steps": 4})) == 0
+    from mtllm_train.export import load_trained_stack
+
+    stack, _, _ = load_trained_stack(run)
+    with torch.no_grad():
+        stack.projection.bias[0] = float("nan")
+    optimizer = torch.optim.AdamW([p for p in stack.parameters() if p.requires_grad])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    Checkpoints(run, model=stack, optimizer=optimizer, scheduler=scheduler).save(8, meta={}, keep_last=2)
+    capsys.readouterr()
+    code, err = _run(capsys, "export", "--run", run)
+    assert code == 2 and err == [f"mtllm: error: checkpoint {run}/checkpoints/step_00000008 holds non-finite weights; "
+                                 f"choose an earlier step (complete: 4, 8)"], err
+    assert _run(capsys, "export", "--run", run, "--step", 4)[0] == 0
+
+
+def test_deepspeed_says_a_non_finite_step_was_applied_and_saves_nothing(tmp_path, train_shards, capsys, monkeypatch):
+    real_build = train_module.build_stack
+
+    def stack_with_exploding_gradient(model_cfg):
+        stack = real_build(model_cfg)
+        calls = {"n": 0}
+
+        def explode(grad):
+            calls["n"] += 1
+            return grad * float("inf") if calls["n"] > 10 else grad  # 2 micro-batches a step: step 6 on
+
+        stack.projection.bias.register_hook(explode)
+        return stack
+
+    monkeypatch.setattr(train_module, "build_stack", stack_with_exploding_gradient)
+    code, err = _run(capsys, *_train_args(tmp_path, train_shards, "ds", **{
+        "distributed.backend": "deepspeed", "optim.name": "adamw", "checkpoint.every": 2}))
+    assert code == 1 and err[-1] == ("mtllm: stopped: step 6: the gradient norm is inf; DeepSpeed applied the step; "
+                                     "it is not saved"), err
+    assert Checkpoints(tmp_path / "ds").steps() == [2, 4]
+
+
+# --- 7. a damaged newest checkpoint is reported and the one before it resumed ---------------------------------
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, train_shards):
+    root = tmp_path_factory.mktemp("finished")
+    assert main(_train_args(root, train_shards, "run", **{"checkpoint.every": 4})) == 0
+    return root
+
+
+@pytest.mark.parametrize("damage", ["truncated tensor file", "truncated .metadata", "truncated rank file",
+                                    "empty meta.json", "flipped bit"])
+def test_damaged_newest_checkpoint_falls_back(tmp_path, train_shards, finished_run, capsys, damage):
+    shutil.copytree(finished_run / "run", tmp_path / "run")
+    step = tmp_path / "run" / "checkpoints" / "step_00000012"
+    target = {"truncated tensor file": next((step / "state").glob("*.distcp")),
+              "truncated .metadata": step / "state" / ".metadata", "truncated rank file": step / "rank_0.pt",
+              "empty meta.json": step / "meta.json", "flipped bit": next((step / "state").glob("*.distcp"))}[damage]
+    if damage == "flipped bit":
+        data = bytearray(target.read_bytes())
+        data[len(data) // 2] ^= 1
+        target.write_bytes(bytes(data))
+    else:
+        _truncate(target, 0.0 if damage == "empty meta.json" else 0.5)
+    code = main(_train_args(tmp_path, train_shards, "run", **{"checkpoint.every": 4}))
+    out, err = capsys.readouterr()
+    assert code == 0 and err.startswith(f"mtllm: checkpoint {step} is damaged ("), err
+    assert "steps 8 -> 12" in out, out
+    expected, resumed = trained_weights(finished_run / "run"), trained_weights(tmp_path / "run")
+    assert all(torch.equal(expected[name], resumed[name]) for name in expected)  # bit-identical
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == list(range(1, 13))
+
+
+# --- 8. metrics.jsonl holds every step once after a crash and resume -------------------------------------------
+
+def test_metrics_after_a_crash_hold_every_step_once(tmp_path, train_shards, capsys):
+    args = _train_args(tmp_path, train_shards, "crash", **{"checkpoint.every": 4})
+    assert main(args) == 0
+    shutil.rmtree(tmp_path / "crash" / "checkpoints" / "step_00000012")  # as if killed after step 11
+    with (tmp_path / "crash" / "metrics.jsonl").open("a") as metrics:
+        metrics.write('{"step": 12, "lo')  # and in the middle of a line
+    assert main(args) == 0
+    assert [r["step"] for r in read_metrics(tmp_path / "crash")] == list(range(1, 13))
+
+
+# --- 9 (the rest). a full disk during a checkpoint ------------------------------------------------------------
+
+def test_full_disk_during_a_checkpoint_keeps_the_earlier_ones(tmp_path, train_shards, capsys, monkeypatch):
+    real_save = torch.save
+
+    def full_disk(obj, path, *args, **kwargs):
+        if "step_00000008" in str(path):
+            raise OSError(28, "No space left on device")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    code, err = _run(capsys, *_train_args(tmp_path, train_shards, "full", **{"checkpoint.every": 4}))
+    assert code == 2 and len(err) == 1 and "checkpoint step 8: cannot write" in err[0] and \
+        "No space left on device" in err[0] and "earlier checkpoints are intact" in err[0], err
+    assert Checkpoints(tmp_path / "full").steps() == [4]
+    assert not (tmp_path / "full" / "checkpoints" / "step_00000008").exists()
+    monkeypatch.setattr(torch, "save", real_save)
+    assert main(_train_args(tmp_path, train_shards, "full", **{"checkpoint.every": 4})) == 0
+
+
+# The table of fault cases: (test, what goes wrong, what must happen).
+FAULTS = [
+    ("test_unreadable_shard_stops_at_once", "a shard unreadable mid-tar, data.num_workers 0 / 1 / 2",
+     "exit 2 in seconds, one line naming shard and sample; no worker left behind"),
+    ("test_one_rank_with_bad_data_stops_both", "one of 2 ranks (torchrun, ddp) reads a broken shard",
+     "both ranks stop within seconds (the step's all-reduce carries the failure), non-zero exit"),
+    ("test_damaged_shard_is_refused", "a flipped byte in token data, a truncated shard, a missing shard",
+     "exit 2 before training on it: checksum mismatch / missing, naming the shard"),
+    ("test_skip_bad_samples_counts_every_dropped_sample", "data.skip_bad_samples with a truncated shard",
+     "the run goes on; bad_samples counts all 10 samples of the shard per pass"),
+    ("test_manifest_sample_count_is_checked_against_the_shard", "manifest claims 11 samples for a 10-sample shard",
+     "exit 2 naming the shard and both counts"),
+    ("test_crafted_checkpoint_metadata_runs_no_code", "a .metadata pickle that calls exec (checksums forged)",
+     "resume and export refuse it in one line; the code never runs"),
+    ("test_second_trainer_on_a_run_folder_is_refused", "a second trainer on a run folder in use",
+     "exit 2 naming host and pid of the holder; the first trainer is undisturbed"),
+    ("test_resume_with_other_settings_is_refused", "resume with model.lora.r / optim.lr / train.steps changed",
+     "exit 2 naming key and both values; config.yaml untouched; the run still exports"),
+    ("test_resume_may_change_how_it_logs_and_checkpoints", "resume with logging / checkpoint / timeout changed",
+     "accepted and recorded in config.yaml"),
+    ("test_non_finite_weights_are_never_saved", "an update makes a weight inf",
+     "exit 1 at the next checkpoint step, nothing saved; earlier checkpoints finite"),
+    ("test_export_refuses_a_checkpoint_with_non_finite_weights", "export of a checkpoint holding NaN",
+     "exit 2 naming the checkpoint and the steps available"),
+    ("test_deepspeed_says_a_non_finite_step_was_applied_and_saves_nothing", "inf gradient under DeepSpeed",
+     "exit 1 saying DeepSpeed applied the step; no checkpoint from it"),
+    ("test_damaged_newest_checkpoint_falls_back", "newest checkpoint truncated / empty meta.json / a flipped bit",
+     "reported; the one before it resumed; the end result bit-identical"),
+    ("test_metrics_after_a_crash_hold_every_step_once", "crash after the last checkpoint, a half-written line",
+     "metrics.jsonl holds each step once after resume"),
+    ("test_full_disk_during_a_checkpoint_keeps_the_earlier_ones", "disk full while writing a checkpoint",
+     "exit 2 in one line; no partial checkpoint; earlier ones intact; a rerun resumes"),
+]
+
+
+def test_the_table_lists_every_fault_case():
+    cases = sorted(name for name in globals() if name.startswith("test_") and name != "test_the_table_lists_every_fault_case")
+    assert sorted(name for name, _, _ in FAULTS) == cases
