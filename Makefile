@@ -1,4 +1,5 @@
-# make install / test / demo / bench / mini-repro / lint. Everything lives in .venv; `install` is a no-op when done.
+# make install / test / test-cluster / demo / bench / mini-repro / lint. Everything lives in .venv; `install` is a
+# no-op when done.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -7,7 +8,7 @@ export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test demo bench mini-repro lint clean
+.PHONY: install test test-cluster demo bench mini-repro lint clean
 
 install: $(STAMP)
 
@@ -19,7 +20,12 @@ $(STAMP): requirements.txt setup.cfg pyproject.toml
 	touch $(STAMP)
 
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests --ignore=tests/cluster
+
+# The launch scripts run for real: a one-node SLURM (installed with apt-get and started here; needs root), two
+# torchrun agents joined by a c10d rendezvous, the DeepSpeed launcher with a hostfile. A few minutes on 2 cores.
+test-cluster: install
+	$(PY) -m pytest -q -rs tests/cluster
 
 demo: install
 	$(PY) -m mtllm_train demo
