@@ -1,15 +1,20 @@
 """GPU throughput of the stage-1 step at the paper's shapes: an NLLB-600M-shaped encoder under a
 Llama-3-8B-shaped bidirectional LLM (random init; bf16 or NF4 base), sequence length 512.
 
-Measures, for the largest micro batch that fits (powers of two): samples/s, tokens/s, MFU and peak memory,
-and projects the paper's stage 1 (10K steps x 256 sequences) onto 8xA100 from the measured MFU.
+Sweeps the micro batch (powers of two up to --max-batch, until one does not fit) for one setting of base,
+activation checkpointing and compile, and reports per micro batch: step time, tokens/s, MFU and peak memory,
+and the paper's stage 1 (10K steps x 256 sequences) projected onto 8xA100 and 8xH100 from the best MFU.
 
     MFU = step FLOPs / step time / peak bf16 FLOP/s, with step FLOPs from mtllm_train.metrics.step_flops:
           2 N_llm T_llm (teacher) + 2 N_enc T_mt (encoder) + 4 N_llm T_mt (student forward + backward
-          through the frozen base), T = computed (padded) tokens; attention scores are not counted.
+          through the frozen base), T = computed (padded) tokens; attention scores and recompute not counted.
 
-    python bench/gpu_throughput.py --base bf16            # on an H100/H200
-    python bench/gpu_throughput.py --tiny --steps 2       # shape and argument checks on CPU
+The models are initialised on the GPU (a random-init NF4 base is then quantized there, while loading).
+
+    python bench/gpu_throughput.py --base bf16 --checkpointing none --compile --write   # on an H100/H200
+    python bench/gpu_throughput.py --tiny --steps 2                                       # checks on CPU
+
+--write appends the table, with the GPU's name, to bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import json
 import os
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -27,7 +33,8 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from mtllm_train.config import ModelConfig, OptimConfig, from_dict  # noqa: E402
+from mtllm_train.config import ConfigError, ModelConfig, OptimConfig, checkpointing_policy, from_dict  # noqa: E402
+from mtllm_train.distributed import compile_layers  # noqa: E402
 from mtllm_train.metrics import PEAK_BF16_FLOPS, parameter_count, peak_flops, step_flops  # noqa: E402
 from mtllm_train.model.loss import squared_error  # noqa: E402
 from mtllm_train.model.stack import build_stack, trainable_parameters  # noqa: E402
@@ -55,10 +62,14 @@ def build(args, device: torch.device):
         "bidirectional": True, "quantization": "nf4" if quantized else "none",
         "dtype": "bfloat16" if device.type == "cuda" else "float32",
         "quant_compute_dtype": "bfloat16" if device.type == "cuda" else "float32",
-        "activation_checkpointing": args.activation_checkpointing, "pooling": "mean"}, "model")
-    with torch.device(device if not quantized else "cpu"):
+        "activation_checkpointing": args.checkpointing, "pooling": "mean"}, "model")
+    # Random init on the GPU itself: initialising 8B parameters on the CPU takes minutes.
+    with torch.device(device):
         stack = build_stack(model)
-    return stack.to(device)
+    stack = stack.to(device)
+    if args.compile:
+        compile_layers(stack.llm)
+    return stack
 
 
 def run_steps(stack, optimizer, batch_size: int, seq: int, steps: int, device: torch.device, vocab: tuple[int, int]):
@@ -82,60 +93,103 @@ def run_steps(stack, optimizer, batch_size: int, seq: int, steps: int, device: t
     return sorted(times[1:])[len(times[1:]) // 2]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base", choices=("bf16", "nf4"), default="bf16", help="dtype of the frozen LLM")
-    parser.add_argument("--seq", type=int, default=512, help="tokens per view")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per micro batch")
-    parser.add_argument("--max-batch", type=int, default=64, help="largest micro batch to try")
-    parser.add_argument("--activation-checkpointing", action="store_true")
-    parser.add_argument("--tiny", action="store_true", help="tiny shapes (CPU check of the script)")
-    parser.add_argument("--out", default=None, help="write the result as JSON here")
-    args = parser.parse_args()
-    if args.seq < 8 or args.steps < 1 or args.max_batch < 1:
-        parser.error("--seq must be >= 8, --steps and --max-batch >= 1")
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cpu" and not args.tiny:
-        parser.error("no GPU here: the full shapes need one; use --tiny to check the script on CPU")
+def projected_hours(per_sample_flops: float, mfu: float, gpu: str) -> float:
+    """The paper's stage 1 (PAPER_SAMPLES sequences) on 8 GPUs of kind `gpu` at `mfu`."""
+    return PAPER_SAMPLES * per_sample_flops / (8 * PEAK_BF16_FLOPS[gpu] * mfu) / 3600
 
-    stack = build(args, device)
-    optimizer = build_optimizer(trainable_parameters(stack), OptimConfig(lr=1e-4))
+
+def sweep(stack, optimizer, args, device: torch.device) -> list[dict]:
+    """One row per micro batch, doubling until --max-batch or until one does not fit."""
     llm_params, encoder_params = parameter_count(stack.llm), parameter_count(stack.mt_encoder)
     vocab = (stack.mt_encoder.config.vocab_size, stack.llm.config.vocab_size)
-    best = None
-    batch_size = 1
+    peak = peak_flops(device)
+    rows, batch_size = [], 1
     while batch_size <= args.max_batch:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         try:
             seconds = run_steps(stack, optimizer, batch_size, args.seq, args.steps, device, vocab)
         except torch.OutOfMemoryError:
             break
-        best = (batch_size, seconds, torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None)
+        tokens = batch_size * args.seq
+        flops = step_flops(llm_params, encoder_params, tokens, tokens)
+        rows.append({"micro_batch": batch_size, "step_s": seconds, "samples_per_s": batch_size / seconds,
+                     "tokens_per_s": 2 * tokens / seconds, "step_tflop": flops / 1e12,
+                     "mfu": flops / seconds / peak if peak else None,
+                     "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None})
         print(f"micro batch {batch_size}: {seconds:.3f} s/step", flush=True)
         batch_size *= 2
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    if best is None:
+    return rows
+
+
+def markdown(result: dict) -> str:
+    setting = (f"{result['base']} base, checkpointing {result['checkpointing']}, "
+               f"compile {'on' if result['compile'] else 'off'}, {result['seq']} tokens per view")
+    lines = [f"{result['device']}: {setting}", "",
+             "| micro batch | step s | samples/s | tokens/s | MFU | peak GB |", "|---|---|---|---|---|---|"]
+    for row in result["rows"]:
+        mfu = f"{row['mfu']:.3f}" if row["mfu"] else "-"
+        memory = f"{row['peak_mem_gb']:.1f}" if row["peak_mem_gb"] else "-"
+        lines.append(f"| {row['micro_batch']} | {row['step_s']:.3f} | {row['samples_per_s']:.1f} | "
+                     f"{row['tokens_per_s']:.0f} | {mfu} | {memory} |")
+    if "projected_8xA100_hours" in result:
+        lines += ["", f"Paper's stage 1 at the best MFU: {result['projected_8xA100_hours']:.1f} h on 8xA100, "
+                      f"{result['projected_8xH100_hours']:.1f} h on 8xH100 (paper: {PAPER_HOURS} h on 8xA100)."]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", choices=("bf16", "nf4"), default="bf16", help="dtype of the frozen LLM")
+    parser.add_argument("--checkpointing", default="none", help="model.activation_checkpointing: none, full, every_<k>")
+    parser.add_argument("--compile", action="store_true", help="model.compile: torch.compile each LLM layer")
+    parser.add_argument("--seq", type=int, default=512, help="tokens per view")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per micro batch")
+    parser.add_argument("--max-batch", type=int, default=64, help="largest micro batch to try")
+    parser.add_argument("--tiny", action="store_true", help="tiny shapes (CPU check of the script)")
+    parser.add_argument("--out", default=None, help="write the result as JSON here")
+    parser.add_argument("--write", action="store_true", help="append the table to bench/RESULTS.md")
+    args = parser.parse_args()
+    if args.seq < 8 or args.steps < 1 or args.max_batch < 1:
+        parser.error("--seq must be >= 8, --steps and --max-batch >= 1")
+    try:
+        args.checkpointing = checkpointing_policy(args.checkpointing)
+    except ConfigError as err:
+        parser.error(str(err))
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cpu" and not args.tiny:
+        parser.error("no GPU here: the full shapes need one; use --tiny to check the script on CPU")
+
+    start = time.perf_counter()
+    stack = build(args, device)
+    optimizer = build_optimizer(trainable_parameters(stack), OptimConfig(lr=1e-4))
+    build_s = time.perf_counter() - start
+    rows = sweep(stack, optimizer, args, device)
+    if not rows:
         raise SystemExit("even micro batch 1 does not fit")
-    batch_size, seconds, peak_gb = best
-    tokens = batch_size * args.seq
-    flops = step_flops(llm_params, encoder_params, tokens, tokens)
-    peak = peak_flops(device)
     result = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        "base": args.base, "seq": args.seq, "micro_batch": batch_size, "step_s": seconds,
-        "samples_per_s": batch_size / seconds, "tokens_per_s": 2 * tokens / seconds,
-        "llm_params": llm_params, "encoder_params": encoder_params, "step_tflop": flops / 1e12,
-        "mfu": flops / seconds / peak if peak else None, "peak_mem_gb": peak_gb,
+        "base": args.base, "checkpointing": args.checkpointing, "compile": args.compile, "seq": args.seq,
+        "build_s": build_s, "llm_params": parameter_count(stack.llm),
+        "encoder_params": parameter_count(stack.mt_encoder),
+        "rows": rows,
     }
-    if result["mfu"]:
-        # At the same MFU on 8 A100s (312 TFLOP/s bf16 each), the paper's 2.56M sequences would take:
-        per_sample_flops = flops / batch_size
-        result["projected_8xA100_hours"] = PAPER_SAMPLES * per_sample_flops / (
-            8 * PEAK_BF16_FLOPS["A100"] * result["mfu"]) / 3600
-        result["paper_hours"] = PAPER_HOURS
+    best = max(rows, key=lambda row: row["samples_per_s"])
+    if best["mfu"]:
+        per_sample_flops = best["step_tflop"] * 1e12 / best["micro_batch"]
+        result["projected_8xA100_hours"] = projected_hours(per_sample_flops, best["mfu"], "A100")
+        result["projected_8xH100_hours"] = projected_hours(per_sample_flops, best["mfu"], "H100")
+    table = markdown(result)
     print(json.dumps(result, indent=1))
+    print(table)
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
+    if args.write:
+        stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        with open(ROOT / "bench" / "RESULTS.md", "a", encoding="utf-8") as results:
+            results.write(f"\n## GPU throughput, {stamp}\n\n{table}\n\nBuilt in {build_s:.0f} s.\n")
 
 
 if __name__ == "__main__":

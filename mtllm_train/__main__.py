@@ -6,7 +6,57 @@ Heavy imports (torch, transformers) happen inside the commands, so `--help` answ
 from __future__ import annotations
 
 import argparse
+import difflib
+import re
 import sys
+import textwrap
+from importlib.metadata import PackageNotFoundError, version
+
+EXAMPLES = {
+    "demo": ["mtllm demo"],
+    "build": ["mtllm shards build --input data/*.jsonl --out shards/build/mine --llm-tokenizer configs/tiny/llm_tokenizer "
+              "--mt-tokenizer configs/tiny/mt_tokenizer --max-length 256"],
+    "inspect": ["mtllm shards inspect shards/build/mine"],
+    "config": ["mtllm config --config configs/tiny.yaml train.steps=50", "mtllm config --config configs/tiny.yaml --run-dir"],
+    "train": ["mtllm train --config configs/tiny.yaml data.shards=runs/demo/shards train.steps=50",
+              "torchrun --nproc_per_node 8 -m mtllm_train train --config configs/stage1_nllb600m_llm2vec_llama3_8b.yaml"],
+    "task-train": ["mtllm task-train --config configs/stage2/nusax_llm.yaml"],
+    "task-distill": ["mtllm task-distill --config configs/stage2/nusax_stack_s1_s2.yaml"],
+    "evaluate": ["mtllm evaluate --run runs/nusax_stack_s1_s2"],
+    "export": ["mtllm export --run runs/tiny --out exports/tiny", "mtllm export --run runs/tiny --out exports/tiny --force"],
+    "predict": ['mtllm predict --model exports/tiny --lang deu_Latn "Ein Satz."',
+                "mtllm predict --model exports/nusax --lang jav_Latn --input texts.jsonl"],
+    "prepare-llm2vec": ["mtllm prepare-llm2vec --out models/llm2vec-llama3-8b"],
+    "tiny-tokenizers": ["mtllm tiny-tokenizers"],
+}
+CONFIG_HELP = ("Settings come from the YAML file, then from key.sub=value overrides (written without dashes), e.g. "
+               "train.steps=200 optim.lr=1e-4. Sections: run, model, data, train, optim, distributed, checkpoint, "
+               "logging (and task for stage 2); every key is in the README's configuration reference, and "
+               "`mtllm config --config FILE` prints the resolved values.")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with close-match suggestions for commands and a hint for overrides written as options."""
+
+    def error(self, message: str):
+        choice = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if choice:
+            options = re.findall(r"[\w-]+", choice.group(2))
+            close = difflib.get_close_matches(choice.group(1), options, n=1)
+            if close:
+                message += f"; did you mean '{close[0]}'?"
+        option = re.search(r"unrecognized arguments: --?([\w.]+\.[\w.]+)(=\S*)?", message)
+        if option:
+            message += (f"; settings are overrides written without dashes, key.sub=value (e.g. "
+                        f"{option.group(1)}{option.group(2) or '=VALUE'})")
+        super().error(message)
+
+
+def _package_version() -> str:
+    try:
+        return version("mtllm-train")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -20,10 +70,13 @@ def _config(args: argparse.Namespace) -> None:
 
     import yaml
 
-    from mtllm_train.config import load_config, to_dict
+    from mtllm_train.config import TaskConfig, load_config, to_dict
 
     cfg = load_config(args.config, args.overrides)
-    print(Path(cfg.run.dir) / cfg.run.name if args.run_dir else yaml.safe_dump(to_dict(cfg), sort_keys=False), end="\n")
+    settings = to_dict(cfg)
+    if cfg.task == TaskConfig():  # a stage-1 config: the stage-2 section would only be defaults it never reads
+        del settings["task"]
+    print(Path(cfg.run.dir) / cfg.run.name if args.run_dir else yaml.safe_dump(settings, sort_keys=False), end="\n")
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -64,8 +117,28 @@ def _evaluate(args: argparse.Namespace) -> None:
 def _export(args: argparse.Namespace) -> None:
     from mtllm_train.export import export_run
 
-    out = export_run(args.run, args.out or f"{args.run}/export", args.step)
-    print(f"exported to {out}; load it with mtllm_train.export.load_mtllm({str(out)!r})")
+    out = export_run(args.run, args.out, args.step, args.force, args.merge)
+    print(f"exported to {out}; load it with mtllm_train.export.load_mtllm({str(out)!r}), transformers' AutoModel "
+          f"(trust_remote_code=True), or try it: mtllm predict --model {out} TEXT")
+
+
+def _predict(args: argparse.Namespace) -> None:
+    import json
+
+    from transformers.utils import logging as transformers_logging
+
+    from mtllm_train.export import load_mtllm, read_inputs
+
+    transformers_logging.disable_progress_bar()  # stdout and stderr carry results and errors only
+    model = load_mtllm(args.model)
+    inputs = read_inputs(args.input, args.texts, model)
+    if model.head is None:
+        for vector in model.encode(inputs, lang=args.lang).tolist():
+            print(json.dumps({"vector": [round(value, 6) for value in vector]}))
+        return
+    probabilities = model.predict_proba(inputs, lang=args.lang)
+    for label, row in zip(model.predict(inputs, lang=args.lang), probabilities.tolist()):
+        print(json.dumps({"prediction": label, "probabilities": [round(value, 6) for value in row]}))
 
 
 def _prepare_llm2vec(args: argparse.Namespace) -> None:
@@ -84,7 +157,7 @@ def _tiny_tokenizers(args: argparse.Namespace) -> None:
 
 def _shards_build(args: argparse.Namespace) -> None:
     from mtllm_train.data.shard_writer import build_shards
-    from mtllm_train.model.tokenizers import ENGLISH
+    from mtllm_train.portable.tokens import ENGLISH
 
     build_shards(args.input, args.out, args.llm_tokenizer, args.mt_tokenizer, args.mt_lang or ENGLISH, args.max_length,
                  args.shard_size, args.workers, args.text_field)
@@ -97,16 +170,30 @@ def _shards_inspect(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mtllm", description="Self-distillation training of MT-encoder + LLM stacks.")
+    parser = _Parser(prog="mtllm", description="Self-distillation training of MT-encoder + LLM stacks. "
+                                               "`mtllm <command> --help` describes each command with examples.")
+    parser.add_argument("--version", action="version", version=f"mtllm-train {_package_version()}")
+    # The deepspeed launcher puts --local_rank=N before the command; LOCAL_RANK in the environment says the same.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", required=True, metavar="<command>")
+    add_parser = commands.add_parser
 
-    demo = commands.add_parser("demo", help="run the end-to-end demo on tiny models (CPU, no model hub)")
+    def command(name: str, help: str, subcommands=None, config: bool = False):
+        """A command with its one-line description and examples (and the config's story for config users)."""
+        epilog = "\n".join(["examples:", *(f"  {line}" for line in EXAMPLES[name])])
+        if config:
+            epilog += "\n\n" + textwrap.fill(CONFIG_HELP, 100)
+        return (subcommands or add_parser)(name, help=help, description=help[0].upper() + help[1:] + ".", epilog=epilog,
+                                           formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    demo = command("demo", "run the end-to-end demo on tiny models (CPU, no model hub)")
     demo.add_argument("--workdir", default="runs/demo", help="where the demo writes its files (default: runs/demo)")
     demo.set_defaults(func=_demo)
 
-    shards = commands.add_parser("shards", help="build and inspect pre-tokenized shards")
+    shards = add_parser("shards", help="build and inspect pre-tokenized shards", description="Build and inspect "
+                        "pre-tokenized shards: `mtllm shards build --help`, `mtllm shards inspect --help`.")
     shard_commands = shards.add_subparsers(dest="shards_command", required=True, metavar="<shards command>")
-    build = shard_commands.add_parser("build", help="pre-tokenize documents into aligned webdataset shards")
+    build = command("build", "pre-tokenize documents into aligned webdataset shards", shard_commands.add_parser)
     build.add_argument("--input", nargs="+", required=True, help="jsonl(.gz), parquet or txt files")
     build.add_argument("--out", required=True, help="output folder (rerun the same command to resume)")
     build.add_argument("--llm-tokenizer", required=True, help="the LLM's tokenizer (folder or hub id)")
@@ -117,47 +204,55 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1)")
     build.add_argument("--text-field", default="text", help="the text field/column of jsonl and parquet inputs")
     build.set_defaults(func=_shards_build)
-    inspect = shard_commands.add_parser("inspect", help="counts, length histograms, padding efficiency, checksums")
+    inspect = command("inspect", "counts, length histograms, padding efficiency, checksums", shard_commands.add_parser)
     inspect.add_argument("dir", help="a shard folder with manifest.json")
     inspect.add_argument("--batch-size", type=int, default=8, help="micro batch size for the padding estimate")
     inspect.add_argument("--group-batches", type=int, default=16, help="batches per length-grouping buffer")
     inspect.set_defaults(func=_shards_inspect)
 
-    config = commands.add_parser("config", help="print the resolved config (YAML + overrides, validated)")
+    config = command("config", "print the resolved config (YAML + overrides, validated)", config=True)
     config.add_argument("--config", required=True, help="a YAML config")
     config.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     config.add_argument("--run-dir", action="store_true", help="print only the run folder (run.dir/run.name)")
     config.set_defaults(func=_config)
 
-    train = commands.add_parser("train", help="stage-1 self-distillation (also under torchrun / deepspeed)")
+    train = command("train", "stage-1 self-distillation (also under torchrun / deepspeed)", config=True)
     train.add_argument("--config", required=True, help="a YAML config, e.g. configs/tiny.yaml")
     train.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
-    # The deepspeed launcher appends --local_rank; LOCAL_RANK in the environment says the same.
-    train.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     train.set_defaults(func=_train)
 
     for name, text in (("task-train", "stage 2: fine-tune the LLM, the MT encoder or the stack with a task head"),
                        ("task-distill", "stage 2: distil the fine-tuned LLM's task representations into the stack")):
-        task = commands.add_parser(name, help=text + " (also under torchrun / deepspeed)")
+        task = command(name, text + " (also under torchrun / deepspeed)", config=True)
         task.add_argument("--config", required=True, help="a YAML config with a task section, e.g. configs/stage2/...")
         task.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
-        task.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
         task.set_defaults(func=_train)
 
-    evaluate = commands.add_parser("evaluate", help="test the S-DEV / T-DEV checkpoints of a stage-2 run on every "
-                                                    "language; write RUN/results/<row>.json and .md")
+    evaluate = command("evaluate", "test the S-DEV / T-DEV checkpoints of a stage-2 run on every language; write "
+                                   "RUN/results/<row>.json and .md")
     evaluate.add_argument("--run", required=True, help="a task-train or task-distill run folder")
     evaluate.set_defaults(func=_evaluate)
 
-    export = commands.add_parser("export", help="write a loadable MT-LLM (LoRA adapter, projection, manifest)")
+    export = command("export", "write a loadable MT-LLM (embedder or task model) with its model card")
     export.add_argument("--run", required=True, help="the run folder, e.g. runs/tiny")
-    export.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest complete one)")
-    export.add_argument("--out", default=None, help="output folder (default: RUN/export)")
+    export.add_argument("--step", type=int, default=None,
+                        help="checkpoint step (default: the newest; a stage-2 run: its S-DEV checkpoint)")
+    export.add_argument("--out", default=None, help="a new or empty folder (default: RUN/export)")
+    export.add_argument("--force", action="store_true", help="replace an earlier export in --out (nothing else)")
+    export.add_argument("--merge", action="store_true", help="merge the LoRA into the LLM (bfloat16; no peft needed)")
     export.set_defaults(func=_export)
+
+    predict = command("predict", "predictions (task model) or vectors (embedder) of an export")
+    predict.add_argument("--model", required=True, help="an export folder (mtllm export) or a hub id")
+    predict.add_argument("--lang", default=None, help="the texts' language, a FLORES-200 code (default: English)")
+    predict.add_argument("--input", default=None, help="a jsonl file: one object per input with the task's fields "
+                                                       "(text; premise + hypothesis; passage + question + answers)")
+    predict.add_argument("texts", nargs="*", help="texts to read (single-text models: embedders, sentiment)")
+    predict.set_defaults(func=_predict)
 
     from mtllm_train.llm2vec import BASE
 
-    llm2vec = commands.add_parser("prepare-llm2vec", help="merge LLM2Vec's MNTP + SimCSE adapters into the base, once")
+    llm2vec = command("prepare-llm2vec", "merge LLM2Vec's MNTP + SimCSE adapters into the base, once")
     llm2vec.add_argument("--out", required=True, help="folder for the merged model (then model.llm: OUT)")
     llm2vec.add_argument("--base", default=BASE, help=f"base model (default {BASE})")
     llm2vec.add_argument("--adapter", action="append", default=None,
@@ -166,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     llm2vec.add_argument("--dtype", default="bfloat16", help="dtype of the saved weights (default bfloat16)")
     llm2vec.set_defaults(func=_prepare_llm2vec)
 
-    tok = commands.add_parser("tiny-tokenizers", help="train the tiny demo/test tokenizers from an English jsonl")
+    tok = command("tiny-tokenizers", "train the tiny demo/test tokenizers from an English jsonl")
     tok.add_argument("--corpus", default="shards/sample/enwiki_sample.jsonl", help="jsonl with a 'text' field")
     tok.add_argument("--out", default="configs/tiny", help="folder for llm_tokenizer/ and mt_tokenizer/")
     tok.set_defaults(func=_tiny_tokenizers)
@@ -175,11 +270,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from mtllm_train.config import ConfigError
+    from mtllm_train.portable.tokens import InputError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0
-    except ConfigError as err:
+    except (ConfigError, InputError) as err:
         print(f"mtllm: error: {err}", file=sys.stderr)
         return 2
 

@@ -7,8 +7,10 @@ dotted key and what was expected.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
+import re
 import types
 import typing
 from collections.abc import Iterator
@@ -17,6 +19,8 @@ from pathlib import Path
 from typing import Any, Union
 
 import yaml
+
+from mtllm_train.portable.pooling import POOLINGS
 
 
 class ConfigError(ValueError):
@@ -64,8 +68,10 @@ class ModelConfig:
     lora: LoraSettings = option(LoraSettings, "LoRA adapters on the LLM")
     pooling: str = option("mean", "pooled vector: mean over real tokens, last (eos) or first (bos) real token")
     init_seed: int = option(0, "seed of every random init (inline models, LoRA, projection): same on all ranks")
-    activation_checkpointing: bool = option(False, "recompute LLM activations in the backward pass")
-    compile: bool = option(False, "torch.compile each LLM layer")
+    activation_checkpointing: Union[str, bool] = option(
+        "none", "LLM layers whose activations the backward pass recomputes: none, full (every layer) or every_<k> "
+                "(every k-th layer: less recompute, more memory); true / false mean full / none")
+    compile: bool = option(False, "torch.compile each LLM layer (after the backend wrapped it)")
 
 
 @dataclass
@@ -172,7 +178,7 @@ class Config:
 
 CHOICES = {
     "model.quantization": ("none", "nf4", "fp4"),
-    "model.pooling": ("mean", "eos", "bos"),
+    "model.pooling": POOLINGS,
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.quant_compute_dtype": ("float32", "bfloat16", "float16"),
     "model.quant_storage_dtype": ("float32", "bfloat16", "float16", "uint8"),
@@ -229,7 +235,9 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     for key in data:
         if key not in known:
             where = f"{prefix}.{key}" if prefix else key
-            raise ConfigError(f"unknown config key '{where}'; expected one of: {', '.join(sorted(known))}")
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"did you mean '{prefix + '.' if prefix else ''}{close[0]}'? " if close else ""
+            raise ConfigError(f"unknown config key '{where}'; {hint}expected one of: {', '.join(sorted(known))}")
     values = {}
     for name in known & data.keys():
         where = f"{prefix}.{name}" if prefix else name
@@ -247,6 +255,15 @@ def _float_fields(section: Any, prefix: str = "") -> Iterator[tuple[str, float]]
             yield from _float_fields(value, key)
         elif isinstance(value, float):
             yield key, value
+
+
+def checkpointing_policy(value: str | bool) -> str:
+    """model.activation_checkpointing as a policy name; true / false (the older form) are full / none."""
+    policy = {True: "full", False: "none"}[value] if isinstance(value, bool) else value
+    if not re.fullmatch(r"none|full|every_([2-9]|[1-9]\d+)", policy):
+        raise ConfigError(f"model.activation_checkpointing: expected none, full or every_<k> (k >= 2), or true / "
+                          f"false, got {value!r}")
+    return policy
 
 
 def validate(cfg: Config) -> Config:
@@ -279,6 +296,7 @@ def validate(cfg: Config) -> Config:
     if cfg.checkpoint.keep_last < 2:
         raise ConfigError(f"checkpoint.keep_last: expected at least 2 (one complete checkpoint must survive a "
                           f"crash during the next save), got {cfg.checkpoint.keep_last}")
+    cfg.model.activation_checkpointing = checkpointing_policy(cfg.model.activation_checkpointing)
     if not 0 <= cfg.model.lora.dropout < 1:
         raise ConfigError(f"model.lora.dropout: expected a value in [0, 1), got {cfg.model.lora.dropout}")
     warmup = cfg.optim.warmup

@@ -6,7 +6,8 @@
    launch/slurm_multinode.sbatch writes before the time limit): the ranks agree at the step boundary, checkpoint
    and exit 0;
 4. rerun the same command: training resumes from that checkpoint and finishes;
-5. export the MT-LLM, load it back with one call, embed the held-out documents and compare with the teacher;
+5. export the MT-LLM, load it back three ways (load_mtllm, transformers' AutoModel, sentence-transformers), embed
+   the held-out documents and compare with the teacher;
 6. print a summary and point at the loss curve.
 """
 
@@ -26,7 +27,7 @@ import torch
 from mtllm_train.config import load_config
 from mtllm_train.data.manifest import MANIFEST
 from mtllm_train.data.shard_writer import build_shards
-from mtllm_train.model.tokenizers import ENGLISH
+from mtllm_train.portable.tokens import ENGLISH, pad_id, pad_right
 
 SAMPLE = "shards/sample/enwiki_sample.jsonl"
 HELD_OUT = 20
@@ -50,7 +51,7 @@ def run_demo(workdir: str) -> None:
         build_shards([str(train_file)], str(shards), cfg.model.llm_tokenizer, cfg.model.mt_tokenizer, ENGLISH,
                      cfg.data.max_length, shard_size=50, workers=1)
 
-    overrides = [f"run.dir={workdir}", f"data.shards={shards}", "distributed.backend=fsdp", "logging.progress_bar=false"]
+    overrides = [f"run.dir={workdir}", f"data.shards={shards}", "distributed.backend=fsdp"]
     run_dir = Path(workdir) / cfg.run.name
     metrics = run_dir / "metrics.jsonl"
     shutil.rmtree(run_dir, ignore_errors=True)  # the demo starts from step 0 every time
@@ -67,16 +68,25 @@ def run_demo(workdir: str) -> None:
     if _launch(overrides).wait() != 0:
         raise SystemExit("the resumed training launch failed; see its output above")
 
-    print("[4/5] export + load")
+    print("[4/5] export + load: mtllm_train.export.load_mtllm, transformers' AutoModel, sentence-transformers")
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoModel
+
     from mtllm_train.export import export_run, load_mtllm
     from mtllm_train.model.stack import build_stack
 
     export_dir = export_run(str(run_dir), str(run_dir / "export"))
-    mtllm = load_mtllm(export_dir)
-    teacher = mtllm.embed_teacher(held_out)
-    trained = mtllm.embed(held_out, lang=ENGLISH)
-    mtllm.stack = build_stack(cfg.model).eval()  # the same stack before stage 1, for comparison
-    untrained = mtllm.embed(held_out, lang=ENGLISH)
+    model = load_mtllm(export_dir)
+    teacher = model.encode_teacher(held_out)
+    trained = model.encode(held_out, lang=ENGLISH)
+    routes = {"AutoModel": AutoModel.from_pretrained(str(export_dir), trust_remote_code=True).encode(held_out),
+              "SentenceTransformer": SentenceTransformer(str(export_dir), trust_remote_code=True).encode(
+                  held_out, convert_to_tensor=True)}
+    # The same stack before stage 1, on the same tokens, for comparison.
+    ids, mask = pad_right(model.tokenizer(held_out, truncation=True, max_length=cfg.data.max_length)["input_ids"],
+                          pad_id(model.tokenizer))
+    with torch.no_grad():
+        untrained = build_stack(cfg.model).eval().student_pooled(ids, mask)
 
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
     print("[5/5] summary")
@@ -92,6 +102,8 @@ def run_demo(workdir: str) -> None:
               f"mean cosine {cosine:+.3f}")
     print("  (random tiny models: the student learns the teacher's average representation, FVU stays near 1;"
           " real weights: bench/mini_repro)")
-    print(f"  run folder       {run_dir}  (config.yaml, metrics.jsonl, checkpoints/, export/)")
+    for route, vectors in routes.items():
+        print(f"  export loaded by {route:20s} max |difference| to load_mtllm {(vectors - trained).abs().max().item():.1e}")
+    print(f"  run folder       {run_dir}  (config.yaml, metrics.jsonl, checkpoints/, export/ with its README.md)")
     print(f"  loss curve       {run_dir / 'loss_curve.png'}")
     print(f"  total time       {time.perf_counter() - start:.0f}s")

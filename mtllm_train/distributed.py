@@ -86,6 +86,24 @@ def repeated_layers(module: nn.Module) -> nn.ModuleList:
     return max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
 
 
+COMPILE_BACKEND = "inductor"  # torch.compile's default; tests set dynamo's "eager" or "aot_eager" (no C++ compiler)
+
+
+def compile_layers(module: nn.Module) -> None:
+    """torch.compile the forward of each transformer layer of `module`, after the backend wrapped it.
+
+    Compiling `forward` (not the module call) keeps the wrappers' hooks (FSDP2's all-gathers, DeepSpeed's)
+    outside the graphs and the parameter names unchanged. After wrapping, because FSDP2 gives each layer a
+    subclass, and transformers' activation checkpointing acts only in the outermost class's `forward`.
+    """
+    # The layers share one code object, hence one cache of graphs: teacher or student, padded batch or not,
+    # checkpointed layer or not (every_<k>), each first static and then dynamic in the sequence length once a new
+    # length comes. That is up to 16; past torch's default limit (8) the rest would run uncompiled.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
+    for layer in repeated_layers(module):
+        layer.forward = torch.compile(layer.forward, backend=COMPILE_BACKEND)
+
+
 def wrap_model(module: nn.Module, cfg: Config, dist_info: Dist, sharded: nn.Module,
                replicated: list[nn.Module]) -> nn.Module:
     """DDP or FSDP2 around `module` (DeepSpeed wraps in deepspeed_engine). FSDP shards every layer of `sharded`;

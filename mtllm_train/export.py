@@ -1,101 +1,329 @@
-"""`mtllm export`: turn a checkpoint into a self-contained MT-LLM folder, and load one back with one call.
+"""`mtllm export`: a trained run -> a self-contained MT-LLM folder that people can use.
+
+One format for stage 1 (an embedder) and stage 2 (a task model: body + head + label names):
 
 DIR/
-    mtllm.json                 how to rebuild the frozen parts: encoder and LLM ids / paths / inline configs,
-                               quantization, LoRA settings, pooling; plus the source run and step
-    adapter/                   the LoRA adapter in peft's format (adapter_config.json, adapter_model.safetensors)
-    projection.safetensors     U's weight and bias
-    tokenizers/llm, tokenizers/mt
+    config.json                 everything needed to rebuild the model (model_type "mtllm", auto_map to the code
+                                below): frozen parts' sources, bidirectional, pooling, quantization, dtype, max length
+                                per view, language codes, task; plus the training facts (run, steps, sequences seen,
+                                final loss / FVU, stage-2 scores)
+    configuration_mtllm.py ...  the model's code (mtllm_train/portable, copied): loads without mtllm-train
+    adapter/                    the LoRA adapter in peft's format (base model and task type named), or
+    llm/                        with --merge: the LLM with the LoRA merged in (bfloat16)
+    frozen/mt_encoder, frozen/llm   frozen weights of models built from inline configs (no hub id to point to)
+    projection.safetensors      U (the stack)          head.safetensors   the task head (task models)
+    tokenizer files             the tokenizer the model reads; tokenizers/llm: the teacher's (the stack)
+    modules.json, 1_Pooling/    sentence-transformers (embedders)
+    README.md                   the model card
+
+Export never destroys what it did not write: a non-empty folder that is not an earlier export is refused,
+`force` replaces an earlier export only, and the export is built beside the destination and renamed into place.
 
     >>> from mtllm_train.export import load_mtllm
-    >>> mtllm = load_mtllm("runs/tiny/export")
-    >>> vectors = mtllm.embed(["Ein Satz auf Deutsch."], lang="deu_Latn")
+    >>> model = load_mtllm("runs/tiny/export")
+    >>> vectors = model.encode(["Ein Satz auf Deutsch."], lang="deu_Latn")
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import shutil
+import time
 from pathlib import Path
 
 import torch
-from peft import set_peft_model_state_dict
-from safetensors.torch import load_file, save_file
+import yaml
+from safetensors.torch import save_file
 
 from mtllm_train.checkpoint import Checkpoints
-from mtllm_train.config import ConfigError, ModelConfig, from_dict, load_config, to_dict
+from mtllm_train.config import Config, ConfigError, ModelConfig, load_config
+from mtllm_train.loop import run_identity
+from mtllm_train.metrics import read_records
+from mtllm_train.model.loading import build_llm, load_model
 from mtllm_train.model.stack import MTLLM, build_stack
-from mtllm_train.model.tokenizers import ENGLISH, pad_id, pad_right, set_source_language, view_tokenizer
+from mtllm_train.model.tokenizers import view_tokenizer
+from mtllm_train.portable import configuration_mtllm
+from mtllm_train.portable.configuration_mtllm import MTLLMConfig
+from mtllm_train.portable.modeling_mtllm import MTLLMModel
+from mtllm_train.portable.tokens import ENGLISH, language_codes
 
-EXPORT_VERSION = 1
+EXPORT_FORMAT = 2
+PORTABLE_CODE = Path(configuration_mtllm.__file__).parent
+ST_POOLING = {"mean": "mean", "eos": "lasttoken", "bos": "cls"}  # our pooling -> sentence-transformers' mode
 
 
 def load_trained_stack(run_dir: Path, step: int | None = None) -> tuple[MTLLM, ModelConfig, dict]:
-    """The run's stack with the trainable weights of a checkpoint, in this (single) process."""
-    if not (run_dir / "config.yaml").is_file():
-        raise ConfigError(f"--run {run_dir}: not a run folder (no config.yaml)")
-    cfg = load_config(run_dir / "config.yaml")
+    """A stage-1 run's stack with the trainable weights of a checkpoint, in this (single) process."""
+    cfg = _run_config(run_dir)
     stack = build_stack(cfg.model)
     meta = Checkpoints(run_dir).load_trainable(stack, step)
     return stack.eval(), cfg.model, meta
 
 
-def export_run(run: str, out: str, step: int | None = None) -> Path:
-    run_dir, out_dir = Path(run), Path(out)
-    stack, model_cfg, meta = load_trained_stack(run_dir, step)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True)
-    stack.llm.save_pretrained(str(out_dir / "adapter"))
-    save_file({"weight": stack.projection.weight.detach().contiguous(), "bias": stack.projection.bias.detach()},
-              str(out_dir / "projection.safetensors"))
-    model = to_dict(model_cfg)
-    for view in ("llm", "mt"):
-        view_tokenizer(model_cfg, view).save_pretrained(str(out_dir / "tokenizers" / view))
-        model[f"{view}_tokenizer"] = f"tokenizers/{view}"
-    manifest = {"format_version": EXPORT_VERSION, "model": model, "run": str(run_dir), "step": meta["step"],
-                "backend": meta["backend"]}
-    (out_dir / "mtllm.json").write_text(json.dumps(manifest, indent=1))
+def _run_config(run_dir: Path) -> Config:
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"--run {run_dir}: not a run folder (no config.yaml)")
+    return load_config(run_dir / "config.yaml")
+
+
+def _is_export(folder: Path) -> bool:
+    try:
+        return json.loads((folder / "config.json").read_text()).get("model_type") == MTLLMConfig.model_type
+    except (OSError, ValueError):
+        return False
+
+
+def _check_destination(out_dir: Path, force: bool) -> None:
+    if not out_dir.exists() or (out_dir.is_dir() and not any(out_dir.iterdir())):
+        return
+    if not out_dir.is_dir() or not _is_export(out_dir):
+        raise ConfigError(f"--out {out_dir}: exists and is not an MT-LLM export; export writes only into a new or "
+                          f"empty folder (it never deletes what it did not write)")
+    if not force:
+        raise ConfigError(f"--out {out_dir}: holds an earlier export; add --force to replace it")
+
+
+def _frozen_source(spec: str | dict, name: str, module_fn, folder: Path) -> str:
+    """Where the export's loader finds a frozen part: the hub id / path it was trained from, or, for a model
+    built from an inline config, its weights saved into the export (nothing else could rebuild them)."""
+    if isinstance(spec, str):
+        return spec
+    module_fn().save_pretrained(str(folder / "frozen" / name))
+    return f"./frozen/{name}"
+
+
+def _training_facts(run_dir: Path, cfg: Config, meta: dict, identity: dict | None) -> dict:
+    records = [r for r in read_records(run_dir / "metrics.jsonl") if r["step"] <= meta["step"]] \
+        if (run_dir / "metrics.jsonl").is_file() else []
+    facts = {"run": run_dir.name, "step": meta["step"], "global_batch_size": cfg.train.global_batch_size,
+             "sequences_seen": meta["step"] * cfg.train.global_batch_size, "backend": meta["backend"],
+             "exported_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if records:
+        facts["final_loss"] = records[-1]["loss"]
+        if "fvu" in records[-1]:
+            facts["final_fvu"] = records[-1]["fvu"]
+    if identity is not None:
+        facts["stage"] = 2
+        facts["command"] = identity["command"]
+        results = {path.stem: json.loads(path.read_text())["selection"]
+                   for path in sorted((run_dir / "results").glob("*.json"))} if (run_dir / "results").is_dir() else {}
+        if results:
+            facts["scores"] = results
+    else:
+        facts["stage"] = 1
+    return facts
+
+
+def _trained_model(run_dir: Path, cfg: Config, identity: dict | None, step: int | None):
+    """(the trained module, its body, its task section or None, checkpoint meta) of a run."""
+    if identity is None:
+        stack = build_stack(cfg.model)
+        return stack, "stack", None, Checkpoints(run_dir).load_trainable(stack, step)
+    from mtllm_train.tasks.data import NLI_LABELS
+    from mtllm_train.tasks.models import build_task_model, load_head
+    from mtllm_train.tasks.selection import source_best_step
+
+    model = build_task_model(cfg, identity["kind"])
+    step = step or source_best_step(run_dir)  # the S-DEV checkpoint: the one model for every language
+    meta = Checkpoints(run_dir).load_trainable(model, step)
+    if identity["command"] == "task-distill":
+        load_head(model.head, cfg.task.teacher, identity["teacher_step"])
+    labels = list(cfg.task.labels) or (list(NLI_LABELS) if cfg.task.name == "nli" else [])
+    return model, identity["kind"], {"name": cfg.task.name, "labels": labels, "metric": cfg.task.metric}, meta
+
+
+def export_run(run: str, out: str | None = None, step: int | None = None, force: bool = False,
+               merge: bool = False) -> Path:
+    run_dir = Path(run)
+    out_dir = Path(out) if out else run_dir / "export"
+    cfg = _run_config(run_dir)
+    _check_destination(out_dir, force)
+    identity = run_identity(run_dir)
+    model, body, task, meta = _trained_model(run_dir, cfg, identity, step)
+    partial = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        _write_export(partial, model, body, task, cfg, _training_facts(run_dir, cfg, meta, identity), merge)
+        if out_dir.exists():  # an earlier export, with force: swap, then drop the old one
+            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            out_dir.rename(old)
+            partial.rename(out_dir)
+            shutil.rmtree(old)
+        else:
+            partial.rename(out_dir)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
     return out_dir
 
 
-class MTLLMEmbedder:
-    """A loaded MT-LLM: embed text in any language the MT encoder knows (the student path)."""
+def _write_export(folder: Path, model, body: str, task: dict | None, cfg: Config, facts: dict, merge: bool) -> None:
+    model_cfg = cfg.model
+    body_module = model if task is None else model.body  # the MTLLM stack, or the LoRA-wrapped LLM / encoder
+    adapted = body_module.llm if body == "stack" else body_module
+    sources = {}
+    if body in ("stack", "mt_encoder"):
+        # The whole model an encoder-decoder's encoder comes from: the loader takes its encoder again.
+        sources["mt_encoder"] = _frozen_source(model_cfg.mt_encoder, "mt_encoder", lambda: load_model(
+            model_cfg.mt_encoder, "model.mt_encoder", model_cfg, quantize=False), folder)
+    if body in ("stack", "llm"):
+        unquantized = dataclasses.replace(model_cfg, quantization="none", bidirectional=False)
+        sources["llm"] = _frozen_source(model_cfg.llm, "llm", lambda: build_llm(unquantized), folder)
+    if merge:
+        if body == "mt_encoder":
+            raise ConfigError("--merge: only an LLM body (stage 1, or stage-2 stack / llm models) is merged")
+        _merged_llm(adapted, model_cfg).save_pretrained(str(folder / "llm"))
+        sources["llm"] = "./llm"
+    else:
+        adapted.save_pretrained(str(folder / "adapter"))
+        _name_the_base(folder / "adapter" / "adapter_config.json",
+                       sources["mt_encoder" if body == "mt_encoder" else "llm"], task)
+    if body == "stack":
+        save_file({"weight": body_module.projection.weight.detach().contiguous(),
+                   "bias": body_module.projection.bias.detach().contiguous()}, str(folder / "projection.safetensors"))
+    if task is not None:
+        save_file({name: tensor.detach().contiguous() for name, tensor in model.head.state_dict().items()},
+                  str(folder / "head.safetensors"))
+    view = "llm" if body == "llm" else "mt"
+    tokenizer = view_tokenizer(model_cfg, view)
+    tokenizer.save_pretrained(str(folder))
+    if body == "stack":
+        view_tokenizer(model_cfg, "llm").save_pretrained(str(folder / "tokenizers" / "llm"))
+    max_length = cfg.task.max_length if task is not None else cfg.data.max_length
+    config = MTLLMConfig(body=body, mt_encoder=sources.get("mt_encoder", ""), llm=sources.get("llm", ""),
+                         bidirectional=model_cfg.bidirectional, pooling=model_cfg.pooling,
+                         frozen_dtype=model_cfg.dtype, quantization="none" if merge else model_cfg.quantization,
+                         merged=merge, task=task, view_max_length={"mt": max_length, "llm": max_length},
+                         source_language=ENGLISH)
+    config.auto_map = {"AutoConfig": "configuration_mtllm.MTLLMConfig", "AutoModel": "modeling_mtllm.MTLLMModel"}
+    config.languages = sorted(language_codes(tokenizer))
+    config.export_format = EXPORT_FORMAT
+    config.trained_from = {"mt_encoder": model_cfg.mt_encoder, "llm": model_cfg.llm}
+    config.training = facts
+    config.save_pretrained(str(folder))
+    for code in PORTABLE_CODE.glob("*.py"):
+        if code.name != "__init__.py":
+            shutil.copy(code, folder / code.name)
+    if task is None:
+        _sentence_transformers_files(folder, model_cfg.pooling, max_length, body_module.llm.config.hidden_size)
+    (folder / "README.md").write_text(model_card(config), encoding="utf-8")
 
-    def __init__(self, stack: MTLLM, llm_tokenizer, mt_tokenizer, max_length: int = 512):
-        self.stack, self.llm_tokenizer, self.mt_tokenizer = stack, llm_tokenizer, mt_tokenizer
-        self.max_length = max_length
 
-    def _tokenize(self, tokenizer, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        tokenizer.padding_side = "right"
-        return pad_right(tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"], pad_id(tokenizer))
+def _merged_llm(adapted, model_cfg: ModelConfig):
+    """The LoRA merged into the LLM in bfloat16 (a 4-bit base is rebuilt unquantized first)."""
+    merged_cfg = dataclasses.replace(model_cfg, quantization="none", dtype="bfloat16", bidirectional=False)
+    base = build_llm(merged_cfg)
+    from peft import PeftModel, set_peft_model_state_dict
+    from peft.utils import get_peft_model_state_dict
 
-    @torch.no_grad()
-    def embed(self, texts: list[str], lang: str | None = ENGLISH, batch_size: int = 32) -> torch.Tensor:
-        set_source_language(self.mt_tokenizer, lang)
-        out = [self.stack.student_pooled(*self._tokenize(self.mt_tokenizer, texts[i:i + batch_size]))
-               for i in range(0, len(texts), batch_size)]
-        return torch.cat(out)
-
-    @torch.no_grad()
-    def embed_teacher(self, texts: list[str], batch_size: int = 32) -> torch.Tensor:
-        """The LLM alone (adapters off) on its own tokenization: the stage-1 target for English text."""
-        out = [self.stack.teacher_pooled(*self._tokenize(self.llm_tokenizer, texts[i:i + batch_size]))
-               for i in range(0, len(texts), batch_size)]
-        return torch.cat(out)
+    peft_model = PeftModel(base, adapted.peft_config["default"])
+    set_peft_model_state_dict(peft_model, get_peft_model_state_dict(adapted))
+    return peft_model.merge_and_unload().to(torch.bfloat16)
 
 
-def load_mtllm(path: str | Path) -> MTLLMEmbedder:
-    path = Path(path)
-    if not (path / "mtllm.json").is_file():
-        raise ConfigError(f"{path}: not an exported MT-LLM (no mtllm.json); create one with `mtllm export`")
-    manifest = json.loads((path / "mtllm.json").read_text())
-    model = dict(manifest["model"])
-    for view in ("llm", "mt"):
-        model[f"{view}_tokenizer"] = str(path / model[f"{view}_tokenizer"])
-    model_cfg = from_dict(ModelConfig, model, "model")
-    stack = build_stack(model_cfg)
-    set_peft_model_state_dict(stack.llm, load_file(str(path / "adapter" / "adapter_model.safetensors")))
-    projection = load_file(str(path / "projection.safetensors"))
-    stack.projection.load_state_dict(projection)
-    return MTLLMEmbedder(stack.eval(), view_tokenizer(model_cfg, "llm"), view_tokenizer(model_cfg, "mt"))
+def _name_the_base(adapter_config: Path, base: str, task: dict | None) -> None:
+    """peft's loaders need the base model and the task type; the training run left both empty."""
+    settings = json.loads(adapter_config.read_text())
+    settings["base_model_name_or_path"] = base
+    if isinstance(settings.get("target_modules"), list):  # peft writes a set's order: exports of one run would differ
+        settings["target_modules"] = sorted(settings["target_modules"])
+    settings["task_type"] = "FEATURE_EXTRACTION" if task is None else "SEQ_CLS"
+    adapter_config.write_text(json.dumps(settings, indent=2))
+
+
+def _sentence_transformers_files(folder: Path, pooling: str, max_length: int, hidden: int) -> None:
+    (folder / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}], indent=2))
+    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": max_length}))
+    (folder / "1_Pooling").mkdir()
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps(
+        {"word_embedding_dimension": hidden, "pooling_mode": ST_POOLING[pooling]}, indent=2))
+
+
+def model_card(config: MTLLMConfig) -> str:
+    """README.md with the Hub's YAML front matter, from the export's config."""
+    facts, task = config.training, config.task
+    bases = [source for source in (config.trained_from["mt_encoder"], config.trained_from["llm"])
+             if isinstance(source, str) and source and not source.startswith(("/", "./"))]
+    languages = sorted({code.split("_")[0] for code in config.languages}) or ["en"]
+    front = {"library_name": "transformers", **({"base_model": bases} if bases else {}), "language": languages,
+             "tags": ["mtllm", "model-stacking", "self-distillation", "multilingual"]
+             + (["sentence-transformers", "feature-extraction"] if task is None else ["text-classification"]),
+             "pipeline_tag": "feature-extraction" if task is None else "text-classification"}
+    kind = ("an embedder (stage 1: self-distillation)" if task is None else
+            f"a {task['name']} model (stage 2, {facts.get('command')}, body: {config.body})")
+    lines = ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "",
+             f"# MT-LLM: {facts['run']}", "",
+             f"An MT encoder stacked under an English LLM, exported by mtllm-train: {kind}. It reads text in "
+             f"{len(config.languages) or 1} languages through the MT encoder"
+             + (" and answers in the LLM's representation space." if task is None else "."), "",
+             "## Training", "",
+             f"- frozen MT encoder: `{config.trained_from['mt_encoder'] if isinstance(config.trained_from['mt_encoder'], str) else 'inline config'}`; "
+             f"frozen LLM: `{config.trained_from['llm'] if isinstance(config.trained_from['llm'], str) else 'inline config'}`"
+             f" ({'bidirectional' if config.bidirectional else 'causal'} attention, {config.pooling} pooling, "
+             f"{config.quantization} quantization)",
+             f"- {facts['step']} optimizer steps of {facts['global_batch_size']} sequences "
+             f"({facts['sequences_seen']} sequences seen), max length {config.view_max_length['mt']} tokens per view",
+             *([f"- final loss {facts['final_loss']:.4g}" + (f", FVU {facts['final_fvu']:.3f}" if "final_fvu" in facts else "")]
+               if "final_loss" in facts else []), ""]
+    if facts.get("scores"):
+        lines += ["## Evaluation (zero-shot cross-lingual transfer)", ""]
+        for row, selection in facts["scores"].items():
+            lines += [f"{row}, S-DEV checkpoint (step {selection['s_dev']['step']}):", "",
+                      "| language | score |", "|---|---|",
+                      *[f"| {language} | {100 * score:.1f} |" for language, score in selection["s_dev"]["test"].items()], ""]
+    usage = ('model.encode(["Ein Satz."], lang="deu_Latn")' if task is None
+             else 'model.predict(["Ein Satz."], lang="deu_Latn")')
+    lines += ["## Use", "", "```python", "from transformers import AutoModel", "",
+              'model = AutoModel.from_pretrained("PATH_OR_HUB_ID", trust_remote_code=True)', usage, "```", ""]
+    if task is None:
+        lines += ["```python", "from sentence_transformers import SentenceTransformer", "",
+                  'model = SentenceTransformer("PATH_OR_HUB_ID", trust_remote_code=True)',
+                  'model.tokenizer.src_lang = "deu_Latn"  # the language of the texts (FLORES-200 code)',
+                  'vectors = model.encode(["Ein Satz."])', "```", ""]
+    lines += ["With mtllm-train installed: `mtllm_train.export.load_mtllm(PATH_OR_HUB_ID, device=..., dtype=...)`, "
+              "or `mtllm predict --model PATH --lang deu_Latn TEXT ...`.", "",
+              "## Limits", "",
+              "- The text's language must be given (a FLORES-200 code such as `deu_Latn`); the MT encoder is told "
+              "the source language, it does not detect it.",
+              "- Languages the MT encoder reads poorly are read poorly here; the LLM knows only what it learned in "
+              "English.",
+              "- The frozen parts are rebuilt from their sources above; a bidirectional LLM must be rebuilt "
+              "bidirectional (this code does it; loading the adapter onto a plain causal base with peft does not).",
+              ""]
+    return "\n".join(lines)
+
+
+def load_mtllm(path_or_hub_id: str | Path, device: str | torch.device | None = None,
+               dtype: torch.dtype | str | None = None) -> MTLLMModel:
+    """An exported MT-LLM (local folder or hub id), frozen, in eval mode: `encode(texts, lang=...)` for an
+    embedder, `predict(inputs, lang=...)` / `predict_proba` for a task model. Inputs follow its device."""
+    if Path(path_or_hub_id).exists() and not _is_export(Path(path_or_hub_id)):
+        raise ConfigError(f"{path_or_hub_id}: not an exported MT-LLM (no config.json of model_type mtllm); create "
+                          f"one with `mtllm export`")
+    return MTLLMModel.from_pretrained(path_or_hub_id, device=device, dtype=dtype)
+
+
+def read_inputs(path: str | None, texts: list[str], model: MTLLMModel) -> list:
+    """`mtllm predict`'s inputs: texts from the command line, or one JSON object per line of a file."""
+    if bool(path) == bool(texts):
+        raise ConfigError("mtllm predict: give texts or --input FILE.jsonl (one of them)")
+    if texts:
+        if model.config.task is not None and model.config.task["name"] != "sentiment":
+            raise ConfigError(f"mtllm predict: a {model.config.task['name']} model reads several fields per input; "
+                              f"give them in --input FILE.jsonl")
+        return texts
+    if not Path(path).is_file():
+        raise ConfigError(f"--input {path}: no such file")
+    records = []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                record = json.loads(line)
+            except ValueError as err:
+                raise ConfigError(f"{path}:{number}: not valid JSON ({err})") from None
+            records.append(record if model.config.task is not None else record.get("text", ""))
+    return records

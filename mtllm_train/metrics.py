@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import resource
 import sys
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,7 +119,9 @@ def read_records(path: Path) -> list[dict]:
 
 class MetricsLogger:
     """Writes one JSON object per optimizer step; only the main rank writes anything. A resumed run first drops
-    the records of steps after its checkpoint (a crash's lost steps), so every step appears once."""
+    the records of steps after its checkpoint (a crash's lost steps), so every step appears once, and marks its
+    first record `"resumed": true`. Progress: a bar on a terminal; in a log file, one plain line every 5% of the
+    run (a bar's carriage-return frames would make one unreadable line there)."""
 
     def __init__(self, run_dir: Path, cfg: LoggingConfig, enabled: bool, start_step: int, total_steps: int,
                  wandb_id: str | None, config: dict):
@@ -137,20 +140,37 @@ class MetricsLogger:
             self.wandb_run = wandb.init(project=cfg.project, entity=cfg.entity or None, name=run_dir.name,
                                         id=self.wandb_id, resume="allow", mode=cfg.wandb, dir=str(run_dir),
                                         config=config)
+        progress = enabled and cfg.progress_bar
+        self.plain_every = max(1, total_steps // 20) if progress and not sys.stderr.isatty() else 0
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
-                        disable=not (enabled and cfg.progress_bar), file=sys.stderr)
+                        disable=not progress or bool(self.plain_every), file=sys.stderr)
+        self.start_step, self.total_steps, self.started = start_step, total_steps, time.perf_counter()
 
     def log(self, record: dict) -> None:
         if not self.enabled:
             return
+        if record["step"] == self.start_step + 1 and self.start_step:
+            record = {**record, "resumed": True}
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{record['loss']:.4g}", lr=f"{record['lr']:.2e}")
+        if self.plain_every and (record["step"] % self.plain_every == 0 or record["step"] == self.total_steps):
+            self.bar.write(self._progress_line(record), file=sys.stderr)
         if record["step"] % self.cfg.every:
             return
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         if self.wandb_run is not None:
             self.wandb_run.log(record, step=record["step"])
+
+    def _progress_line(self, record: dict) -> str:
+        done = record["step"] - self.start_step
+        eta = (time.perf_counter() - self.started) / done * (self.total_steps - record["step"])
+        parts = [f"step {record['step']}/{self.total_steps}", f"loss {record['loss']:.4g}"]
+        parts += [f"fvu {record['fvu']:.3f}"] if "fvu" in record else []
+        parts += [f"lr {record['lr']:.2e}"]
+        if "llm_tokens_per_s" in record:
+            parts += [f"tokens/s {record['llm_tokens_per_s'] + record['mt_tokens_per_s']:.0f}"]
+        return "  ".join(parts + [f"eta {time.strftime('%H:%M:%S', time.gmtime(eta))}"])
 
     def message(self, text: str) -> None:
         if self.enabled:
@@ -165,24 +185,37 @@ class MetricsLogger:
             self.wandb_run.finish()
 
 
-def plot_loss_curve(run_dir: Path) -> Path:
-    """runs/NAME/loss_curve.png from metrics.jsonl: loss and FVU against step."""
+def loss_figure(records: list[dict], title: str):
+    """Loss, FVU (with FVU = 1, the level of predicting only the teacher's mean), learning rate and gradient norm
+    against step; dotted lines where the run resumed from a checkpoint."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = read_records(run_dir / "metrics.jsonl")
     steps = [r["step"] for r in records]
-    figure, (loss_axis, fvu_axis) = plt.subplots(1, 2, figsize=(10, 3.6))
-    loss_axis.plot(steps, [r["loss"] for r in records])
-    loss_axis.set(xlabel="step", ylabel="MSE(student, teacher)", yscale="log", title="stage-1 loss")
-    fvu_axis.plot(steps, [r["fvu"] for r in records], color="tab:orange")
-    fvu_axis.set(xlabel="step", ylabel="FVU", title="fraction of teacher variance unexplained")
-    for axis in (loss_axis, fvu_axis):
+    resumed_at = [r["step"] - 1 for r in records if r.get("resumed")]
+    panels = [("loss", "MSE(student, teacher)", "log"), ("fvu", "FVU", "linear"), ("lr", "learning rate", "linear"),
+              ("grad_norm", "gradient norm", "log")]
+    figure, axes = plt.subplots(1, 4, figsize=(16, 3.6))
+    for axis, (key, label, scale) in zip(axes, panels):
+        axis.plot(steps, [r.get(key, float("nan")) for r in records], color="tab:blue")
+        axis.set(xlabel="step", ylabel=label, yscale=scale, title=label)
         axis.grid(alpha=0.3)
-    figure.suptitle(run_dir.name)
+        for index, step in enumerate(resumed_at):
+            axis.axvline(step, color="tab:gray", linestyle=":", label=None if index else "resumed from a checkpoint")
+    axes[1].axhline(1.0, color="tab:red", linestyle="--", label="FVU = 1 (the teacher's mean)")
+    axes[1].legend(fontsize=8)
+    figure.suptitle(title)
     figure.tight_layout()
+    return figure
+
+
+def plot_loss_curve(run_dir: Path) -> Path:
+    """runs/NAME/loss_curve.png from metrics.jsonl."""
+    import matplotlib.pyplot as plt
+
+    figure = loss_figure(read_records(run_dir / "metrics.jsonl"), run_dir.name)
     path = run_dir / "loss_curve.png"
     figure.savefig(path, dpi=110)
     plt.close(figure)

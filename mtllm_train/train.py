@@ -17,7 +17,7 @@ from mtllm_train.config import Config, ConfigError, to_dict
 from mtllm_train.data.manifest import check_tokenizers
 from mtllm_train.data.reader import BatchReader
 from mtllm_train.data.tar_reader import ShardError
-from mtllm_train.distributed import all_reduce, gradient_sync, init_distributed, repeated_layers, shutdown
+from mtllm_train.distributed import all_reduce, compile_layers, gradient_sync, init_distributed, shutdown
 from mtllm_train.loop import (Preemption, accumulation_steps, autocast, backward, check_finite_loss, end_of_step,
                               new_summary, open_run_folder, optimizer_step, setup_backend)
 from mtllm_train.metrics import (MetricsLogger, StepStatistics, parameter_count, peak_flops, peak_memory_gb,
@@ -53,6 +53,14 @@ def step_batches(batches, accumulation: int, device: torch.device) -> tuple[list
     return micro_batches, global_targets
 
 
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """An asynchronous copy to the GPU: from pageable host memory a non_blocking copy still waits for the work
+    queued before it (the previous micro-batch's backward), so the batch goes through pinned memory first."""
+    if device.type == "cuda":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
 def train(cfg: Config) -> dict:
     dist_info = init_distributed(cfg)
     backend, device, world_size = cfg.distributed.backend, dist_info.device, dist_info.world_size
@@ -66,12 +74,11 @@ def train(cfg: Config) -> dict:
 
     # The stack, its backend wrapper, optimizer and schedule.
     stack = build_stack(cfg.model).to(device)
-    if cfg.model.compile:
-        for layer in repeated_layers(stack.llm):
-            layer.compile()
     llm_params, encoder_params = parameter_count(stack.llm), parameter_count(stack.mt_encoder)
     model, optimizer, scheduler, trainable = setup_backend(stack, cfg, dist_info, accumulation, cfg.train.steps,
                                                            sharded=stack.llm, replicated=[stack.mt_encoder])
+    if cfg.model.compile:
+        compile_layers(stack.llm)
 
     # Resume from the newest complete checkpoint, if any.
     checkpoints = Checkpoints(run_dir, model=model, optimizer=optimizer, scheduler=scheduler, backend=backend,
@@ -101,7 +108,7 @@ def train(cfg: Config) -> dict:
             stats = StepStatistics(device)
             for index, batch in enumerate(micro_batches):
                 last = index == accumulation - 1
-                views = {key: batch[key].to(device, non_blocking=True) for key in VIEWS}
+                views = {key: to_device(batch[key], device) for key in VIEWS}
                 with gradient_sync(model, backend, last):
                     with autocast(cfg, device):
                         student_pooled, teacher_pooled = model(**views)

@@ -13,11 +13,31 @@ from conftest import ROOT
 def test_gpu_throughput_script_runs_tiny_on_cpu(tmp_path):
     out = tmp_path / "gpu.json"
     done = subprocess.run([sys.executable, "bench/gpu_throughput.py", "--tiny", "--steps", "1", "--max-batch", "2",
-                           "--seq", "16", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                           "--seq", "16", "--checkpointing", "every_2", "--out", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
-    assert result["micro_batch"] == 2 and result["seq"] == 16 and result["tokens_per_s"] > 0
+    assert [row["micro_batch"] for row in result["rows"]] == [1, 2] and result["seq"] == 16
+    assert result["checkpointing"] == "every_2" and all(row["tokens_per_s"] > 0 for row in result["rows"])
     assert result["llm_params"] > result["encoder_params"] > 0
+    assert "| micro batch | step s |" in done.stdout
+
+
+def test_step_profile_runs_tiny_and_orders_the_variants(tmp_path):
+    out = tmp_path / "profile.json"
+    done = subprocess.run([sys.executable, "bench/step_profile.py", "--tiny", "--batch", "3", "--seq", "24",
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert rows.keys() == {"none", "full", "every_2", "none_dropout0"}
+    none, full, every_2 = rows["none"], rows["full"], rows["every_2"]
+    assert 0 < full["saved_bytes_per_token"] < every_2["saved_bytes_per_token"] < none["saved_bytes_per_token"]
+    # Recompute: more backward ops and FLOPs, the same forward.
+    assert none["ops_forward"] == full["ops_forward"] and none["ops_backward"] < every_2["ops_backward"] \
+        < full["ops_backward"]
+    assert none["tflop"] < every_2["tflop"] < full["tflop"]
+    assert rows["none_dropout0"]["ops"] < none["ops"]
+    assert "| checkpointing full |" in done.stdout
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: the full shapes would run")

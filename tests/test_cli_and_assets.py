@@ -3,6 +3,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import yaml
+
 from mtllm_train.model.tiny_tokenizers import build_tiny_tokenizers
 
 
@@ -59,3 +62,35 @@ def test_shards_build_and_inspect_commands(tmp_path):
     bad = subprocess.run(build[:-4] + ["--mt-lang", "ell_Latn"], capture_output=True, text=True)
     assert bad.returncode == 2 and "language code 'ell_Latn' is not in the MT tokenizer" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_help_version_suggestions_and_the_override_hint(capsys):
+    from mtllm_train.__main__ import main
+
+    for argv, stream, expected in (
+            (["train", "--help"], "out", ["examples:", "mtllm train --config configs/tiny.yaml", "Sections: run, model",
+                                          "mtllm config --config FILE"]),
+            (["export", "--help"], "out", ["examples:", "mtllm export --run runs/tiny --out exports/tiny"]),
+            (["--version"], "out", ["mtllm-train 0.1.0"]),
+            (["trian"], "err", ["invalid choice: 'trian'", "did you mean 'train'?"]),
+            (["train", "--config", "configs/tiny.yaml", "--train.steps=5"], "err",
+             ["settings are overrides written without dashes, key.sub=value (e.g. train.steps=5)"])):
+        with pytest.raises(SystemExit):
+            main(argv)
+        text = " ".join(getattr(capsys.readouterr(), stream).split())  # help text is wrapped
+        assert all(part in text for part in expected), (argv, text)
+    assert main(["config", "--config", "configs/tiny.yaml", "train.step=5"]) == 2
+    assert "unknown config key 'train.step'; did you mean 'train.steps'?" in capsys.readouterr().err
+    # The deepspeed launcher's --local_rank comes before the command.
+    assert main(["--local_rank=1", "config", "--config", "configs/tiny.yaml", "--run-dir"]) == 0
+    assert capsys.readouterr().out.strip() == "runs/tiny"
+
+
+def test_config_prints_only_the_sections_the_run_uses(capsys):
+    from mtllm_train.__main__ import main
+
+    assert main(["config", "--config", "configs/tiny.yaml"]) == 0
+    stage1 = yaml.safe_load(capsys.readouterr().out)
+    assert "task" not in stage1 and stage1["train"]["steps"] > 0
+    assert main(["config", "--config", "configs/stage2/nusax_llm.yaml"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["task"]["name"] == "sentiment"

@@ -92,4 +92,4 @@ def test_deepspeed_zero3_trains_and_exports(tmp_path, train_shards):
     weights = trained_weights(tmp_path / "zero3")
     assert weights["projection.weight"].shape == (64, 64)
     mtllm = load_mtllm(export_run(str(tmp_path / "zero3"), str(tmp_path / "export")))
-    torch.testing.assert_close(mtllm.stack.projection.weight, weights["projection.weight"])
+    torch.testing.assert_close(mtllm.projection.weight, weights["projection.weight"])

@@ -1,6 +1,7 @@
 """Launch scripts (bash -n, shellcheck, --dry-run), the paper configs, the README's reference, the demo."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -55,9 +56,11 @@ def test_slurm_dry_run():
 
 def test_deepspeed_dry_run():
     out = _dry_run("launch/deepspeed_launch.sh", "configs/tiny.yaml", HOSTFILE="launch/hostfile.example", ZERO="3")
-    assert out == ("deepspeed --hostfile launch/hostfile.example --module mtllm_train train --config configs/tiny.yaml "
-                   "distributed.backend=deepspeed distributed.deepspeed_config=configs/deepspeed/zero3.json")
-    assert load_config("configs/tiny.yaml", out.split()[8:]).distributed.deepspeed_config.endswith("zero3.json")
+    assert out == ("deepspeed --no_local_rank --hostfile launch/hostfile.example --module mtllm_train train --config "
+                   "configs/tiny.yaml distributed.backend=deepspeed distributed.zero_stage=3 "
+                   "distributed.deepspeed_config=configs/deepspeed/zero3.json")
+    distributed = load_config("configs/tiny.yaml", out.split()[9:]).distributed
+    assert (distributed.zero_stage, distributed.deepspeed_config) == (3, "configs/deepspeed/zero3.json")
 
 
 @pytest.mark.parametrize("command", ["task-train", "task-distill"])
@@ -115,3 +118,6 @@ def test_demo_runs_end_to_end(tmp_path):
     assert "steps            1 -> 200 (resumed once)" in done.stdout
     assert (tmp_path / "tiny" / "loss_curve.png").stat().st_size > 10_000
     assert (tmp_path / "tiny" / "export" / "adapter" / "adapter_model.safetensors").is_file()
+    for route in ("AutoModel", "SentenceTransformer"):  # the export loads three ways, to the same vectors
+        difference = float(re.search(rf"loaded by {route} +max \|difference\| to load_mtllm (\S+)", done.stdout).group(1))
+        assert difference < 1e-5, done.stdout[-2000:]

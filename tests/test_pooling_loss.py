@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from mtllm_train.model.loss import fvu_from_sums, squared_error
-from mtllm_train.model.pooling import pool
+from mtllm_train.portable.pooling import pool
 
 
 def fvu(student, teacher):

@@ -5,7 +5,7 @@ from conftest import TINY_GPT2, tokenize_views
 from mtllm_train.config import ConfigError
 from mtllm_train.model.loading import build_llm
 from mtllm_train.model.loss import squared_error
-from mtllm_train.model.pooling import pool
+from mtllm_train.portable.pooling import pool
 from mtllm_train.model.stack import build_stack, trainable_parameters
 
 

@@ -145,7 +145,7 @@ def test_task_distillation_lowers_mse_and_raises_agreement_with_the_teacher(runs
     teacher = load_teacher(cfg, teacher_step)
     evaluator = Evaluator(cfg, root / "s2", finetune.init_distributed(cfg), "stack")
     # Held-out English dev text in both tokenizations.
-    from mtllm_train.tasks.encode import collate
+    from mtllm_train.portable.encoding import collate
     batch = {}
     for view in ("mt", "llm"):
         encoded, _ = collate(evaluator.encoded("source", "dev", view), 1 if view == "mt" else 2)
@@ -178,7 +178,8 @@ def test_other_tasks_and_the_mt_encoder_baseline_run_and_evaluate(runs, task):
 
 def test_multiple_choice_spans_cover_each_answer_and_long_passages_are_cut():
     from mtllm_train.model.tokenizers import load_tokenizer
-    from mtllm_train.tasks.encode import encode_examples
+    from mtllm_train.portable.encoding import encode_examples
+    from mtllm_train.portable.tokens import InputError
 
     tokenizer = load_tokenizer("configs/tiny/mt_tokenizer", "mt")
     example = {"passage": "The river flows through the old town " * 20, "question": "What flows?",
@@ -188,7 +189,7 @@ def test_multiple_choice_spans_cover_each_answer_and_long_passages_are_cut():
     for answer, span in zip(example["answers"], item["spans"]):
         assert span == list(range(span[0], span[-1] + 1))
         assert tokenizer.decode([item["ids"][k] for k in span]).strip() == answer
-    with pytest.raises(ConfigError, match=r"max_length 8: the question and answers alone need"):
+    with pytest.raises(InputError, match=r"max_length 8: the question and answers alone need"):
         encode_examples([example], "belebele", tokenizer, 8)
 
 
@@ -233,7 +234,7 @@ def test_two_process_task_distill_matches_one_process(runs, backend):
 @pytest.mark.parametrize("path", sorted((ROOT / "configs" / "stage2").glob("*.yaml")), ids=lambda path: path.stem)
 def test_paper_stage2_configs_validate_and_every_language_has_an_nllb_code(path):
     from mtllm_train.model.tokenizers import load_tokenizer
-    from mtllm_train.model.tokenizers import language_codes
+    from mtllm_train.portable.tokens import language_codes
     from mtllm_train.tasks.languages import resolve
 
     cfg = load_config(path)
@@ -261,3 +262,44 @@ def test_cli_runs_task_train_and_evaluate(runs, capsys):
     assert "| S-DEV |" in capsys.readouterr().out
     assert main(["evaluate", "--run", str(root / "s1")]) == 2
     assert "not a stage-2 run folder (no task.json)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, extra", [("llm", None), ("ft_export", {"task.model": "stack"})])
+def test_exported_task_model_predicts_what_evaluate_scored(runs, tmp_path, capsys, name, extra):
+    """The export's predictions on a target-language test split equal the S-DEV checkpoint's in the run, and so
+    score what `mtllm evaluate` reported."""
+    from mtllm_train.__main__ import main
+    from mtllm_train.export import export_run, load_mtllm
+    from mtllm_train.portable.encoding import collate
+    from mtllm_train.tasks.selection import source_best_step
+
+    root, data = runs
+    if extra:
+        run_task(root, data, name, **extra, **{"task.init_from": str(root / "s1")})
+    run = root / name
+    evaluate_run(str(run))
+    cfg = load_config(run / "config.yaml")
+    body = json.loads((run / "task.json").read_text())["kind"]
+    model = load_mtllm(export_run(str(run), str(tmp_path / "export")))
+    assert model.config.body == body and model.config.task["labels"] == list(cfg.task.labels)
+
+    evaluator = Evaluator(cfg, run, finetune.init_distributed(cfg), body)
+    language = next(lang for lang in evaluator.languages if lang.key == "nusax:ind")
+    examples = evaluator.data.split(language.test, language.code)
+    predicted = model.predict([example["text"] for example in examples], lang=language.mt_code)
+    reference = build_task_model(cfg, body)
+    Checkpoints(run).load_trainable(reference, source_best_step(run))
+    inputs, labels = collate(evaluator.encoded("nusax:ind", "test", model.view), 1)
+    with torch.no_grad():
+        _, logits, _ = reference.eval()(**inputs)
+    assert predicted == [cfg.task.labels[k] for k in logits.argmax(-1).tolist()]
+    reported = json.loads((run / "results" / f"{'llm' if body == 'llm' else 'stack_s1_ft'}.json").read_text())
+    accuracy = sum(p == cfg.task.labels[e["label"]] for p, e in zip(predicted, examples)) / len(examples)
+    assert accuracy == pytest.approx(reported["selection"]["s_dev"]["test"]["nusax:ind"])
+    # The command line gives the same predictions, with probabilities.
+    capsys.readouterr()
+    assert main(["predict", "--model", str(tmp_path / "export"), "--lang", language.mt_code,
+                 *[example["text"] for example in examples[:3]]]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["prediction"] for line in lines] == predicted[:3]
+    assert all(abs(sum(line["probabilities"]) - 1) < 1e-5 for line in lines)

@@ -2,8 +2,9 @@ import pytest
 import torch
 
 from mtllm_train.config import ConfigError
-from mtllm_train.model.tokenizers import language_codes, load_tokenizer
-from mtllm_train.tasks.heads import ClassificationHead, MultipleChoiceHead, choice_pool
+from mtllm_train.model.tokenizers import load_tokenizer
+from mtllm_train.portable.tokens import language_codes
+from mtllm_train.portable.heads import ClassificationHead, MultipleChoiceHead, choice_pool
 from mtllm_train.tasks.languages import BENCHMARKS, resolve
 
 

@@ -12,6 +12,7 @@ from mtllm_train.checkpoint import COMMIT, Checkpoints
 from mtllm_train.config import ConfigError, load_config
 from mtllm_train.export import export_run, load_mtllm, load_trained_stack
 from mtllm_train.loop import NonFiniteError
+from mtllm_train.portable.tokens import pad_id, pad_right
 from mtllm_train.train import train
 
 METRIC_KEYS = {"step", "loss", "fvu", "lr", "grad_norm", "seqs_per_s", "llm_tokens_per_s", "mt_tokens_per_s",
@@ -48,11 +49,11 @@ def test_training_logs_checkpoints_and_exports(tmp_path, train_shards):
     export = export_run(str(run_dir), str(tmp_path / "export"))
     mtllm = load_mtllm(export)
     texts = ["The old town lies by the river.", "Water boils at a lower temperature in the mountains."]
-    embedded = mtllm.embed(texts, lang="eng_Latn")
-    ids, mask = mtllm._tokenize(mtllm.mt_tokenizer, texts)
+    embedded = mtllm.encode(texts, lang="eng_Latn")
+    ids, mask = pad_right(mtllm.tokenizer(texts)["input_ids"], pad_id(mtllm.tokenizer))
     with torch.no_grad():
         torch.testing.assert_close(embedded, stack.student_pooled(ids, mask))
-    assert embedded.shape == (2, 64) and not torch.equal(embedded, mtllm.embed(texts, lang="deu_Latn"))
+    assert embedded.shape == (2, 64) and not torch.equal(embedded, mtllm.encode(texts, lang="deu_Latn"))
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
@@ -139,10 +140,22 @@ def test_wandb_offline_run_continues_with_the_same_id_after_resume(tmp_path, tra
     assert len(runs) == 2 and all(name.endswith(first_id) for name in runs)
 
 
-def test_activation_checkpointing_gives_the_same_losses(tmp_path, train_shards):
-    extra = {"train.steps": 4, "model.lora.dropout": 0.0}
+def test_activation_checkpointing_recomputes_and_gives_the_same_losses(tmp_path, train_shards, monkeypatch):
+    import transformers.modeling_utils
+
+    extra = {"train.steps": 4}  # LoRA dropout on: the recompute draws the forward's masks again
     plain = train(_cfg(tmp_path, train_shards, "plain", **extra))["losses"]
+    recomputed, checkpoint = [], transformers.modeling_utils.checkpoint
+
+    def counting_checkpoint(function, *args, **kwargs):
+        recomputed.append(torch.is_grad_enabled())
+        return checkpoint(function, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.modeling_utils, "checkpoint", counting_checkpoint)
+    # true: the older form of the setting, still accepted (full)
     checkpointed = train(_cfg(tmp_path, train_shards, "ckpt", **{**extra, "model.activation_checkpointing": True}))
+    # Every LLM layer checkpoints in each student forward: 2 layers x 2 micro-batches x 4 steps.
+    assert recomputed.count(True) == 2 * 2 * 4
     torch.testing.assert_close(torch.tensor(checkpointed["losses"]), torch.tensor(plain), rtol=1e-5, atol=1e-7)
 
 
@@ -154,3 +167,26 @@ def test_stop_file_checkpoints_and_stops_then_the_rerun_continues(tmp_path, trai
     assert not (tmp_path / "stop" / "STOP").exists()
     assert Checkpoints(tmp_path / "stop").steps() == [1]
     assert train(_cfg(tmp_path, train_shards, "stop", **{"train.steps": 8}))["end_step"] == 8
+
+
+def test_log_lines_without_a_terminal_and_the_plot_marks_resumes(tmp_path, train_shards, monkeypatch, capsys):
+    from mtllm_train.metrics import loss_figure
+
+    extra = {"train.steps": 20, "logging.progress_bar": True}
+    with monkeypatch.context() as patch:
+        preempt_at(patch, 8)
+        train(_cfg(tmp_path, train_shards, "log", **extra))
+    train(_cfg(tmp_path, train_shards, "log", **extra))
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("step ")]
+    # Not a terminal (pytest captures stderr): one plain line every 5% of the run, no bar frames.
+    assert [line.split()[1] for line in lines] == [f"{step}/20" for step in range(1, 21)]
+    assert all(" loss " in line and " fvu " in line and " eta " in line for line in lines)
+    records = read_metrics(tmp_path / "log")
+    assert [r["step"] for r in records] == list(range(1, 21))
+    assert [r["step"] for r in records if r.get("resumed")] == [9]
+    figure = loss_figure(records, "log")
+    assert [axis.get_title() for axis in figure.axes] == ["MSE(student, teacher)", "FVU", "learning rate",
+                                                          "gradient norm"]
+    assert [line.get_xdata()[0] for line in figure.axes[0].lines[1:]] == [8]  # the resume mark
+    assert list(figure.axes[1].lines[-1].get_ydata()) == [1.0, 1.0]  # the FVU = 1 line
+    assert (tmp_path / "log" / "loss_curve.png").stat().st_size > 10_000

@@ -32,9 +32,10 @@ from evaluate import accuracy, fit_logistic_regression, recall_at_1  # noqa: E40
 from mtllm_train.checkpoint import Checkpoints  # noqa: E402
 from mtllm_train.config import load_config  # noqa: E402
 from mtllm_train.export import load_trained_stack  # noqa: E402
-from mtllm_train.model.pooling import pool  # noqa: E402
+from mtllm_train.portable.pooling import pool  # noqa: E402
 from mtllm_train.model.stack import build_stack  # noqa: E402
-from mtllm_train.model.tokenizers import load_tokenizer, pad_id, pad_right  # noqa: E402
+from mtllm_train.model.tokenizers import load_tokenizer  # noqa: E402
+from mtllm_train.portable.tokens import pad_id, pad_right  # noqa: E402
 
 PAIRS = 1000  # candidates per retrieval set, as in ../shared/offline-assets.md's baselines
 SENTIMENT_ENGLISH, SENTIMENT_PER_LANGUAGE = 2000, 500

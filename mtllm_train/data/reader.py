@@ -35,7 +35,7 @@ from mtllm_train.config import ConfigError
 from mtllm_train.data.manifest import load_manifest
 from mtllm_train.data.tar_reader import ShardError, iter_samples
 from mtllm_train.files import sha256_file
-from mtllm_train.model.tokenizers import pad_right
+from mtllm_train.portable.tokens import pad_right
 
 
 def collate(samples: list[dict], pad_ids: dict[str, int]) -> dict[str, torch.Tensor]:

@@ -26,7 +26,8 @@ from mtllm_train.data.documents import read_documents
 from mtllm_train.data.manifest import FORMAT_VERSION, MANIFEST, write_json_atomic
 from mtllm_train.data.views import ViewTokenizer
 from mtllm_train.files import atomic_path, sha256_file
-from mtllm_train.model.tokenizers import ENGLISH, fingerprint, pad_id
+from mtllm_train.model.tokenizers import fingerprint
+from mtllm_train.portable.tokens import ENGLISH, pad_id
 
 _worker_tokenizer: ViewTokenizer | None = None
 

@@ -12,6 +12,8 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, BitsAndBytesConfig
 
 from mtllm_train.config import ConfigError, ModelConfig
+from mtllm_train.portable.modeling_mtllm import make_bidirectional
+from mtllm_train.portable.tokens import InputError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "uint8": torch.uint8}
 
@@ -82,23 +84,8 @@ def build_mt_encoder(cfg: ModelConfig) -> nn.Module:
     model = load_model(cfg.mt_encoder, "model.mt_encoder", cfg, quantize=False)
     if getattr(model.config, "is_encoder_decoder", False):
         model = model.get_encoder()
+    model.config.use_cache = False  # as for the LLM below (an encoder caches nothing, but its layers are told to)
     return freeze(model)
-
-
-def make_bidirectional(model: nn.Module) -> None:
-    """Turn causal self-attention into full attention (the LLM2Vec setting).
-
-    `config.is_causal = False` makes transformers build a bidirectional (padding-only) mask; kernels that
-    run without a mask (flash-attention, SDPA's fast path) read each attention module's own `is_causal`
-    flag instead, so that is cleared too. tests/test_stack.py checks both with and without a mask.
-    """
-    attention_modules = [m for m in model.modules() if hasattr(m, "is_causal") and isinstance(m, nn.Module)]
-    if not attention_modules:
-        raise ConfigError(f"model.bidirectional: {type(model).__name__} has no attention modules with an "
-                          f"is_causal flag; bidirectional attention is supported for Llama-family and GPT-2 models")
-    model.config.is_causal = False
-    for module in attention_modules:
-        module.is_causal = False
 
 
 def build_llm(cfg: ModelConfig) -> nn.Module:
@@ -108,5 +95,11 @@ def build_llm(cfg: ModelConfig) -> nn.Module:
         raise ConfigError(f"model.llm: {type(model).__name__} does not accept inputs_embeds; the stack feeds the "
                           f"projected MT-encoder states to the LLM as inputs_embeds (use e.g. Llama, GPT-2, BERT)")
     if cfg.bidirectional:
-        make_bidirectional(model)
+        try:
+            make_bidirectional(model)
+        except InputError as err:
+            raise ConfigError(f"model.bidirectional: {err}") from None
+    # Every pass reads whole texts once: a KV cache (transformers builds one per forward in eval mode) would only
+    # cost memory and time, and makes torch.compile recompile per layer.
+    model.config.use_cache = False
     return freeze(model)

@@ -6,12 +6,16 @@ The teacher is M itself with its adapters disabled, reading the English text in 
 from __future__ import annotations
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import Linear as LoraLinear
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.pytorch_utils import Conv1D
 
-from mtllm_train.config import ModelConfig
+from mtllm_train.config import ModelConfig, checkpointing_policy
 from mtllm_train.model.loading import build_llm, build_mt_encoder
-from mtllm_train.model.pooling import pool
+from mtllm_train.portable.pooling import pool
 
 
 class MTLLM(nn.Module):
@@ -63,22 +67,80 @@ class MTLLM(nn.Module):
 
 
 def lora_train_mode(model: nn.Module, mode: bool) -> None:
-    """A frozen model with adapters: its own dropout stays off, only the LoRA dropout follows `mode`."""
+    """A frozen model with adapters: its own dropout stays off, only the LoRA dropout follows `mode`.
+
+    transformers recomputes a checkpointed layer only while that layer's own `training` flag is set, so the
+    flag of each checkpointed layer (not of its submodules: attention and MLP dropout stay off) follows `mode`.
+    """
     model.eval()
     for name, module in model.named_modules():
         if ".lora_dropout." in name:
             module.train(mode)
+        elif isinstance(module, GradientCheckpointingLayer) and module.gradient_checkpointing:
+            module.training = mode
 
 
-def add_lora(llm: nn.Module, cfg: ModelConfig) -> PeftModel:
-    if cfg.quantization != "none":
-        llm = prepare_model_for_kbit_training(llm, use_gradient_checkpointing=cfg.activation_checkpointing,
-                                              gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif cfg.activation_checkpointing:
-        llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+def checkpoint_every(setting: str | bool) -> int:
+    """Every how many layers `model.activation_checkpointing` recomputes one: 0 for none, 1 for full."""
+    policy = checkpointing_policy(setting)
+    named = {"none": 0, "full": 1}
+    return named[policy] if policy in named else int(policy.removeprefix("every_"))
+
+
+def enable_checkpointing(model: nn.Module, setting: str | bool) -> None:
+    """Recompute the activations of the layers `model.activation_checkpointing` picks in the backward pass
+    (non-reentrant torch.utils.checkpoint through transformers; layers 0, k, 2k, ... for every_<k>)."""
+    every = checkpoint_every(setting)
+    if every:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False},
+                                              every_n_layers=every)
+
+
+class AutocastLoraLinear(LoraLinear):
+    """peft's LoRA linear layer, computed in the autocast dtype under autocast.
+
+    peft casts a layer's input to the dtype of the adapter weights (fp32 master weights) before the LoRA
+    matmuls, and autocast casts it back to bf16 for them: two activation-sized copies per layer and pass. Under
+    autocast this layer leaves the input as it is, so autocast casts the small adapter weights instead (and
+    their gradients back to fp32), as peft's own 4-bit layer does. Outside autocast it casts as peft does.
+    """
+
+    def _cast_input_dtype(self, x, dtype: torch.dtype):
+        device_type = None if x is None else x.device.type
+        if device_type and torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+            return x
+        return super()._cast_input_dtype(x, dtype)
+
+
+def autocast_lora_layer(target: nn.Module, adapter_name: str, config: LoraConfig, **kwargs) -> nn.Module | None:
+    """peft's custom-module hook: AutocastLoraLinear for dense layers; None hands every other layer (4-bit ones
+    among them) on to peft's own dispatchers."""
+    base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+    if type(base) is nn.Linear:
+        return AutocastLoraLinear(target, adapter_name, config=config, **kwargs)
+    if isinstance(base, Conv1D):
+        config.fan_in_fan_out = True  # GPT-2 stores its weights transposed; peft's own dispatcher does the same
+        return AutocastLoraLinear(target, adapter_name, config=config, is_target_conv_1d_layer=True, **kwargs)
+    return None
+
+
+def add_lora(model: nn.Module, cfg: ModelConfig) -> PeftModel:
+    """LoRA adapters on a frozen model, with `model.activation_checkpointing` applied.
+
+    peft's prepare_model_for_kbit_training is not used for a 4-bit base: it upcasts every weight that is not
+    4-bit (embeddings, norms) to fp32, which makes the residual stream fp32 and adds two activation casts
+    around every 4-bit matmul; the base is frozen already and RMSNorm computes in fp32 anyway.
+    """
+    enable_checkpointing(model, cfg.activation_checkpointing)
     lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                       target_modules=cfg.lora.target_modules, bias="none")
-    return get_peft_model(llm, lora)
+    lora._register_custom_module({nn.Linear: autocast_lora_layer, Conv1D: autocast_lora_layer})
+    adapted = get_peft_model(model, lora)
+    # transformers and peft make the input embeddings require grad when checkpointing is on: only reentrant
+    # checkpointing needs that, and under no_grad it gives the teacher's first layer an input unlike the other
+    # layers' (one more torch.compile graph).
+    adapted.get_base_model().disable_input_require_grads()
+    return adapted
 
 
 def build_stack(cfg: ModelConfig) -> MTLLM:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mtllm_train.model.pooling import pool
+from .pooling import pool
 
 
 def choice_pool(hidden: torch.Tensor, choice_masks: torch.Tensor) -> torch.Tensor:

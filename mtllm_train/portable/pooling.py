@@ -2,7 +2,7 @@
 
 import torch
 
-from mtllm_train.config import CHOICES
+POOLINGS = ("mean", "eos", "bos")
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, strategy: str) -> torch.Tensor:
@@ -23,5 +23,5 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, strategy: str) -> t
         # Smallest position holding a real token (right padding: 0; left padding: number of pads).
         index = torch.where(mask.bool(), positions, mask.shape[1]).amin(dim=1)
     else:
-        raise ValueError(f"pooling {strategy!r}: expected one of {', '.join(CHOICES['model.pooling'])}")
+        raise ValueError(f"pooling {strategy!r}: expected one of {', '.join(POOLINGS)}")
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), index]

@@ -1,70 +1,15 @@
-"""Task examples -> token ids (one view: the LLM's or the MT encoder's tokenizer) -> padded batches.
-`TaskData` owns what this needs for a run: the two views' tokenizers, their padding ids and the label names.
-
-- nli: premise and hypothesis encoded jointly as a pair, with the tokenizer's own pair template;
-- sentiment: the text;
-- belebele: passage, question and the four answers joined into one sequence; each answer's token span is
-  found from the tokenizer's character offsets (a token belongs to the answer its characters overlap), and a
-  passage too long for max_length is cut so that question and answers always fit.
-"""
+"""`TaskData`: a stage-2 run's task data (the two views' tokenizers, their padding ids, the label names), encoded
+and batched by portable/encoding.py, the code an exported task model predicts with too."""
 
 from __future__ import annotations
 
 import torch
 
 from mtllm_train.config import Config, ConfigError
-from mtllm_train.model.tokenizers import ENGLISH, pad_id, pad_right, set_source_language, view_tokenizer
+from mtllm_train.model.tokenizers import set_source_language, view_tokenizer
+from mtllm_train.portable.encoding import collate, encode_examples
+from mtllm_train.portable.tokens import ENGLISH, InputError, pad_id
 from mtllm_train.tasks.data import NLI_LABELS, load_split
-
-
-def _multiple_choice(example: dict, tokenizer, max_length: int) -> dict:
-    passage, tail = example["passage"], [example["question"], *example["answers"]]
-    while True:
-        text = " ".join([passage, *tail])
-        encoded = tokenizer(text, return_offsets_mapping=True)
-        overflow = len(encoded["input_ids"]) - max_length
-        if overflow <= 0:
-            break
-        passage_ends = [end for start, end in encoded["offset_mapping"] if start < end <= len(passage)]
-        if len(passage_ends) <= overflow:
-            raise ConfigError(f"max_length {max_length}: the question and answers alone need "
-                              f"{len(encoded['input_ids']) - len(passage_ends)} tokens (raise task.max_length)")
-        passage = passage[: passage_ends[-overflow - 1]]  # drop the passage's last `overflow` tokens
-    spans, cursor = [], len(passage) + len(example["question"]) + 2
-    for answer in example["answers"]:
-        start, end = cursor, cursor + len(answer)
-        spans.append([k for k, (s, e) in enumerate(encoded["offset_mapping"]) if s < e and max(s, start) < min(e, end)])
-        cursor = end + 1
-    if any(not span for span in spans):
-        raise ConfigError(f"an answer of {example['question']!r} has no tokens after tokenization")
-    return {"ids": encoded["input_ids"], "spans": spans, "label": example["label"]}
-
-
-def encode_examples(examples: list[dict], task: str, tokenizer, max_length: int) -> list[dict]:
-    """Token ids (+ answer spans for multiple choice) and the label of every example, in order."""
-    tokenizer.padding_side = "right"
-    if task == "belebele":
-        return [_multiple_choice(example, tokenizer, max_length) for example in examples]
-    if task == "nli":
-        encoded = tokenizer([e["premise"] for e in examples], [e["hypothesis"] for e in examples], truncation=True,
-                            max_length=max_length)
-    else:
-        encoded = tokenizer([e["text"] for e in examples], truncation=True, max_length=max_length)
-    return [{"ids": ids, "label": example["label"]} for ids, example in zip(encoded["input_ids"], examples)]
-
-
-def collate(items: list[dict], pad: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """(model inputs: right-padded input_ids and attention_mask [B, T], for multiple choice choice_masks
-    [B, K, T]; labels [B])."""
-    ids, mask = pad_right([item["ids"] for item in items], pad)
-    inputs = {"input_ids": ids, "attention_mask": mask}
-    if "spans" in items[0]:
-        choices = torch.zeros((len(items), len(items[0]["spans"]), ids.shape[1]), dtype=torch.long)
-        for row, item in enumerate(items):
-            for k, span in enumerate(item["spans"]):
-                choices[row, k, span] = 1
-        inputs["choice_masks"] = choices
-    return inputs, torch.tensor([item["label"] for item in items])
 
 
 class TaskData:
@@ -87,7 +32,10 @@ class TaskData:
         """Token ids of `examples` (written in `lang`, an MT language code) for `view`."""
         tokenizer = self.tokenizers[view]
         set_source_language(tokenizer, lang)
-        return encode_examples(examples, self.task, tokenizer, self.max_length)
+        try:
+            return encode_examples(examples, self.task, tokenizer, self.max_length)
+        except InputError as err:
+            raise ConfigError(f"task.max_length: {err}") from None
 
     def batch(self, items: list[dict], view: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         return collate(items, self.pads[view])

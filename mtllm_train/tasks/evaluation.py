@@ -22,7 +22,7 @@ from mtllm_train.checkpoint import Checkpoints
 from mtllm_train.config import Config, ConfigError, EvalSet, from_dict, load_config
 from mtllm_train.distributed import Dist, all_reduce, barrier
 from mtllm_train.loop import run_identity
-from mtllm_train.model.tokenizers import ENGLISH, language_codes
+from mtllm_train.portable.tokens import ENGLISH, language_codes
 from mtllm_train.tasks.encode import TaskData
 from mtllm_train.tasks.languages import resolve
 from mtllm_train.tasks.models import TaskModel, build_task_model, load_head, num_classes

@@ -21,10 +21,10 @@ from torch import nn
 from mtllm_train.checkpoint import Checkpoints
 from mtllm_train.config import Config, ConfigError, load_config
 from mtllm_train.model.loading import build_llm, build_mt_encoder
-from mtllm_train.model.pooling import pool
+from mtllm_train.portable.pooling import pool
 from mtllm_train.model.stack import add_lora, build_stack, lora_train_mode
 from mtllm_train.tasks.data import NLI_LABELS
-from mtllm_train.tasks.heads import ClassificationHead, MultipleChoiceHead, choice_pool
+from mtllm_train.portable.heads import ClassificationHead, MultipleChoiceHead, choice_pool
 
 VIEW_OF = {"llm": "llm", "mt_encoder": "mt", "stack": "mt"}
 

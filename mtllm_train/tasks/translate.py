@@ -13,7 +13,8 @@ from transformers import AutoModelForSeq2SeqLM
 from mtllm_train.config import Config
 from mtllm_train.files import write_atomic
 from mtllm_train.model.loading import load_model
-from mtllm_train.model.tokenizers import ENGLISH, load_tokenizer, set_source_language
+from mtllm_train.model.tokenizers import load_tokenizer, set_source_language
+from mtllm_train.portable.tokens import ENGLISH
 
 
 class Translator:

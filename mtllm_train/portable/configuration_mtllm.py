@@ -1,0 +1,29 @@
+"""The configuration of an exported MT-LLM: how to rebuild its frozen parts and what sits on top of them."""
+
+from __future__ import annotations
+
+from transformers import PretrainedConfig
+
+
+class MTLLMConfig(PretrainedConfig):
+    """body: "stack" (MT encoder -> projection -> LLM + LoRA: the MT-LLM), "llm" (the LLM + LoRA on its own
+    tokens) or "mt_encoder" (the MT encoder + LoRA).
+
+    mt_encoder / llm: where the frozen weights come from: a hub id or absolute path, or a folder inside the
+    export (relative path). merged: the LoRA is merged into the saved LLM (no adapter/ folder).
+    task: None for an embedder; else {"name": nli | sentiment | belebele, "labels": [...]} and a head.
+    view_max_length: tokens per view ({"mt": n, "llm": n}) the model was trained with.
+    """
+
+    model_type = "mtllm"
+
+    def __init__(self, body: str = "stack", mt_encoder: str = "", llm: str = "", bidirectional: bool = False,
+                 pooling: str = "mean", frozen_dtype: str = "float32", quantization: str = "none",
+                 merged: bool = False, task: dict | None = None, view_max_length: dict | None = None,
+                 source_language: str = "eng_Latn", **kwargs):
+        self.body, self.mt_encoder, self.llm = body, mt_encoder, llm
+        self.bidirectional, self.pooling, self.frozen_dtype = bidirectional, pooling, frozen_dtype
+        self.quantization, self.merged, self.task = quantization, merged, task
+        self.view_max_length = view_max_length or {"mt": 512, "llm": 512}
+        self.source_language = source_language
+        super().__init__(**kwargs)

@@ -1,0 +1,211 @@
+"""An exported MT-LLM as a transformers model: `AutoModel.from_pretrained(export, trust_remote_code=True)`, the
+sentence-transformers Transformer module and `mtllm_train.export.load_mtllm` all build this class.
+
+The frozen parts are rebuilt from where the export says they come from (a hub id, a path, or a folder inside
+the export); the trained parts (LoRA adapter, projection, task head) are loaded from the export itself.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from peft import PeftModel
+from safetensors.torch import load_file
+from torch import nn
+from transformers import AutoModel, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutput
+
+from .configuration_mtllm import MTLLMConfig
+from .encoding import collate, encode_examples
+from .heads import ClassificationHead, MultipleChoiceHead, choice_pool
+from .pooling import pool
+from .tokens import InputError, pad_id, pad_right, set_source_language
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def make_bidirectional(model: nn.Module) -> None:
+    """Turn causal self-attention into full attention (the LLM2Vec setting).
+
+    `config.is_causal = False` makes transformers build a bidirectional (padding-only) mask; kernels that
+    run without a mask (flash-attention, SDPA's fast path) read each attention module's own `is_causal`
+    flag instead, so that is cleared too.
+    """
+    attention_modules = [m for m in model.modules() if hasattr(m, "is_causal") and isinstance(m, nn.Module)]
+    if not attention_modules:
+        raise InputError(f"{type(model).__name__} has no attention modules with an is_causal flag; bidirectional "
+                         f"attention is supported for Llama-family and GPT-2 models")
+    model.config.is_causal = False
+    for module in attention_modules:
+        module.is_causal = False
+
+
+def _source(spec: str, folder: Path) -> str:
+    """A frozen part's weights: "./..." is a folder inside the export; anything else a hub id or a path."""
+    return str(folder / spec[2:]) if spec.startswith("./") else spec
+
+
+def _local_folder(name_or_path: str | Path) -> Path:
+    if Path(name_or_path).is_dir():
+        return Path(name_or_path)
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(str(name_or_path)))
+
+
+class MTLLMModel(PreTrainedModel):
+    config_class = MTLLMConfig
+    base_model_prefix = "mtllm"
+
+    def __init__(self, config: MTLLMConfig, mt_encoder: nn.Module | None = None, llm: nn.Module | None = None,
+                 projection: nn.Linear | None = None, head: nn.Module | None = None, tokenizer=None,
+                 teacher_tokenizer=None):
+        super().__init__(config)
+        self.mt_encoder, self.llm, self.projection, self.head = mt_encoder, llm, projection, head
+        self.tokenizer, self.teacher_tokenizer = tokenizer, teacher_tokenizer
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, config: MTLLMConfig | None = None,
+                        device: str | torch.device | None = None, dtype: torch.dtype | str | None = None,
+                        **kwargs) -> MTLLMModel:
+        """Rebuild an exported MT-LLM (a local folder or a hub id), frozen, in eval mode, on `device` in `dtype`
+        (default: the dtype it was trained with). Other keyword arguments of transformers' loaders are ignored."""
+        folder = _local_folder(pretrained_model_name_or_path)
+        config = config if isinstance(config, MTLLMConfig) else MTLLMConfig.from_pretrained(folder)
+        frozen_dtype = DTYPES[config.frozen_dtype]
+        mt_encoder = llm = projection = head = teacher_tokenizer = None
+        if config.body in ("stack", "mt_encoder"):
+            mt_encoder = AutoModel.from_pretrained(_source(config.mt_encoder, folder), dtype=frozen_dtype)
+            if getattr(mt_encoder.config, "is_encoder_decoder", False):
+                mt_encoder = mt_encoder.get_encoder()
+        if config.body in ("stack", "llm"):
+            quantization = None if config.quantization == "none" else BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type=config.quantization, bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=torch.bfloat16)
+            llm = AutoModel.from_pretrained(_source(config.llm, folder), dtype=frozen_dtype,
+                                            quantization_config=quantization)
+            if config.bidirectional:
+                make_bidirectional(llm)
+        if not config.merged:
+            adapted = mt_encoder if config.body == "mt_encoder" else llm
+            adapted = PeftModel.from_pretrained(adapted, str(folder / "adapter"))
+            mt_encoder, llm = (adapted, llm) if config.body == "mt_encoder" else (mt_encoder, adapted)
+        if config.body == "stack":
+            weights = load_file(str(folder / "projection.safetensors"))
+            projection = nn.Linear(weights["weight"].shape[1], weights["weight"].shape[0])
+            projection.load_state_dict(weights)
+            if (folder / "tokenizers" / "llm").is_dir():
+                teacher_tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizers" / "llm"))
+        if config.task is not None:
+            weights = load_file(str(folder / "head.safetensors"))
+            hidden = weights["linear.weight"].shape[1]
+            head = MultipleChoiceHead(hidden) if config.task["name"] == "belebele" else \
+                ClassificationHead(hidden, weights["linear.weight"].shape[0])
+            head.load_state_dict(weights)
+        # config=: the tokenizer's own tokenizer_config.json names its class; the folder's config.json is ours.
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), config=config)
+        model = cls(config, mt_encoder, llm, projection, head, tokenizer, teacher_tokenizer)
+        model.requires_grad_(False)
+        return model.to(device=device, dtype=DTYPES.get(dtype, dtype)).eval()
+
+    @property
+    def view(self) -> str:
+        """The tokenization the model reads: the LLM's ("llm") or the MT encoder's ("mt")."""
+        return "llm" if self.config.body == "llm" else "mt"
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The body's last hidden states [B, T, D]; for the stack, the LLM's over the MT encoder's tokens."""
+        if self.config.body == "llm":
+            return self.llm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        states = self.mt_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if self.config.body == "mt_encoder":
+            return states
+        embeds = self.projection(states.to(self.projection.weight.dtype))
+        embeds = embeds.to(self.llm.get_input_embeddings().weight.dtype)
+        return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).last_hidden_state
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **unused) -> BaseModelOutput:
+        """Token states, as transformers' feature extractors and sentence-transformers expect them."""
+        return BaseModelOutput(last_hidden_state=self.hidden_states(input_ids, attention_mask))
+
+    def representation(self, input_ids, attention_mask, choice_masks=None) -> torch.Tensor:
+        """The pooled vector [B, D] (fp32), or each answer's span mean [B, K, D] for multiple choice."""
+        hidden = self.hidden_states(input_ids, attention_mask)
+        if choice_masks is not None:
+            return choice_pool(hidden, choice_masks)
+        return pool(hidden, attention_mask, self.config.pooling)
+
+    def _batches(self, tokenizer, texts: list[str], batch_size: int, view: str):
+        for start in range(0, len(texts), batch_size):
+            ids = tokenizer(texts[start:start + batch_size], truncation=True,
+                            max_length=self.config.view_max_length[view])["input_ids"]
+            yield (tensor.to(self.device) for tensor in pad_right(ids, pad_id(tokenizer)))
+
+    @torch.no_grad()
+    def encode(self, texts: str | list[str], lang: str | None = None, batch_size: int = 32, normalize: bool = False,
+               convert_to_numpy: bool = False):
+        """Embed text in any language the MT encoder reads: [N, D] (one text: [D]) as a tensor, or a numpy
+        array. lang: the text's FLORES-200 code (e.g. "deu_Latn"; default: the language it was trained on)."""
+        single = isinstance(texts, str)
+        texts = [texts] if single else list(texts)
+        set_source_language(self.tokenizer, lang or self.config.source_language)
+        vectors = torch.cat([self.representation(ids, mask)
+                             for ids, mask in self._batches(self.tokenizer, texts, batch_size, self.view)])
+        if normalize:
+            vectors = F.normalize(vectors, dim=-1)
+        vectors = vectors[0] if single else vectors
+        return vectors.cpu().numpy() if convert_to_numpy else vectors
+
+    @torch.no_grad()
+    def encode_teacher(self, texts: str | list[str], batch_size: int = 32) -> torch.Tensor:
+        """The LLM alone (adapters off) on its own tokens: what stage 1 taught the stack to reproduce."""
+        if self.teacher_tokenizer is None or self.config.merged:
+            raise InputError("encode_teacher needs a stack export with its LoRA adapter kept (not merged)")
+        single = isinstance(texts, str)
+        texts = [texts] if single else list(texts)
+        vectors = []
+        with self.llm.disable_adapter():
+            for ids, mask in self._batches(self.teacher_tokenizer, texts, batch_size, "llm"):
+                hidden = self.llm(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+                vectors.append(pool(hidden, mask, self.config.pooling))
+        vectors = torch.cat(vectors)
+        return vectors[0] if single else vectors
+
+    def _examples(self, inputs) -> tuple[list[dict], bool]:
+        """Task inputs as examples: texts (sentiment), (premise, hypothesis) pairs (nli), or dicts with the
+        task's fields (any task, e.g. passage / question / answers for belebele)."""
+        task = self.config.task["name"]
+        single = isinstance(inputs, (str, dict)) or (task == "nli" and isinstance(inputs, tuple))
+        items = [inputs] if single else list(inputs)
+        if task == "sentiment":
+            examples = [item if isinstance(item, dict) else {"text": item} for item in items]
+        elif task == "nli":
+            examples = [item if isinstance(item, dict) else {"premise": item[0], "hypothesis": item[1]} for item in items]
+        else:
+            examples = [dict(item) for item in items]
+        return [{**example, "label": 0} for example in examples], single
+
+    @torch.no_grad()
+    def predict_proba(self, inputs, lang: str | None = None, batch_size: int = 32) -> torch.Tensor:
+        """Class (or answer) probabilities [N, C] of a task model; one input gives [C]."""
+        if self.head is None:
+            raise InputError("predict needs a task model (a stage-2 export); this export is an embedder: use encode")
+        examples, single = self._examples(inputs)
+        set_source_language(self.tokenizer, lang or self.config.source_language)
+        items = encode_examples(examples, self.config.task["name"], self.tokenizer, self.config.view_max_length[self.view])
+        probabilities = []
+        for start in range(0, len(items), batch_size):
+            batch, _ = collate(items[start:start + batch_size], pad_id(self.tokenizer))
+            logits = self.head(self.representation(**{k: v.to(self.device) for k, v in batch.items()}))
+            probabilities.append(logits.float().softmax(-1))
+        probabilities = torch.cat(probabilities)
+        return probabilities[0] if single else probabilities
+
+    def predict(self, inputs, lang: str | None = None, batch_size: int = 32):
+        """Predicted label names (for multiple choice: the index of the answer), one per input."""
+        chosen = self.predict_proba(inputs, lang, batch_size).argmax(-1)
+        labels = self.config.task.get("labels")
+        names = [labels[k] if labels else k for k in chosen.reshape(-1).tolist()]
+        return names[0] if chosen.dim() == 0 else names

@@ -1,0 +1,52 @@
+"""Token-level rules every reader of an MT-LLM needs: padding ids, right padding, NLLB-style language codes."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import torch
+
+class InputError(ValueError):
+    """Something a user gave the model cannot be read (an unknown language code, an input too long, ...)."""
+
+
+ENGLISH = "eng_Latn"  # the FLORES-200 / NLLB code of English: stage 1's text, stage 2's source language
+_LANGUAGE_CODE = re.compile(r"[a-z]{3}_[A-Z][a-z]{3}")
+
+
+def pad_id(tokenizer) -> int:
+    """Padding is masked out, so any valid id will do when a tokenizer (Llama's) has no pad token."""
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+def language_codes(tokenizer) -> set[str]:
+    """The xxx_Xxxx language tokens a (NLLB-style) tokenizer knows."""
+    return {token for token in tokenizer.get_vocab() if _LANGUAGE_CODE.fullmatch(token)}
+
+
+def set_source_language(tokenizer, lang: str | None) -> str | None:
+    """Set an NLLB-style tokenizer's source language; tokenizers without language codes ignore it.
+    An unknown code raises InputError naming it."""
+    if lang is None or not hasattr(tokenizer, "src_lang"):
+        return None
+    if tokenizer.convert_tokens_to_ids(lang) in (None, tokenizer.unk_token_id):
+        known = language_codes(tokenizer)
+        raise InputError(f"language code {lang!r} is not in the MT tokenizer {tokenizer.name_or_path!r} "
+                         f"(it knows {len(known)} codes, e.g. {', '.join(sorted(known)[:4])})")
+    tokenizer.src_lang = lang
+    return lang
+
+
+def pad_right(sequences, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists -> right-padded ids and attention mask [B, longest] (int64)."""
+    longest = max(len(sequence) for sequence in sequences)
+    ids = np.full((len(sequences), longest), pad, dtype=np.int64)
+    mask = np.zeros((len(sequences), longest), dtype=np.int64)
+    for row, sequence in enumerate(sequences):
+        ids[row, : len(sequence)] = sequence
+        mask[row, : len(sequence)] = 1
+    return torch.from_numpy(ids), torch.from_numpy(mask)
