@@ -16,9 +16,14 @@ SCRIPTS = ["launch/torchrun_single_node.sh", "launch/slurm_multinode.sbatch", "l
            "launch/prepare_fineweb.sh"]
 
 
+# A launcher reads these from its environment; an in-process run earlier in the session may have set them.
+LAUNCH_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
 def _dry_run(script, *args, **env):
+    clean = {key: value for key, value in os.environ.items() if key not in LAUNCH_VARIABLES}
     done = subprocess.run(["bash", script, "--dry-run", *args], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "PYTHON": sys.executable, **env})
+                          env={**clean, "PYTHON": sys.executable, **env})
     assert done.returncode == 0, done.stderr
     return done.stdout.strip()
 
