@@ -1,5 +1,6 @@
 """Launch scripts (bash -n, shellcheck, --dry-run), the paper configs, the README's reference, the demo."""
 
+import json
 import os
 import re
 import shutil
@@ -126,3 +127,27 @@ def test_demo_runs_end_to_end(tmp_path):
     for route in ("AutoModel", "SentenceTransformer"):  # the export loads three ways, to the same vectors
         difference = float(re.search(rf"loaded by {route} +max \|difference\| to load_mtllm (\S+)", done.stdout).group(1))
         assert difference < 1e-5, done.stdout[-2000:]
+
+
+def test_readme_your_own_run_commands_work_as_written(tmp_path):
+    """The README's "Your own run" block, line by line, in a fresh folder that holds the checkout's configs."""
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("## Your own run", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    commands = [line for line in block.splitlines() if line.strip() and not line.startswith("#")]
+    assert [command.split()[1] for command in commands] == ["shards", "shards", "config", "train", "export", "predict"]
+    for name in ("configs", "shards"):
+        (tmp_path / name).symlink_to(ROOT / name)
+    with open(ROOT / "shards/sample/enwiki_sample.jsonl", encoding="utf-8") as sample:  # the block's step 0
+        (tmp_path / "my_docs.jsonl").write_text("".join(line for _, line in zip(range(300), sample)))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env = {key: value for key, value in env.items() if key not in LAUNCH_VARIABLES}
+    outputs = []
+    for command in commands:
+        done = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, (command, done.stderr[-2000:])
+        outputs.append(done.stdout)
+    assert "name: mine" in outputs[2] and "\ntask:" not in outputs[2]
+    assert "steps 0 -> 60" in outputs[3] and (tmp_path / "runs" / "mine" / "loss_curve.png").is_file()
+    assert len(json.loads(outputs[5])["vector"]) == 64
