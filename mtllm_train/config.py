@@ -13,7 +13,6 @@ import math
 import re
 import types
 import typing
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
@@ -245,16 +244,17 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     return cls(**values)
 
 
-def _float_fields(section: Any, prefix: str = "") -> Iterator[tuple[str, float]]:
-    """(dotted key, value) of every float-valued field, nested sections included; inline model configs are
-    mappings, not fields, and are left to the model's own config class."""
-    for f in dataclasses.fields(section):
-        key = f"{prefix}.{f.name}" if prefix else f.name
-        value = getattr(section, f.name)
+def flat_settings(config: Any, prefix: str = "") -> dict[str, Any]:
+    """{"section.key": value} for every option of a config (nested sections flattened; inline model configs,
+    lists and mappings are values)."""
+    settings = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
         if dataclasses.is_dataclass(value):
-            yield from _float_fields(value, key)
-        elif isinstance(value, float):
-            yield key, value
+            settings.update(flat_settings(value, f"{prefix}{f.name}."))
+        else:
+            settings[f"{prefix}{f.name}"] = value
+    return settings
 
 
 def checkpointing_policy(value: str | bool) -> str:
@@ -274,8 +274,8 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"{key}: expected one of {', '.join(options)}, got {flat[section][name]!r}")
     # YAML reads .nan and .inf (a float field also takes 'nan'); the range checks below let NaN through (every
     # comparison with it is false), so refuse non-finite values first.
-    for key, value in _float_fields(cfg):
-        if not math.isfinite(value):
+    for key, value in flat_settings(cfg).items():
+        if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{key}: expected a finite number, got {value!r}")
     positive = {"train.steps": cfg.train.steps, "train.global_batch_size": cfg.train.global_batch_size,
                 "data.micro_batch_size": cfg.data.micro_batch_size, "data.max_length": cfg.data.max_length,

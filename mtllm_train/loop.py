@@ -5,7 +5,6 @@ stays in its own file."""
 
 from __future__ import annotations
 
-import dataclasses
 import fcntl
 import json
 import math
@@ -19,7 +18,7 @@ import torch
 from torch import nn
 
 from mtllm_train.checkpoint import Checkpoints
-from mtllm_train.config import Config, ConfigError, dump_config, load_config
+from mtllm_train.config import Config, ConfigError, dump_config, flat_settings, load_config
 from mtllm_train.distributed import Dist, all_reduce, deepspeed_engine, wrap_model
 from mtllm_train.metrics import MetricsLogger
 from mtllm_train.model.stack import trainable_parameters
@@ -48,25 +47,12 @@ MAY_CHANGE_ON_RESUME = ("run.dir", "logging.", "checkpoint.every", "checkpoint.k
                         "task.cache_teacher", "task.eval_batch_size")
 
 
-def _settings(config, prefix: str = "") -> dict:
-    """{"section.key": value} for every option of a config (nested dataclasses flattened; inline model configs,
-    lists and mappings are values)."""
-    settings = {}
-    for field in dataclasses.fields(config):
-        value = getattr(config, field.name)
-        if dataclasses.is_dataclass(value):
-            settings.update(_settings(value, f"{prefix}{field.name}."))
-        else:
-            settings[f"{prefix}{field.name}"] = value
-    return settings
-
-
 def check_resume_settings(cfg: Config, run_dir: Path) -> None:
     """A run folder with checkpoints resumes them: refuse settings that differ from the ones they were trained
     with (config.yaml), except MAY_CHANGE_ON_RESUME."""
     if not (run_dir / "config.yaml").is_file() or not Checkpoints(run_dir).complete():
         return
-    trained, given = _settings(load_config(run_dir / "config.yaml")), _settings(cfg)
+    trained, given = flat_settings(load_config(run_dir / "config.yaml")), flat_settings(cfg)
     changed = [key for key in given if given[key] != trained.get(key) and not key.startswith(MAY_CHANGE_ON_RESUME)]
     if changed:
         key = changed[0]
