@@ -83,7 +83,7 @@ def run_steps(stack, optimizer, batch_size: int, seq: int, steps: int, device: t
             torch.cuda.synchronize()
         start = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            student, teacher = stack(**views)
+            student, teacher = stack(**views)[:2]
             squared_error(student, teacher).mean().backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -31,7 +31,7 @@ EXAMPLES = {
 }
 CONFIG_HELP = ("Settings come from the YAML file, then from key.sub=value overrides (written without dashes), e.g. "
                "train.steps=200 optim.lr=1e-4. Sections: run, model, data, train, optim, distributed, checkpoint, "
-               "logging (and task for stage 2); every key is in the README's configuration reference, and "
+               "logging, and loss (stage 1) or task (stage 2); every key is in the README's configuration reference, and "
                "`mtllm config --config FILE` prints the resolved values.")
 
 
@@ -74,8 +74,8 @@ def _config(args: argparse.Namespace) -> None:
 
     cfg = load_config(args.config, args.overrides)
     settings = to_dict(cfg)
-    if cfg.task == TaskConfig():  # a stage-1 config: the stage-2 section would only be defaults it never reads
-        del settings["task"]
+    # Each stage's section would only show defaults the other stage never reads.
+    del settings["task" if cfg.task == TaskConfig() else "loss"]
     print(Path(cfg.run.dir) / cfg.run.name if args.run_dir else yaml.safe_dump(settings, sort_keys=False), end="\n")
 
 
@@ -99,9 +99,10 @@ def _train(args: argparse.Namespace) -> int:
         return 1
     if summary["is_main"] and summary["losses"]:
         stage2 = args.command != "train"
-        steps = f"steps {summary['start_step']} -> {summary['end_step']}"
-        if stage2:
-            steps += f" of {summary['total_steps']}"
+        # Step numbers count completed optimizer steps everywhere (metrics.jsonl's "step" is the count after it).
+        steps = f"steps {summary['start_step']} -> {summary['end_step']} of {summary['total_steps']}"
+        if "passes" in summary:
+            steps += f" ({summary['passes']:.2f} passes over the training data)"
         print(f"{steps}: loss {summary['losses'][0]:.4g} -> {summary['losses'][-1]:.4g}; run in {summary['run_dir']}"
               + (f" (then: mtllm evaluate --run {summary['run_dir']})" if stage2 else ""))
     return 0

@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import json
 import math
+import os
 import re
 import types
 import typing
@@ -71,16 +72,24 @@ class ModelConfig:
         "none", "LLM layers whose activations the backward pass recomputes: none, full (every layer) or every_<k> "
                 "(every k-th layer: less recompute, more memory); true / false mean full / none")
     compile: bool = option(False, "torch.compile each LLM layer (after the backend wrapped it)")
+    projection_init: str = option("random", "start of U: random (the paper), or least_squares: fit U before step 1 "
+                                            "from the MT encoder's word states to the LLM's input embeddings of the "
+                                            "same words (needs shards with word spans)")
+    projection_init_samples: int = option(2048, "least_squares: training sequences the fit reads")
 
 
 @dataclass
 class DataConfig:
-    shards: str = option("", "shard folder written by `mtllm shards build`")
+    shards: str = option("", "shard folder written by `mtllm shards build`: a local folder, its http(s):// URL, or a "
+                             "pipe: command with {} for the file name (e.g. 'pipe:aws s3 cp s3://bucket/shards/{} -')")
     max_length: int = option(512, "tokens per view; must not be below the shards' max length")
     micro_batch_size: int = option(8, "sequences per rank per forward pass")
     num_workers: int = option(1, "DataLoader worker processes per rank (0: read in the training process)")
     skip_bad_samples: bool = option(False, "skip (and count) corrupt samples instead of stopping")
     length_group_batches: int = option(16, "batches per length-sorting buffer (sorted, cut, shuffled)")
+    eval_shards: str = option("", "held-out shard folder (same tokenizers), evaluated every data.eval_every steps")
+    eval_every: int = option(0, "evaluate on data.eval_shards every N steps (and after the last); 0: never")
+    eval_batches: int = option(0, "micro-batches per rank and evaluation; 0: one pass over data.eval_shards")
 
 
 @dataclass
@@ -88,6 +97,18 @@ class TrainConfig:
     steps: int = option(1000, "optimizer steps")
     global_batch_size: int = option(256, "sequences per step = micro batch x accumulation x world size")
     grad_clip: float = option(1.0, "max gradient norm; 0 disables clipping")
+
+
+@dataclass
+class LossConfig:
+    sequence_weight: float = option(1.0, "weight of the MSE between the student's and the teacher's pooled vectors "
+                                          "(the paper's loss)")
+    span_weight: float = option(0.0, "weight of the MSE between mean-pooled word spans of both last hidden states "
+                                     "(needs shards with word spans; the authors' later work used 2/3 span, 1/3 "
+                                     "sequence)")
+    contrastive_weight: float = option(0.0, "weight of an in-batch InfoNCE term (student vector -> its teacher "
+                                            "vector among the micro-batch's): a collapsed student cannot lower it")
+    contrastive_temperature: float = option(0.05, "InfoNCE temperature (on cosine similarities)")
 
 
 @dataclass
@@ -168,6 +189,7 @@ class Config:
     model: ModelConfig = option(ModelConfig, "")
     data: DataConfig = option(DataConfig, "")
     train: TrainConfig = option(TrainConfig, "")
+    loss: LossConfig = option(LossConfig, "")
     optim: OptimConfig = option(OptimConfig, "")
     distributed: DistributedConfig = option(DistributedConfig, "")
     checkpoint: CheckpointConfig = option(CheckpointConfig, "")
@@ -181,6 +203,7 @@ CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.quant_compute_dtype": ("float32", "bfloat16", "float16"),
     "model.quant_storage_dtype": ("float32", "bfloat16", "float16", "uint8"),
+    "model.projection_init": ("random", "least_squares"),
     "optim.name": ("adamw", "adamw8bit"),
     "optim.schedule": ("linear", "cosine", "constant"),
     "distributed.backend": ("none", "ddp", "fsdp", "deepspeed"),
@@ -281,6 +304,8 @@ def validate(cfg: Config) -> Config:
                 "data.micro_batch_size": cfg.data.micro_batch_size, "data.max_length": cfg.data.max_length,
                 "checkpoint.every": cfg.checkpoint.every, "logging.every": cfg.logging.every,
                 "model.lora.r": cfg.model.lora.r, "optim.lr": cfg.optim.lr,
+                "model.projection_init_samples": cfg.model.projection_init_samples,
+                "loss.contrastive_temperature": cfg.loss.contrastive_temperature,
                 "data.length_group_batches": cfg.data.length_group_batches, "task.epochs": cfg.task.epochs,
                 "task.max_length": cfg.task.max_length, "task.eval_batch_size": cfg.task.eval_batch_size,
                 "task.max_new_tokens": cfg.task.max_new_tokens,
@@ -289,13 +314,24 @@ def validate(cfg: Config) -> Config:
         if value <= 0:
             raise ConfigError(f"{key}: expected a positive value, got {value!r}")
     non_negative = {"data.num_workers": cfg.data.num_workers, "optim.weight_decay": cfg.optim.weight_decay,
-                    "train.grad_clip": cfg.train.grad_clip}
+                    "train.grad_clip": cfg.train.grad_clip, "data.eval_every": cfg.data.eval_every,
+                    "data.eval_batches": cfg.data.eval_batches, "loss.sequence_weight": cfg.loss.sequence_weight,
+                    "loss.span_weight": cfg.loss.span_weight, "loss.contrastive_weight": cfg.loss.contrastive_weight}
     for key, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"{key}: expected a value >= 0, got {value!r}")
     if cfg.checkpoint.keep_last < 2:
         raise ConfigError(f"checkpoint.keep_last: expected at least 2 (one complete checkpoint must survive a "
                           f"crash during the next save), got {cfg.checkpoint.keep_last}")
+    if cfg.loss.sequence_weight + cfg.loss.span_weight + cfg.loss.contrastive_weight == 0:
+        raise ConfigError("loss: every weight is 0 (loss.sequence_weight, loss.span_weight, loss.contrastive_weight); "
+                          "expected at least one positive weight")
+    if cfg.loss.contrastive_weight and cfg.data.micro_batch_size < 2:
+        raise ConfigError(f"loss.contrastive_weight: in-batch negatives need data.micro_batch_size >= 2, got "
+                          f"{cfg.data.micro_batch_size}")
+    if cfg.data.eval_every and not cfg.data.eval_shards:
+        raise ConfigError(f"data.eval_every: {cfg.data.eval_every} but data.eval_shards is empty; expected a held-out "
+                          f"shard folder")
     cfg.model.activation_checkpointing = checkpointing_policy(cfg.model.activation_checkpointing)
     if not 0 <= cfg.model.lora.dropout < 1:
         raise ConfigError(f"model.lora.dropout: expected a value in [0, 1), got {cfg.model.lora.dropout}")
@@ -369,8 +405,47 @@ def _merge(base: dict, update: dict) -> dict:
 INLINE_MODEL_KEYS = ("mt_encoder", "llm", "translator")
 
 
+# Inputs a config names (tokenizers, models, shards, data files) travel with it: in a config file they resolve
+# against the file's folder, in an override against the current folder. Run folders (run.dir, task.init_from,
+# task.teacher, task.cache_dir) are where the user works, so they stay relative to the current folder.
+INPUT_PATH_KEYS = ("data.shards", "data.eval_shards", "distributed.deepspeed_config", "task.train", "task.source_dev",
+                   "task.eval.dev", "task.eval.test")
+# A model or tokenizer is also a hub id: it is a path when it starts with ./ or ../ or exists there.
+MODEL_PATH_KEYS = ("model.mt_encoder", "model.llm", "model.mt_tokenizer", "model.llm_tokenizer", "task.translator",
+                   "task.translator_tokenizer")
+
+
+def resolve_input_path(key: str, value: Any, folder: Path) -> Any:
+    """`value` of option `key` as an absolute path when it is a relative input path (URLs, pipe: commands, hub
+    ids, inline configs and absolute paths are returned as they are)."""
+    if key not in INPUT_PATH_KEYS + MODEL_PATH_KEYS or not isinstance(value, str) or not value:
+        return value
+    if "://" in value or value.startswith("pipe:") or Path(value).is_absolute():
+        return value
+    candidate = Path(os.path.abspath(folder / value))
+    if key in MODEL_PATH_KEYS and not value.startswith(("./", "../")) and not candidate.exists():
+        return value
+    return str(candidate)
+
+
+def _resolve_input_paths(data: dict, folder: Path) -> dict:
+    """A config file's mapping with its relative input paths resolved against `folder`."""
+    for section, options in data.items():
+        if not isinstance(options, dict):
+            continue
+        for name, value in options.items():
+            if section == "task" and name == "eval" and isinstance(value, list):
+                for entry in value:
+                    if isinstance(entry, dict):
+                        entry.update({k: resolve_input_path(f"task.eval.{k}", v, folder) for k, v in entry.items()})
+            else:
+                options[name] = resolve_input_path(f"{section}.{name}", value, folder)
+    return data
+
+
 def read_config_file(path: str | Path, seen: tuple = ()) -> dict:
-    """A YAML config as a mapping; `base: other.yaml` (relative to this file) is read first and updated."""
+    """A YAML config as a mapping; `base: other.yaml` (relative to this file) is read first and updated. Relative
+    input paths are resolved against the folder of the file that names them."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
@@ -383,6 +458,7 @@ def read_config_file(path: str | Path, seen: tuple = ()) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r}: expected a mapping of sections, got {type(data).__name__}")
     base = data.pop("base", None)
+    _resolve_input_paths(data, path.parent)
     if base is None:
         return data
     return _merge(read_config_file(path.parent / base, seen + (path.resolve(),)), data)
@@ -391,7 +467,8 @@ def read_config_file(path: str | Path, seen: tuple = ()) -> dict:
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     data = read_config_file(path) if path is not None else {}
     for text in overrides:
-        apply_override(data, *parse_override(text))
+        key, value = parse_override(text)
+        apply_override(data, key, resolve_input_path(".".join(key), value, Path.cwd()))
     return validate(from_dict(Config, data, ""))
 
 

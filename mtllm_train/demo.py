@@ -29,18 +29,21 @@ from mtllm_train.data.manifest import MANIFEST
 from mtllm_train.data.shard_writer import build_shards
 from mtllm_train.portable.tokens import ENGLISH, pad_id, pad_right
 
-SAMPLE = "shards/sample/enwiki_sample.jsonl"
+# The demo's files live in the repository, so it runs from any folder.
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG, SAMPLE, LAUNCHER = (ROOT / "configs/tiny.yaml", ROOT / "shards/sample/enwiki_sample.jsonl",
+                            ROOT / "launch/torchrun_single_node.sh")
 HELD_OUT = 20
 
 
 def _launch(overrides: list[str]) -> subprocess.Popen:
     env = {**os.environ, "NPROC": "2", "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    return subprocess.Popen(["bash", "launch/torchrun_single_node.sh", "configs/tiny.yaml", *overrides], env=env)
+    return subprocess.Popen(["bash", str(LAUNCHER), str(CONFIG), *overrides], env=env)
 
 
 def run_demo(workdir: str) -> None:
     start = time.perf_counter()
-    cfg = load_config("configs/tiny.yaml")
+    cfg = load_config(CONFIG)
     documents = Path(SAMPLE).read_text(encoding="utf-8").splitlines()
     held_out = [json.loads(line)["text"][:600] for line in documents[-HELD_OUT:]]
     Path(workdir).mkdir(parents=True, exist_ok=True)
@@ -90,7 +93,8 @@ def run_demo(workdir: str) -> None:
 
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
     print("[5/5] summary")
-    print(f"  steps            {records[0]['step']} -> {records[-1]['step']} (resumed once)")
+    # Completed optimizer steps, as everywhere: the first record is the state after step 1.
+    print(f"  steps            {records[0]['step'] - 1} -> {records[-1]['step']} (resumed once)")
     print(f"  loss             {records[0]['loss']:.4f} -> {records[-1]['loss']:.4f}   "
           f"FVU {records[0]['fvu']:.3f} -> {records[-1]['fvu']:.3f}")
     print(f"  throughput       {statistics.median(r['seqs_per_s'] for r in records):.1f} seqs/s, "

@@ -7,7 +7,6 @@ import resource
 import sys
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,7 +15,7 @@ from tqdm import tqdm
 from mtllm_train.config import LoggingConfig
 from mtllm_train.distributed import all_reduce
 from mtllm_train.files import write_atomic
-from mtllm_train.model.loss import fvu_from_sums
+from mtllm_train.model.loss import fvu_from_sums, variance_from_sums
 
 # Dense bf16 peak FLOP/s per GPU, by the name torch reports.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
@@ -59,51 +58,89 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-@dataclass
 class StepTotals:
-    """One stage-1 step's statistics summed over micro-batches and ranks."""
-    error_sum: float  # of per-target squared errors
-    llm_real: float  # real (unpadded) tokens of each view
-    mt_real: float
-    llm_computed: int  # computed (padded) tokens of each view
-    mt_computed: int
-    bad_samples: int
-    teacher_sum: torch.Tensor  # [D] sums of the teacher's pooled vectors and of their squares, for FVU
-    teacher_sq_sum: torch.Tensor
+    """One stage-1 step's statistics summed over micro-batches and ranks, by name (see StepStatistics)."""
+
+    def __init__(self, sums: dict[str, float], vectors: dict[str, torch.Tensor]):
+        self.sums, self.vectors = sums, vectors
+
+    def __getattr__(self, name: str) -> float:
+        try:
+            return self.__dict__["sums"][name]
+        except KeyError:
+            raise AttributeError(name) from None
 
     def fvu(self, targets: int) -> float:
-        return fvu_from_sums(self.error_sum, self.teacher_sum, self.teacher_sq_sum, targets)
+        return fvu_from_sums(self.error_sum, self.vectors["teacher"], self.vectors["teacher_sq"], targets)
+
+    def span_fvu(self) -> float:
+        return fvu_from_sums(self.span_error_sum, self.vectors["span_teacher"], self.vectors["span_teacher_sq"],
+                             int(self.spans))
+
+    def variance(self, side: str, targets: int) -> float:
+        """Per-dimension variance of the student's or the teacher's pooled vectors across the step's texts: a
+        student that outputs one vector for every text has ~0 here."""
+        return float(variance_from_sums(self.vectors[side], self.vectors[f"{side}_sq"], targets))
 
 
 class StepStatistics:
-    """Accumulates a stage-1 step's statistics without a host sync per micro-batch (device sums; host counts)
-    and all-reduces them once, teacher sums in float64."""
+    """Accumulates a stage-1 step's (or an evaluation's) statistics without a host sync per micro-batch (device
+    sums; host counts) and all-reduces them once, in float64."""
+
+    DEVICE_SUMS = ("error_sum", "llm_real", "mt_real", "span_error_sum", "spans", "contrastive_sum", "cosine_sum",
+                   "norm_ratio_sum")
+    HOST_COUNTS = ("llm_computed", "mt_computed", "bad_samples")
+    VECTORS = ("teacher", "teacher_sq", "student", "student_sq", "span_teacher", "span_teacher_sq")
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.device_sums = torch.zeros(3, device=device, dtype=torch.float64)  # error, llm real, mt real
-        self.teacher_sum = self.teacher_sq_sum = 0.0
-        self.llm_computed = self.mt_computed = self.bad_samples = 0
+        self.device_sums = dict.fromkeys(self.DEVICE_SUMS, torch.zeros((), device=device, dtype=torch.float64))
+        self.host_counts = dict.fromkeys(self.HOST_COUNTS, 0)
+        self.vectors: dict[str, torch.Tensor | float] = dict.fromkeys(self.VECTORS, 0.0)
 
-    def add(self, errors: torch.Tensor, teacher_pooled: torch.Tensor, llm_mask: torch.Tensor, mt_mask: torch.Tensor,
-            bad_samples: int) -> None:
-        teacher = teacher_pooled.detach().float()
-        self.teacher_sum = self.teacher_sum + teacher.sum(0)
-        self.teacher_sq_sum = self.teacher_sq_sum + teacher.pow(2).sum(0)
-        self.device_sums += torch.stack([errors.detach().sum(), llm_mask.sum(), mt_mask.sum()]).double()
-        self.llm_computed += llm_mask.numel()
-        self.mt_computed += mt_mask.numel()
-        self.bad_samples += bad_samples
+    def _sum(self, name: str, value: torch.Tensor) -> None:
+        self.device_sums[name] = self.device_sums[name] + value.detach().double()
+
+    def _vectors(self, name: str, rows: torch.Tensor) -> None:
+        rows = rows.detach().double()
+        self.vectors[name] = self.vectors[name] + rows.sum(0)
+        self.vectors[f"{name}_sq"] = self.vectors[f"{name}_sq"] + rows.pow(2).sum(0)
+
+    def add(self, errors: torch.Tensor, student_pooled: torch.Tensor, teacher_pooled: torch.Tensor,
+            llm_mask: torch.Tensor, mt_mask: torch.Tensor, bad_samples: int) -> None:
+        """A micro-batch's sequence targets: per-target errors [B] and both pooled vectors [B, D]."""
+        self._vectors("teacher", teacher_pooled.float())
+        self._vectors("student", student_pooled.float())
+        self._sum("error_sum", errors.sum())
+        self._sum("llm_real", llm_mask.sum())
+        self._sum("mt_real", mt_mask.sum())
+        student, teacher = student_pooled.detach().float(), teacher_pooled.detach().float()
+        self._sum("cosine_sum", torch.nn.functional.cosine_similarity(student, teacher, dim=-1).sum())
+        self._sum("norm_ratio_sum", (student.norm(dim=-1) / teacher.norm(dim=-1).clamp_min(1e-12)).sum())
+        self.host_counts["llm_computed"] += llm_mask.numel()
+        self.host_counts["mt_computed"] += mt_mask.numel()
+        self.host_counts["bad_samples"] += bad_samples
+
+    def add_spans(self, span_errors: torch.Tensor, teacher_spans: torch.Tensor) -> None:
+        """A micro-batch's word-span targets: per-span errors [N] and the teacher's span vectors [N, D]."""
+        self._sum("span_error_sum", span_errors.sum())
+        self._sum("spans", torch.tensor(float(span_errors.numel()), device=self.device))
+        self._vectors("span_teacher", teacher_spans.float())
+
+    def add_contrastive(self, losses: torch.Tensor) -> None:
+        self._sum("contrastive_sum", losses.sum())
 
     def all_reduced(self) -> StepTotals:
-        counters = torch.tensor([self.llm_computed, self.mt_computed, self.bad_samples], device=self.device,
-                                dtype=torch.float64)
-        totals = all_reduce(torch.cat([self.device_sums, counters, self.teacher_sum.double(),
-                                       self.teacher_sq_sum.double()]))
-        error_sum, llm_real, mt_real, llm_computed, mt_computed, bad_samples = totals[:6].tolist()
-        teacher_sum, teacher_sq_sum = totals[6:].chunk(2)
-        return StepTotals(error_sum, llm_real, mt_real, int(llm_computed), int(mt_computed), int(bad_samples),
-                          teacher_sum, teacher_sq_sum)
+        """Every statistic of the step summed over ranks, with one all-reduce."""
+        width = next((v.numel() for v in self.vectors.values() if torch.is_tensor(v)), 0)
+        vectors = [v if torch.is_tensor(v) else torch.zeros(width, device=self.device, dtype=torch.float64)
+                   for v in self.vectors.values()]
+        counts = torch.tensor([float(self.host_counts[k]) for k in self.HOST_COUNTS], device=self.device,
+                              dtype=torch.float64)
+        totals = all_reduce(torch.cat([torch.stack(list(self.device_sums.values())), counts, *vectors]))
+        scalars = len(self.DEVICE_SUMS) + len(self.HOST_COUNTS)
+        sums = dict(zip(self.DEVICE_SUMS + self.HOST_COUNTS, totals[:scalars].tolist()))
+        return StepTotals(sums, dict(zip(self.VECTORS, totals[scalars:].chunk(len(self.VECTORS)))))
 
 
 def read_records(path: Path) -> list[dict]:
@@ -155,7 +192,7 @@ class MetricsLogger:
         self.bar.set_postfix(loss=f"{record['loss']:.4g}", lr=f"{record['lr']:.2e}")
         if self.plain_every and (record["step"] % self.plain_every == 0 or record["step"] == self.total_steps):
             self.bar.write(self._progress_line(record), file=sys.stderr)
-        if record["step"] % self.cfg.every:
+        if record["step"] % self.cfg.every and "eval_fvu" not in record:  # evaluations are always written
             return
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
@@ -186,8 +223,9 @@ class MetricsLogger:
 
 
 def loss_figure(records: list[dict], title: str):
-    """Loss, FVU (with FVU = 1, the level of predicting only the teacher's mean), learning rate and gradient norm
-    against step; dotted lines where the run resumed from a checkpoint."""
+    """Loss, FVU (with FVU = 1, the level of predicting only the teacher's mean; the span FVU and the held-out
+    FVU when the run has them), learning rate and gradient norm against step; dotted lines where the run resumed
+    from a checkpoint."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -195,15 +233,23 @@ def loss_figure(records: list[dict], title: str):
 
     steps = [r["step"] for r in records]
     resumed_at = [r["step"] - 1 for r in records if r.get("resumed")]
-    panels = [("loss", "MSE(student, teacher)", "log"), ("fvu", "FVU", "linear"), ("lr", "learning rate", "linear"),
+    panels = [("loss", "loss", "log"), ("fvu", "FVU", "linear"), ("lr", "learning rate", "linear"),
               ("grad_norm", "gradient norm", "log")]
     figure, axes = plt.subplots(1, 4, figsize=(16, 3.6))
     for axis, (key, label, scale) in zip(axes, panels):
-        axis.plot(steps, [r.get(key, float("nan")) for r in records], color="tab:blue")
+        axis.plot(steps, [r.get(key, float("nan")) for r in records], color="tab:blue",
+                  label="training (sequence)" if key == "fvu" else None)
         axis.set(xlabel="step", ylabel=label, yscale=scale, title=label)
         axis.grid(alpha=0.3)
         for index, step in enumerate(resumed_at):
             axis.axvline(step, color="tab:gray", linestyle=":", label=None if index else "resumed from a checkpoint")
+    if any("span_fvu" in r for r in records):
+        axes[1].plot(steps, [r.get("span_fvu", float("nan")) for r in records], color="tab:green",
+                     label="training (word spans)")
+    evaluated = [r for r in records if "eval_fvu" in r]
+    if evaluated:
+        axes[1].plot([r["step"] for r in evaluated], [r["eval_fvu"] for r in evaluated], color="tab:orange",
+                     marker="o", label="held-out")
     axes[1].axhline(1.0, color="tab:red", linestyle="--", label="FVU = 1 (the teacher's mean)")
     axes[1].legend(fontsize=8)
     figure.suptitle(title)

@@ -1,8 +1,9 @@
 """Stage 1: self-distillation of the MT-LLM stack. One loop, readable top to bottom:
 
 set-up (process group, data, stack, backend wrapper, optimizer) -> resume from the newest complete
-checkpoint -> per step: fetch micro-batches, teacher + student forward, MSE, backward, one optimizer step,
-metrics, checkpoint, preemption check.
+checkpoint -> per step: fetch micro-batches, teacher + student forward, loss (the paper's MSE between pooled
+vectors, optionally word-span MSE and in-batch InfoNCE), backward, one optimizer step, held-out evaluation when
+due, metrics, checkpoint, preemption check.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from contextlib import closing
 import torch
 
 from mtllm_train.checkpoint import Checkpoints
-from mtllm_train.config import Config, ConfigError, to_dict
-from mtllm_train.data.manifest import check_tokenizers
+from mtllm_train.config import Config, ConfigError, LossConfig, to_dict
+from mtllm_train.data.manifest import check_tokenizers, require_word_spans
 from mtllm_train.data.reader import BatchReader
 from mtllm_train.data.tar_reader import ShardError
 from mtllm_train.distributed import all_reduce, compile_layers, gradient_sync, init_distributed, shutdown
@@ -22,11 +23,13 @@ from mtllm_train.loop import (Preemption, accumulation_steps, autocast, backward
                               new_summary, open_run_folder, optimizer_step, setup_backend)
 from mtllm_train.metrics import (MetricsLogger, StepStatistics, parameter_count, peak_flops, peak_memory_gb,
                                  plot_loss_curve, step_flops)
-from mtllm_train.model.loss import squared_error
-from mtllm_train.model.stack import build_stack
+from mtllm_train.model.loss import contrastive_losses, span_count, span_squared_errors, squared_error
+from mtllm_train.model.projection_init import fit_projection
+from mtllm_train.model.stack import StackOutput, build_stack
 from mtllm_train.model.tokenizers import fingerprint, tokenizer_spec, view_tokenizer
 
 VIEWS = ("mt_input_ids", "mt_attention_mask", "llm_input_ids", "llm_attention_mask")
+WORD_IDS = ("mt_word_ids", "llm_word_ids")  # each token's word span (-1: none), in shards built with spans
 
 
 def run_tokenizers(cfg: Config) -> tuple[tuple[str, str], tuple[str, str]]:
@@ -35,22 +38,81 @@ def run_tokenizers(cfg: Config) -> tuple[tuple[str, str], tuple[str, str]]:
     return llm, mt
 
 
-def step_batches(batches, accumulation: int, device: torch.device) -> tuple[list[dict], float]:
-    """This step's micro-batches and the global number of pooled targets. The count's all-reduce also carries
-    whether a rank could not read its data, so every rank stops at once instead of waiting on that rank."""
+def step_batches(batches, accumulation: int, device: torch.device, spans: bool) -> tuple[list[dict], dict[str, float]]:
+    """This step's micro-batches and the global number of targets of each loss term ("targets": pooled
+    sequences, "spans": word spans). The counts' all-reduce also carries whether a rank could not read its data,
+    so every rank stops at once instead of waiting on that rank."""
     try:
         micro_batches, data_error = [next(batches) for _ in range(accumulation)], None
     except ConfigError as err:
         micro_batches, data_error = [], err
-    local = torch.tensor([float(sum(b["mt_input_ids"].shape[0] for b in micro_batches)), float(data_error is not None)],
-                         device=device)
-    global_targets, failed_ranks = all_reduce(local).tolist()
+    targets = sum(b["mt_input_ids"].shape[0] for b in micro_batches)
+    span_targets = sum(span_count(b["llm_word_ids"], b["mt_word_ids"]) for b in micro_batches) if spans else 0
+    local = torch.tensor([float(targets), float(span_targets), float(data_error is not None)], device=device)
+    global_targets, global_spans, failed_ranks = all_reduce(local).tolist()
     if data_error is not None:
         raise data_error
     if failed_ranks:
         raise ShardError(f"{int(failed_ranks)} other rank(s) could not read their data (their error names the shard); "
                          f"stopping")
-    return micro_batches, global_targets
+    return micro_batches, {"targets": global_targets, "spans": global_spans}
+
+
+def distillation_loss(out: StackOutput, batch: dict, loss_cfg: LossConfig, counts: dict[str, float],
+                      stats: StepStatistics) -> torch.Tensor:
+    """This micro-batch's share of the step's loss, and its statistics. Each term is summed over its targets and
+    divided by the step's global count of them, so every target weighs the same whatever the layout."""
+    errors = squared_error(out.student_pooled, out.teacher_pooled)
+    stats.add(errors, out.student_pooled, out.teacher_pooled, batch["llm_attention_mask"], batch["mt_attention_mask"],
+              batch["bad_samples"])
+    loss = loss_cfg.sequence_weight * errors.sum() / counts["targets"]
+    if loss_cfg.span_weight:
+        span_errors, teacher_spans = span_squared_errors(out.student_hidden, out.teacher_hidden, batch["mt_word_ids"],
+                                                         batch["llm_word_ids"])
+        stats.add_spans(span_errors, teacher_spans)
+        loss = loss + loss_cfg.span_weight * span_errors.sum() / max(counts["spans"], 1.0)
+    if loss_cfg.contrastive_weight:
+        contrastive = contrastive_losses(out.student_pooled, out.teacher_pooled, loss_cfg.contrastive_temperature)
+        stats.add_contrastive(contrastive)
+        loss = loss + loss_cfg.contrastive_weight * contrastive.sum() / counts["targets"]
+    return loss
+
+
+def loss_record(totals, counts: dict[str, float], loss_cfg: LossConfig) -> dict:
+    """The step's loss and each of its terms, with the diagnostics of a collapse: the student's variance across
+    texts against the teacher's, cosine and norm ratio of student and teacher vectors."""
+    targets = counts["targets"]
+    record = {"mse": totals.error_sum / targets, "fvu": totals.fvu(int(targets))}
+    loss = loss_cfg.sequence_weight * record["mse"]
+    if loss_cfg.span_weight:
+        record.update(span_mse=totals.span_error_sum / max(totals.spans, 1.0), span_fvu=totals.span_fvu())
+        loss += loss_cfg.span_weight * record["span_mse"]
+    if loss_cfg.contrastive_weight:
+        record["contrastive"] = totals.contrastive_sum / targets
+        loss += loss_cfg.contrastive_weight * record["contrastive"]
+    record.update(student_var=totals.variance("student", int(targets)), teacher_var=totals.variance("teacher", int(targets)),
+                  cosine=totals.cosine_sum / targets, norm_ratio=totals.norm_ratio_sum / targets)
+    return {"loss": loss, **record}
+
+
+@torch.no_grad()
+def evaluate_held_out(model, reader: BatchReader, batches: int, cfg: Config, device: torch.device) -> dict:
+    """MSE and FVU to the teacher on held-out shards: the same batches every time, each rank its share (every rank
+    runs the same number of forward passes), summed over ranks."""
+    with closing(reader.first_epoch()) as stream:
+        micro_batches, counts = step_batches(stream, batches, device, spans=False)
+    model.eval()
+    stats = StepStatistics(device)
+    for batch in micro_batches:
+        views = {key: to_device(batch[key], device) for key in VIEWS}
+        with autocast(cfg, device):
+            out = model(**views)
+        stats.add(squared_error(out.student_pooled, out.teacher_pooled), out.student_pooled, out.teacher_pooled,
+                  views["llm_attention_mask"], views["mt_attention_mask"], batch["bad_samples"])
+    model.train()
+    totals = stats.all_reduced()
+    return {"eval_mse": totals.error_sum / counts["targets"], "eval_fvu": totals.fvu(int(counts["targets"])),
+            "eval_cosine": totals.cosine_sum / counts["targets"]}
 
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -68,12 +130,28 @@ def train(cfg: Config) -> dict:
     run_dir = open_run_folder(cfg, dist_info)
 
     # Data: this rank's share of the shards, checked against the run's tokenizers.
-    reader = BatchReader(cfg.data.shards, dist_info.rank, world_size, cfg.data.micro_batch_size, cfg.data.num_workers,
-                         cfg.run.seed, cfg.data.length_group_batches, cfg.data.skip_bad_samples, cfg.data.max_length)
-    check_tokenizers(reader.manifest, cfg.data.shards, *run_tokenizers(cfg))
+    def shard_reader(shards: str, num_workers: int) -> BatchReader:
+        reader = BatchReader(shards, dist_info.rank, world_size, cfg.data.micro_batch_size, num_workers, cfg.run.seed,
+                             cfg.data.length_group_batches, cfg.data.skip_bad_samples, cfg.data.max_length)
+        check_tokenizers(reader.manifest, shards, *run_tokenizers(cfg))
+        return reader
 
-    # The stack, its backend wrapper, optimizer and schedule.
+    reader = shard_reader(cfg.data.shards, cfg.data.num_workers)
+    spans = bool(cfg.loss.span_weight)
+    if spans:
+        require_word_spans(reader.manifest, cfg.data.shards, "loss.span_weight > 0")
+    if cfg.model.projection_init == "least_squares":
+        require_word_spans(reader.manifest, cfg.data.shards, "model.projection_init=least_squares")
+    eval_reader = shard_reader(cfg.data.eval_shards, 0) if cfg.data.eval_every else None
+    eval_batches = min(cfg.data.eval_batches or 10**9, eval_reader.epoch_batches(0)) if eval_reader else 0
+
+    # The stack (U fit first when asked, unless a checkpoint will replace it), its backend wrapper, optimizer and
+    # schedule.
     stack = build_stack(cfg.model).to(device)
+    projection_fit = None
+    if cfg.model.projection_init == "least_squares" and not Checkpoints(run_dir).complete():
+        with closing(shard_reader(cfg.data.shards, 0)) as fit_reader:
+            projection_fit = fit_projection(stack, iter(fit_reader), cfg.model.projection_init_samples, device)
     llm_params, encoder_params = parameter_count(stack.llm), parameter_count(stack.mt_encoder)
     model, optimizer, scheduler, trainable = setup_backend(stack, cfg, dist_info, accumulation, cfg.train.steps,
                                                            sharded=stack.llm, replicated=[stack.mt_encoder])
@@ -92,6 +170,9 @@ def train(cfg: Config) -> dict:
                            resumed.meta.get("wandb_id") if resumed else None, to_dict(cfg))
     if resumed:
         logger.message(f"resumed from {resumed.path} at step {start_step}")
+    if projection_fit:
+        logger.message(f"U fit by least squares on {projection_fit['spans']} word spans: it leaves "
+                       f"{projection_fit['fvu']:.1%} of the variance of the LLM's input embeddings unexplained")
     flops_peak = peak_flops(device)
     batches = iter(reader)
     model.train()
@@ -102,25 +183,25 @@ def train(cfg: Config) -> dict:
         for step in range(start_step, cfg.train.steps):
             step_start = time.perf_counter()
             # Every pooled target weighs the same: normalise by the global count over micro-batches and ranks.
-            micro_batches, global_targets = step_batches(batches, accumulation, device)
+            micro_batches, counts = step_batches(batches, accumulation, device, spans)
             data_wait = time.perf_counter() - step_start
 
             stats = StepStatistics(device)
             for index, batch in enumerate(micro_batches):
                 last = index == accumulation - 1
-                views = {key: to_device(batch[key], device) for key in VIEWS}
+                keys = VIEWS + (WORD_IDS if spans else ())
+                on_device = {key: to_device(batch[key], device) for key in keys}
                 with gradient_sync(model, backend, last):
                     with autocast(cfg, device):
-                        student_pooled, teacher_pooled = model(**views)
-                        errors = squared_error(student_pooled, teacher_pooled)
+                        out = model(**{key: on_device[key] for key in VIEWS})
+                        loss = distillation_loss(out, {**on_device, "bad_samples": batch["bad_samples"]}, cfg.loss,
+                                                 counts, stats)
                         # DDP / FSDP / DeepSpeed average gradients over ranks; x world_size turns that into the sum.
-                        loss = errors.sum() * world_size / global_targets
+                        loss = loss * world_size
                     backward(model, loss, backend, last)
-                stats.add(errors, teacher_pooled, views["llm_attention_mask"], views["mt_attention_mask"],
-                          batch["bad_samples"])
             totals = stats.all_reduced()  # one all-reduce for every statistic of the step
-            loss_value = totals.error_sum / global_targets
-            check_finite_loss(loss_value, step + 1)
+            losses = loss_record(totals, counts, cfg.loss)
+            check_finite_loss(losses["loss"], step + 1)
 
             # One optimizer step.
             lr = optimizer.param_groups[0]["lr"]
@@ -128,10 +209,10 @@ def train(cfg: Config) -> dict:
 
             # Metrics.
             step_time = time.perf_counter() - step_start
+            global_targets = counts["targets"]
             record = {
                 "step": step + 1,
-                "loss": loss_value,
-                "fvu": totals.fvu(int(global_targets)),
+                **losses,
                 "lr": lr,
                 "grad_norm": grad_norm,
                 "seqs_per_s": global_targets / step_time,
@@ -140,15 +221,18 @@ def train(cfg: Config) -> dict:
                 "padding_efficiency": (totals.llm_real + totals.mt_real) / (totals.llm_computed + totals.mt_computed),
                 "data_wait_frac": data_wait / step_time,
                 "peak_mem_gb": peak_memory_gb(device),
-                "bad_samples": totals.bad_samples,
+                "bad_samples": int(totals.bad_samples),
                 "epoch": reader.epoch,
             }
+            if eval_reader and ((step + 1) % cfg.data.eval_every == 0 or step + 1 == cfg.train.steps):
+                record.update(evaluate_held_out(model, eval_reader, eval_batches, cfg, device))
             if flops_peak:
                 flops = step_flops(llm_params, encoder_params, totals.llm_computed, totals.mt_computed)
                 record["mfu"] = flops / step_time / (flops_peak * world_size)
             logger.log(record)
-            summary["losses"].append(loss_value)
+            summary["losses"].append(losses["loss"])
             summary["end_step"] = step + 1
+            summary["passes"] = (step + 1) * cfg.train.global_batch_size / reader.manifest["totals"]["samples"]
 
             save_due = (step + 1) % cfg.checkpoint.every == 0 or step + 1 == cfg.train.steps
             if end_of_step(step + 1, save_due, preemption=preemption, checkpoints=checkpoints, logger=logger,

@@ -14,13 +14,16 @@ from mtllm_train.config import load_config
 from mtllm_train.train import train
 
 STEPS = 40
-# No LoRA dropout: 1 process and 2 ranks then compute the same function (dropout streams are per rank).
-COMMON = {"train.steps": STEPS, "checkpoint.every": 10, "model.lora.dropout": 0.0}
+# No LoRA dropout: 1 process and 2 ranks then compute the same function (dropout streams are per rank). Every
+# loss term (sequence, word-span, in-batch contrastive) and a held-out evaluation, so each is tested across ranks.
+COMMON = {"train.steps": STEPS, "checkpoint.every": 10, "model.lora.dropout": 0.0, "loss.span_weight": 0.5,
+          "loss.contrastive_weight": 0.1, "data.eval_every": 20}
 
 
 def _torchrun(run_dir, shards, name, backend, **overrides):
     """Start `mtllm train` on 2 ranks; COMMON settings unless `overrides` says otherwise."""
-    settings = {**COMMON, "run.name": name, "distributed.backend": backend, "data.num_workers": 1, **overrides}
+    settings = {**COMMON, "run.name": name, "distributed.backend": backend, "data.num_workers": 1,
+                "data.eval_shards": str(shards), **overrides}
     return torchrun("train", "--config", "configs/tiny.yaml", *train_overrides(run_dir, shards, **settings))
 
 
@@ -45,7 +48,7 @@ def reference(tmp_path_factory, train_shards):
     """1 process, 2 reader workers, 2 micro-batches a step: the same global batches as 2 ranks x 1 worker."""
     run_dir = tmp_path_factory.mktemp("reference")
     train(load_config("configs/tiny.yaml", train_overrides(run_dir, train_shards, **{
-        **COMMON, "run.name": "one", "data.num_workers": 2})))
+        **COMMON, "run.name": "one", "data.num_workers": 2, "data.eval_shards": str(train_shards)})))
     return [m["loss"] for m in read_metrics(run_dir / "one")]
 
 
@@ -53,8 +56,12 @@ def reference(tmp_path_factory, train_shards):
 def test_two_ranks_train_match_one_process_and_resume(tmp_path, train_shards, reference, backend):
     code, output = finish(_torchrun(tmp_path, train_shards, "straight", backend))
     assert code == 0, output[-3000:]
-    losses = [m["loss"] for m in read_metrics(tmp_path / "straight")]
-    assert len(losses) == STEPS and sum(losses[-5:]) < 0.5 * sum(losses[:5])
+    records = read_metrics(tmp_path / "straight")
+    losses = [m["loss"] for m in records]
+    mse = [m["mse"] for m in records]
+    assert len(losses) == STEPS and sum(mse[-5:]) < 0.5 * sum(mse[:5]) and losses[-1] < losses[0]
+    assert {"span_mse", "contrastive"} <= records[0].keys()
+    assert [m["step"] for m in records if "eval_mse" in m] == [20, 40] and records[39]["eval_mse"] < records[19]["eval_mse"]
     assert output.count("steps 0 -> 40") == 1, "only rank 0 reports"
     # Same samples in every global batch; only the order of float sums differs (ddp measured exact, fsdp and
     # deepspeed within 1e-7 relative on this machine).
@@ -76,7 +83,7 @@ def test_two_ranks_train_a_4bit_base(tmp_path, train_shards, backend, optimizer)
         "optim.name": optimizer, "train.steps": 12, "model.quantization": "nf4", "model.quant_compute_dtype": "float32",
         "model.quant_storage_dtype": "bfloat16", "model.lora.dropout": 0.05}))
     assert code == 0, output[-3000:]
-    losses = [m["loss"] for m in read_metrics(tmp_path / "qlora")]
+    losses = [m["mse"] for m in read_metrics(tmp_path / "qlora")]
     assert len(losses) == 12 and sum(losses[-3:]) < 0.6 * sum(losses[:3]), losses
 
 
@@ -86,7 +93,7 @@ def test_deepspeed_zero3_trains_and_exports(tmp_path, train_shards):
     code, output = finish(_torchrun(tmp_path, train_shards, "zero3", "deepspeed", **{
         "distributed.zero_stage": 3, "train.steps": 12, "model.lora.dropout": 0.05}))
     assert code == 0, output[-3000:]
-    losses = [m["loss"] for m in read_metrics(tmp_path / "zero3")]
+    losses = [m["mse"] for m in read_metrics(tmp_path / "zero3")]
     assert len(losses) == 12 and sum(losses[-3:]) < 0.6 * sum(losses[:3]), losses
     # ZeRO-3 partitions the parameters; the checkpoint still yields the full trainable weights.
     weights = trained_weights(tmp_path / "zero3")

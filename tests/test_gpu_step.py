@@ -22,7 +22,7 @@ from mtllm_train.train import train
 
 def _step(stack, batch, optimizer=None):
     """One training step on `batch`: (loss, gradients of the trainable parameters)."""
-    student_pooled, teacher_pooled = stack(**batch)
+    student_pooled, teacher_pooled = stack(**batch)[:2]
     loss = squared_error(student_pooled, teacher_pooled).mean()
     loss.backward()
     grads = {name: p.grad.clone() for name, p in trainable_parameters(stack).items()}

@@ -117,15 +117,16 @@ def test_stack_fine_tuning_resumes_bit_identically(runs, monkeypatch):
     assert (root / "ft_straight" / "results" / "stack_s1_ft.md") in evaluate_run(str(root / "ft_straight"))
 
 
-def _agreement_and_mse(student, teacher, batch):
+def _logit_and_representation_mse(student, teacher, batch):
+    """MSE of the task logits (the teacher's head on both) and of the representations, student against teacher.
+    (Not argmax agreement: on two dozen dev examples of random tiny models it moves in steps of 4% either way.)"""
     with torch.no_grad():
         student_rep, student_logits, _ = student(batch["mt_ids"], batch["mt_mask"])
         teacher_rep, teacher_logits, _ = teacher(batch["llm_ids"], batch["llm_mask"])
-    agreement = (student_logits.argmax(-1) == teacher_logits.argmax(-1)).float().mean().item()
-    return agreement, (student_rep - teacher_rep).pow(2).mean().item()
+    return (student_logits - teacher_logits).pow(2).mean().item(), (student_rep - teacher_rep).pow(2).mean().item()
 
 
-def test_task_distillation_lowers_mse_and_raises_agreement_with_the_teacher(runs):
+def test_task_distillation_lowers_mse_and_moves_predictions_towards_the_teacher(runs):
     root, data = runs
     extra = {"task.init_from": str(root / "s1"), "task.teacher": str(root / "llm"), "task.epochs": 12}
     on_the_fly = run_task(root, data, "s2", "task-distill", **extra)
@@ -156,10 +157,10 @@ def test_task_distillation_lowers_mse_and_raises_agreement_with_the_teacher(runs
     for model in (before, after):
         load_head(model.head, str(root / "llm"), teacher_step)
     Checkpoints(root / "s2").load_trainable(after)
-    agreement_before, mse_before = _agreement_and_mse(before.eval(), teacher, batch)
-    agreement_after, mse_after = _agreement_and_mse(after.eval(), teacher, batch)
+    logits_before, mse_before = _logit_and_representation_mse(before.eval(), teacher, batch)
+    logits_after, mse_after = _logit_and_representation_mse(after.eval(), teacher, batch)
     assert mse_after < 0.5 * mse_before
-    assert agreement_after > agreement_before
+    assert logits_after < logits_before, (logits_before, logits_after)
     assert (root / "s2" / "results" / "stack_s1_s2.md") in evaluate_run(str(root / "s2"))
 
 

@@ -117,7 +117,7 @@ def test_user_errors_give_clear_messages(tmp_path, train_shards, monkeypatch):
                                           r"x world size 1 = 4"):
         train(_cfg(tmp_path, train_shards, "e1", **{"train.global_batch_size": 10}))
     with pytest.raises(ConfigError, match=r"LLM view with 'configs/tiny/llm_tokenizer' .* but the run uses "
-                                          r"'configs/tiny/mt_tokenizer'"):
+                                          r"'\S*configs/tiny/mt_tokenizer'"):
         train(_cfg(tmp_path, train_shards, "e2", **{"model.llm_tokenizer": "configs/tiny/mt_tokenizer"}))
     with pytest.raises(ConfigError, match=r"shards '.*nowhere': no manifest.json"):
         train(_cfg(tmp_path, train_shards, "e3", **{"data.shards": str(tmp_path / "nowhere")}))
@@ -185,7 +185,7 @@ def test_log_lines_without_a_terminal_and_the_plot_marks_resumes(tmp_path, train
     assert [r["step"] for r in records] == list(range(1, 21))
     assert [r["step"] for r in records if r.get("resumed")] == [9]
     figure = loss_figure(records, "log")
-    assert [axis.get_title() for axis in figure.axes] == ["MSE(student, teacher)", "FVU", "learning rate",
+    assert [axis.get_title() for axis in figure.axes] == ["loss", "FVU", "learning rate",
                                                           "gradient norm"]
     assert [line.get_xdata()[0] for line in figure.axes[0].lines[1:]] == [8]  # the resume mark
     assert list(figure.axes[1].lines[-1].get_ydata()) == [1.0, 1.0]  # the FVU = 1 line

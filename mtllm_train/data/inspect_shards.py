@@ -1,4 +1,5 @@
-"""`mtllm shards inspect DIR`: counts, length histograms, expected padding efficiency, checksum verification."""
+"""`mtllm shards inspect DIR`: counts, length histograms, expected padding efficiency, word spans, checksum
+verification."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mtllm_train.data.manifest import load_manifest
+from mtllm_train.data import locations
+from mtllm_train.data.manifest import has_word_spans, load_manifest
 from mtllm_train.data.tar_reader import iter_samples
 from mtllm_train.files import sha256_file
 
@@ -41,12 +43,70 @@ def _histogram(lengths: list[int], max_length: int, bins: int = 8) -> list[str]:
             for lo, hi, count in zip(edges[:-1], edges[1:], counts)]
 
 
+def _measure(sample: dict, lengths: dict[str, list]) -> None:
+    """Add a sample's view lengths to `lengths`; from shards with word spans also its span count and, per view,
+    its tokens in a span."""
+    lengths["llm"].append(len(sample["llm"]))
+    lengths["mt"].append(len(sample["mt"]))
+    if "llm_words" in sample:
+        lengths["spans"].append(int(sample["llm_words"].max()) + 1)
+        for view in ("llm", "mt"):
+            lengths[f"{view}_spanned"].append(int((sample[f"{view}_words"] >= 0).sum()))
+
+
+def _span_report(manifest: dict, lengths: dict[str, list], example: dict | None) -> list[str]:
+    """Spans per sample, tokens in a span, and the first spans of one sample as both views' tokenizers decode
+    them (when the tokenizers are local folders)."""
+    if not has_word_spans(manifest):
+        return [f"word spans: none (format version {manifest['format_version']}); rebuild with this version for "
+                f"word-span distillation"]
+    spans = sum(lengths["spans"])
+    lines = [f"word spans: {spans / max(len(lengths['spans']), 1):.1f} per sample; tokens in a span: " + ", ".join(
+        f"{view} {sum(lengths[f'{view}_spanned']) / max(sum(lengths[view]), 1):.1%} "
+        f"({sum(lengths[f'{view}_spanned']) / max(spans, 1):.2f} per span)" for view in ("llm", "mt"))]
+    names = [manifest["tokenizers"][view]["name"] for view in ("llm", "mt")]
+    if example is not None and all(Path(name).is_dir() for name in names):
+        from mtllm_train.model.tokenizers import load_tokenizer
+
+        lines.append(f"first word spans of sample {example['key']}:")
+        for view, name in zip(("llm", "mt"), names):
+            tokenizer, words = load_tokenizer(name, view), example[f"{view}_words"]
+            shown = [tokenizer.decode(example[view][words == span]).strip() for span in range(min(words.max() + 1, 12))]
+            lines.append(f"  {view}: {' | '.join(shown)}")
+    return lines
+
+
+def _streamed_lengths(location: str, shard: dict, lengths: dict[str, list], word_spans: bool = False) -> str | None:
+    """Add a remote shard's sample lengths to `lengths` if its bytes match the manifest; else say why not."""
+    measured = {key: [] for key in lengths}
+    try:
+        with locations.open_stream(location, shard["name"]) as stream:
+            for sample in iter_samples(locations.describe(location, shard["name"]), skip_bad_samples=True,
+                                       stream=stream, word_spans=word_spans):
+                _measure(sample, measured)
+            actual = stream.finish()
+    except locations.LocationError as err:
+        return f"UNREADABLE {shard['name']}: {err.cause}"
+    if actual != shard["sha256"]:
+        return f"CHECKSUM MISMATCH {shard['name']}: the file changed since it was built"
+    for key, values in measured.items():
+        lengths[key].extend(values)
+    return None
+
+
 def inspect_shards(shards_dir: str, batch_size: int = 8, group_batches: int = 16) -> int:
     """Print the report; return the number of problems found (checksum mismatches, missing shards)."""
     manifest = load_manifest(shards_dir)
     problems = 0
-    lengths = {"llm": [], "mt": []}
+    lengths = {key: [] for key in ("llm", "mt", "spans", "llm_spanned", "mt_spanned")}
+    word_spans, example = has_word_spans(manifest), None
     for shard in manifest["shards"]:
+        if locations.is_remote(shards_dir):  # a URL or pipe: location: streamed, hashed as it streams
+            problem = _streamed_lengths(shards_dir, shard, lengths, word_spans)
+            if problem is not None:
+                print(problem)
+                problems += 1
+            continue
         path = Path(shards_dir) / shard["name"]
         if not path.is_file():
             print(f"MISSING {shard['name']}")
@@ -56,9 +116,9 @@ def inspect_shards(shards_dir: str, batch_size: int = 8, group_batches: int = 16
             print(f"CHECKSUM MISMATCH {shard['name']}: the file changed since it was built")
             problems += 1
             continue
-        for sample in iter_samples(path, skip_bad_samples=True):
-            lengths["llm"].append(len(sample["llm"]))
-            lengths["mt"].append(len(sample["mt"]))
+        for sample in iter_samples(path, skip_bad_samples=True, word_spans=word_spans):
+            _measure(sample, lengths)
+            example = example or (sample if word_spans else None)
     totals, tokenizers = manifest["totals"], manifest["tokenizers"]
     print(f"{shards_dir}: {len(manifest['shards'])} shards, {totals['samples']} samples, "
           f"{totals['empty_dropped']} empty documents dropped, {totals['truncated']} truncated at "
@@ -71,5 +131,6 @@ def inspect_shards(shards_dir: str, batch_size: int = 8, group_batches: int = 16
     print(f"padding efficiency at micro batch {batch_size}: random batches "
           f"{padding_efficiency(pairs, batch_size, None):.3f}, length-grouped ({group_batches} batches) "
           f"{padding_efficiency(pairs, batch_size, group_batches):.3f}")
+    print("\n".join(_span_report(manifest, lengths, example)))
     print(f"checksums: {'all match' if not problems else f'{problems} problem(s)'}")
     return problems

@@ -14,7 +14,10 @@ and the batches are shuffled; each view is padded to its own longest sequence (r
 
 Every shard is checked against the manifest's sha256 when a reader opens it (a few ms per shard, from the page
 cache the read itself then uses), so a changed or damaged shard never trains silently. With skip_bad_samples a
-damaged shard is skipped whole and every sample the manifest lists for it is counted as dropped. A reader error
+damaged shard is skipped whole and every sample the manifest lists for it is counted as dropped. A shard streamed
+from a URL or a `pipe:` command (data/locations.py) is hashed as it streams and checked before its last sample is
+yielded (streamed_samples: its earlier samples may already be in batches); a restored reader streams its shards
+from the start and skips what was consumed, as it does locally. A reader error
 in a DataLoader worker travels to the training process as a message (one line, naming shard and sample), and
 the workers, which ignore SIGTERM for preemption's sake, are stopped whatever happens: shut down, then killed.
 """
@@ -32,16 +35,21 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mtllm_train.config import ConfigError
-from mtllm_train.data.manifest import load_manifest
+from mtllm_train.data import locations
+from mtllm_train.data.manifest import has_word_spans, load_manifest
 from mtllm_train.data.tar_reader import ShardError, iter_samples
 from mtllm_train.files import sha256_file
 from mtllm_train.portable.tokens import pad_right
 
 
 def collate(samples: list[dict], pad_ids: dict[str, int]) -> dict[str, torch.Tensor]:
+    """{view}_input_ids and {view}_attention_mask [B, L_view] (int64, right padding); from shards with word spans
+    also {view}_word_ids [B, L_view] (int64: each token's word-span index, -1 for none and for padding)."""
     batch = {}
     for view in ("mt", "llm"):
         batch[f"{view}_input_ids"], batch[f"{view}_attention_mask"] = pad_right([s[view] for s in samples], pad_ids[view])
+        if f"{view}_words" in samples[0]:
+            batch[f"{view}_word_ids"], _ = pad_right([s[f"{view}_words"] for s in samples], -1)
     return batch
 
 
@@ -99,23 +107,54 @@ def shard_problem(path: Path, shard: dict) -> str | None:
     """Why shard `path` cannot be trusted (missing, or not the bytes the manifest lists), or None."""
     if not path.is_file():
         return f"shard {path}: missing (listed in the manifest)"
-    actual = sha256_file(path)
-    if actual != shard["sha256"]:
-        return (f"shard {path}: checksum mismatch (sha256 {actual[:12]}..., the manifest says {shard['sha256'][:12]}...): "
-                f"it changed after `mtllm shards build`; rebuild the shards, or set data.skip_bad_samples=true to skip it")
-    return None
+    return checksum_problem(path, shard, sha256_file(path))
+
+
+def checksum_problem(where: str | Path, shard: dict, actual: str, streamed: str = "") -> str | None:
+    if actual == shard["sha256"]:
+        return None
+    return (f"shard {where}: checksum mismatch (sha256 {actual[:12]}...{streamed}, the manifest says "
+            f"{shard['sha256'][:12]}...): it changed after `mtllm shards build`; rebuild the shards, or set "
+            f"data.skip_bad_samples=true to skip it")
+
+
+def streamed_samples(where: str, shard: dict, stream: locations.HashingStream,
+                     skip_bad_samples: bool, word_spans: bool = False) -> Iterator[dict]:
+    """The samples of a shard streamed from a URL or a pipe: location, whose sha256 can only be known at the end
+    of the stream. One sample is held back: the stream is read to its end and checked before the shard's last
+    sample is yielded, so a mismatch raises the same error as the local check (or, with skip_bad_samples, drops
+    that last sample) -- but the samples before it may already be in batches. The stream is closed (a command
+    killed) whenever the reader stops."""
+    try:
+        held = None
+        for sample in iter_samples(where, skip_bad_samples, stream=stream, word_spans=word_spans):
+            if held is not None:
+                yield held
+            held = sample
+        try:
+            problem = checksum_problem(where, shard, stream.finish(), f" of the {stream.size} bytes streamed")
+        except locations.LocationError as err:
+            problem = f"shard {where}: unreadable at its end: {err.cause}"
+        if problem is not None and not skip_bad_samples:
+            raise ShardError(problem)
+        if problem is None and held is not None:
+            yield held
+    finally:
+        stream.close()
 
 
 class BatchReader:
     def __init__(self, shards_dir: str, rank: int = 0, world_size: int = 1, batch_size: int = 8, num_workers: int = 1,
                  seed: int = 0, group_batches: int = 16, skip_bad_samples: bool = False, max_length: int | None = None):
-        self.shards_dir = Path(shards_dir)
+        # A local folder, or a URL / pipe: location (a string: see data/locations.py).
+        self.shards_dir = shards_dir if locations.is_remote(shards_dir) else Path(shards_dir)
         self.manifest = load_manifest(shards_dir)
         if max_length is not None and max_length < self.manifest["max_length"]:
             raise ConfigError(f"data.max_length {max_length} is below the {self.manifest['max_length']} tokens the "
                               f"shards in {str(shards_dir)!r} were aligned at; rebuild them with --max-length {max_length}")
         self.shards = self.manifest["shards"]
         self.pad_ids = {view: self.manifest["tokenizers"][view]["pad_id"] for view in ("llm", "mt")}
+        self.word_spans = has_word_spans(self.manifest)  # batches carry llm_word_ids and mt_word_ids
         self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
         self.num_workers, self.logical_workers = num_workers, max(num_workers, 1)
         self.readers = world_size * self.logical_workers
@@ -135,13 +174,21 @@ class BatchReader:
     def shard_samples(self, shard: dict) -> Iterator[dict]:
         """The samples of one manifest entry, verified; with skip_bad_samples, what is dropped is counted in
         self.dropped (everything the manifest lists that was not yielded)."""
-        path = self.shards_dir / shard["name"]
-        problem = shard_problem(path, shard)
+        path, stream = locations.join(self.shards_dir, shard["name"]), None
+        if locations.is_remote(self.shards_dir):  # checked as it streams (streamed_samples)
+            try:
+                stream, problem = locations.open_stream(self.shards_dir, shard["name"]), None
+            except locations.LocationError as err:  # HTTP 404, connection refused, ...
+                problem = f"shard {path}: cannot be opened ({err.cause})"
+        else:
+            problem = shard_problem(path, shard)
         if problem is not None and not self.skip_bad_samples:
             raise ShardError(problem)
         kept = 0
         if problem is None:
-            for sample in iter_samples(path, self.skip_bad_samples):
+            samples = (iter_samples(path, self.skip_bad_samples, word_spans=self.word_spans) if stream is None
+                       else streamed_samples(path, shard, stream, self.skip_bad_samples, self.word_spans))
+            for sample in samples:
                 kept += 1
                 yield sample
         if kept > shard["samples"] or (kept < shard["samples"] and not self.skip_bad_samples):
@@ -212,6 +259,12 @@ class BatchReader:
                 finally:
                     _stop_workers(batches)
             self.epoch, self.batches = self.epoch + 1, 0
+
+    def first_epoch(self) -> Iterator[dict]:
+        """Epoch 0's batches from its start, whatever this reader's position: a held-out evaluation reads the same
+        batches every time."""
+        self.epoch, self.batches = 0, 0
+        return iter(self)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "batches": self.batches, "world_size": self.world_size,

@@ -1,6 +1,7 @@
 """`mtllm shards build`: pre-tokenize documents into aligned webdataset shards, in parallel, resumably.
 
-Each sample of a shard holds `llm.npy` and `mt.npy` (int32 token ids of the two views) and `id.txt`.
+Each sample of a shard holds `llm.npy` and `mt.npy` (int32 token ids of the two views), `llm_words.npy` and
+`mt_words.npy` (int32, each token's word-span index, -1 for none: views.word_spans) and `id.txt`.
 Shard k holds documents [k * shard_size, (k + 1) * shard_size) of the input order (empty ones dropped and
 counted), so a rebuild gives the same shards. A shard is complete once its stats file exists in `.build/`;
 an interrupted build rerun with the same arguments keeps complete shards and rebuilds the rest.
@@ -84,13 +85,13 @@ def write_shard(out_dir: Path, index: int, first_doc: int, documents: list[tuple
                 if views is None:
                     stats["empty_dropped"] += 1
                     continue
-                llm_ids, mt_ids, truncated = views
-                writer.write({"__key__": f"{first_doc + offset:010d}", "llm.npy": _npy_bytes(llm_ids),
-                              "mt.npy": _npy_bytes(mt_ids), "id.txt": doc_id})
+                writer.write({"__key__": f"{first_doc + offset:010d}", "llm.npy": _npy_bytes(views.llm_ids),
+                              "mt.npy": _npy_bytes(views.mt_ids), "llm_words.npy": _npy_bytes(views.llm_words),
+                              "mt_words.npy": _npy_bytes(views.mt_words), "id.txt": doc_id})
                 stats["samples"] += 1
-                stats["truncated"] += int(truncated)
-                stats["llm_tokens"] += len(llm_ids)
-                stats["mt_tokens"] += len(mt_ids)
+                stats["truncated"] += int(views.truncated)
+                stats["llm_tokens"] += len(views.llm_ids)
+                stats["mt_tokens"] += len(views.mt_ids)
         stats["sha256"] = sha256_file(tmp)
     write_json_atomic(out_dir / ".build" / f"{path.stem}.json", stats)
     return stats
@@ -113,6 +114,7 @@ def build_shards(inputs: list[str], out: str, llm_tokenizer: str, mt_tokenizer: 
     probe = ViewTokenizer(llm_tokenizer, mt_tokenizer, mt_lang, max_length)
     settings = {
         "format_version": FORMAT_VERSION,
+        "word_spans": True,
         "tokenizers": {
             "llm": {"name": llm_tokenizer, "fingerprint": fingerprint(probe.llm), "pad_id": pad_id(probe.llm)},
             "mt": {"name": mt_tokenizer, "fingerprint": fingerprint(probe.mt), "pad_id": pad_id(probe.mt)},

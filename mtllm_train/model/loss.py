@@ -1,15 +1,60 @@
-"""The self-distillation objective: MSE between pooled vectors, in fp32, and FVU as a diagnostic."""
+"""The self-distillation objective and its diagnostics, all in fp32.
+
+Each term returns one value per target (sequence or word span) that the trainer sums and divides by the
+global number of such targets, so every target weighs the same whatever the micro-batch, accumulation and
+rank layout:
+- squared_error: the paper's MSE between pooled vectors;
+- span_squared_errors: the MSE between mean-pooled word spans of both views' last hidden states;
+- contrastive_losses: in-batch InfoNCE, which a student that outputs one vector for every text cannot lower
+  (plain MSE can be lowered that way, by matching the teacher's mean while its covariance is still ~0).
+"""
 
 import torch
+import torch.nn.functional as F
 
 
 def squared_error(student_pooled: torch.Tensor, teacher_pooled: torch.Tensor) -> torch.Tensor:
-    """Per-target MSE over the hidden dimension: [B, D] x [B, D] -> [B] in fp32.
-
-    The trainer sums these and divides by the global number of targets, so every target weighs the same
-    whatever the micro-batch, accumulation and rank layout.
-    """
+    """Per-target MSE over the hidden dimension: [B, D] x [B, D] -> [B] in fp32."""
     return (student_pooled.float() - teacher_pooled.float()).pow(2).mean(dim=-1)
+
+
+def span_presence(word_ids: torch.Tensor, spans: int) -> torch.Tensor:
+    """[B, L] token -> span index (-1: none) -> [B, L, W] one-hot in fp32 (W = spans)."""
+    return (word_ids.unsqueeze(-1) == torch.arange(spans, device=word_ids.device)).float()
+
+
+def span_means(hidden: torch.Tensor, word_ids: torch.Tensor, spans: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean hidden state of each word span: ([B, W, D] fp32, [B, W] bool: the span has tokens in this view)."""
+    one_hot = span_presence(word_ids, spans)
+    counts = one_hot.sum(dim=1)
+    sums = one_hot.transpose(1, 2) @ hidden.float()
+    return sums / counts.clamp_min(1.0).unsqueeze(-1), counts > 0
+
+
+def span_count(llm_word_ids: torch.Tensor, mt_word_ids: torch.Tensor) -> int:
+    """Word spans that both views cover: the targets span_squared_errors returns one error for."""
+    spans = int(max(llm_word_ids.max(), mt_word_ids.max())) + 1
+    both = (span_presence(llm_word_ids, spans).sum(1) > 0) & (span_presence(mt_word_ids, spans).sum(1) > 0)
+    return int(both.sum())
+
+
+def span_squared_errors(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, mt_word_ids: torch.Tensor,
+                        llm_word_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-span MSE over the hidden dimension, for the spans both views cover: ([N] errors, [N, D] the teacher's
+    span vectors, for the span FVU). The student reads the MT tokens, the teacher the LLM tokens."""
+    spans = int(max(llm_word_ids.max(), mt_word_ids.max())) + 1
+    student_spans, student_has = span_means(student_hidden, mt_word_ids, spans)
+    teacher_spans, teacher_has = span_means(teacher_hidden, llm_word_ids, spans)
+    both = student_has & teacher_has
+    return squared_error(student_spans[both], teacher_spans[both]), teacher_spans[both]
+
+
+def contrastive_losses(student_pooled: torch.Tensor, teacher_pooled: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Per-target InfoNCE [B]: each student vector must pick its own teacher vector among the micro-batch's
+    (cosine similarities / temperature)."""
+    similarities = F.normalize(student_pooled.float(), dim=-1) @ F.normalize(teacher_pooled.float(), dim=-1).T
+    targets = torch.arange(similarities.shape[0], device=similarities.device)
+    return F.cross_entropy(similarities / temperature, targets, reduction="none")
 
 
 def fvu_from_sums(error_sum: float, teacher_sum: torch.Tensor, teacher_sq_sum: torch.Tensor, count: int) -> float:
@@ -17,6 +62,10 @@ def fvu_from_sums(error_sum: float, teacher_sum: torch.Tensor, teacher_sq_sum: t
 
     Built from sums (of per-target MSE, of teacher vectors, of their squares) so it can be all-reduced.
     """
-    mean = teacher_sum / count
-    variance = (teacher_sq_sum / count - mean.pow(2)).mean()
-    return float(error_sum / count / variance.clamp_min(1e-12))
+    return float(error_sum / max(count, 1) / variance_from_sums(teacher_sum, teacher_sq_sum, count).clamp_min(1e-12))
+
+
+def variance_from_sums(vector_sum: torch.Tensor, sq_sum: torch.Tensor, count: int) -> torch.Tensor:
+    """Per-dimension variance across targets, averaged over dimensions, from all-reducible sums."""
+    mean = vector_sum / max(count, 1)
+    return (sq_sum / max(count, 1) - mean.pow(2)).mean()

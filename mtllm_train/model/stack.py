@@ -5,6 +5,8 @@ The teacher is M itself with its adapters disabled, reading the English text in 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import Linear as LoraLinear
@@ -16,6 +18,16 @@ from transformers.pytorch_utils import Conv1D
 from mtllm_train.config import ModelConfig, checkpointing_policy
 from mtllm_train.model.loading import build_llm, build_mt_encoder
 from mtllm_train.portable.pooling import pool
+
+
+class StackOutput(NamedTuple):
+    """One stage-1 forward: the pooled vectors [B, D] (fp32) and the last hidden states [B, T, D] of both views
+    (the student's over the MT tokens, the teacher's over the LLM tokens), for sequence and word-span losses."""
+
+    student_pooled: torch.Tensor
+    teacher_pooled: torch.Tensor
+    student_hidden: torch.Tensor
+    teacher_hidden: torch.Tensor
 
 
 class MTLLM(nn.Module):
@@ -35,10 +47,13 @@ class MTLLM(nn.Module):
         lora_train_mode(self.llm, mode)
         return self
 
-    def teacher_pooled(self, llm_input_ids: torch.Tensor, llm_attention_mask: torch.Tensor) -> torch.Tensor:
+    def teacher_hidden(self, llm_input_ids: torch.Tensor, llm_attention_mask: torch.Tensor) -> torch.Tensor:
+        """The LLM without adapters on its own tokens: last hidden states [B, T, D]."""
         with torch.no_grad(), self.llm.disable_adapter():
-            hidden = self.llm(input_ids=llm_input_ids, attention_mask=llm_attention_mask).last_hidden_state
-        return pool(hidden, llm_attention_mask, self.pooling)
+            return self.llm(input_ids=llm_input_ids, attention_mask=llm_attention_mask).last_hidden_state
+
+    def teacher_pooled(self, llm_input_ids: torch.Tensor, llm_attention_mask: torch.Tensor) -> torch.Tensor:
+        return pool(self.teacher_hidden(llm_input_ids, llm_attention_mask), llm_attention_mask, self.pooling)
 
     def mt_states(self, mt_input_ids: torch.Tensor, mt_attention_mask: torch.Tensor) -> torch.Tensor:
         """The frozen MT encoder's token states [B, T, d_E]."""
@@ -61,9 +76,10 @@ class MTLLM(nn.Module):
 
     def forward(self, mt_input_ids, mt_attention_mask, llm_input_ids, llm_attention_mask):
         """One call for both views, so DDP / FSDP / DeepSpeed wrappers see a single forward."""
-        teacher_pooled = self.teacher_pooled(llm_input_ids, llm_attention_mask)
-        student_pooled = self.student_pooled(mt_input_ids, mt_attention_mask)
-        return student_pooled, teacher_pooled
+        teacher_hidden = self.teacher_hidden(llm_input_ids, llm_attention_mask)
+        student_hidden = self.student_hidden(mt_input_ids, mt_attention_mask)
+        return StackOutput(pool(student_hidden, mt_attention_mask, self.pooling),
+                           pool(teacher_hidden, llm_attention_mask, self.pooling), student_hidden, teacher_hidden)
 
 
 def lora_train_mode(model: nn.Module, mode: bool) -> None:

@@ -31,8 +31,10 @@ def build_tiny_tokenizers(corpus: str | Path, out_dir: str | Path) -> tuple[Path
     common = dict(vocab_size=VOCAB_SIZE, model_type="bpe", num_threads=1, minloglevel=2, byte_fallback=False)
     with tempfile.TemporaryDirectory() as tmp:
         # transformers reads a raw sentencepiece model only under its conventional file name.
+        # Byte fallback as in Llama's own tokenizer: transformers builds the fast tokenizer with it, and without the
+        # byte tokens it drops every character outside the vocabulary and shifts every later offset (word spans).
         spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_prefix=f"{tmp}/tokenizer",
-                                       unk_id=0, bos_id=1, eos_id=2, pad_id=-1, **common)
+                                       unk_id=0, bos_id=1, eos_id=2, pad_id=-1, **{**common, "byte_fallback": True})
         LlamaTokenizer.from_pretrained(tmp, add_bos_token=True, add_eos_token=False).save_pretrained(llm_dir)
     with tempfile.TemporaryDirectory() as tmp:
         spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_prefix=f"{tmp}/sentencepiece.bpe",
