@@ -58,13 +58,12 @@ VARIANTS = {
     "start fix": START_FIX,
     "start fix + spans": START_FIX + SPANS,
 }
-# Budget on 2 cores: a MiniLM step takes 0.9 s on an idle machine (1.6 s in the 800-step run of 2026-11-22), a
-# least-squares fit of U ~25 s, an evaluated checkpoint ~45 s (9,200 X texts: compute-bound), the baselines and
-# encoder states shared by the variants ~6 min, the collapse probe ~0.5 s per checkpoint. 3 x 300 steps (14-24 min)
-# + 3 x 7 evaluations less one identical step 0 (15 min) + baselines (6) + probe and fits (2) + assets and shards
-# (1-2) ~ 40-50 minutes; --smollm2 adds ~10. 300 steps: the plateau of the paper's loss lasts ~250 steps (800-step
-# run), so 300 shows whether a fix removes it; evaluating every 50 steps resolves the curve's shape.
-STEPS, EVAL_EVERY, PROBE_EVERY = 300, 50, 10
+# Budget on 2 cores, measured 2026-11-22 (RESULTS.md): 3 x 120 steps with evaluations at 0 / 40 / 80 / 120 and a
+# checkpoint + collapse probe every 10 steps took 23.4 minutes in all, on a machine other jobs were also loading
+# (a MiniLM step is ~0.9-1.2 s idle; an evaluated checkpoint ~45 s; baselines 3 min). 120 steps: the paper's loss
+# is still on its plateau there (FVU 1.05) while both fixes left it at step 10, so the comparison is settled;
+# --steps 300 --eval-every 50 shows more of the curve (~40-50 minutes); --smollm2 adds ~10.
+STEPS, EVAL_EVERY, PROBE_EVERY = 120, 40, 10
 # ------------------------------------------------------------------------------------------------------------------
 
 MINILM_CONFIG = ROOT / "configs" / "mini_repro_e5_minilm.yaml"
