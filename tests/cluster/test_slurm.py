@@ -64,7 +64,7 @@ def test_preempted_job_requeues_itself_resumes_and_matches_an_uninterrupted_run(
              f"[slurm] the trainers checkpointed and exited 0; requeueing job {job}",
              f"[slurm] job {job} (start 2)",
              f"resumed from {tmp_path}/slurm/checkpoints/step_{stopped:08d} at step {stopped}",
-             f"steps {stopped} -> {STEPS}:",
+             f"steps {stopped} -> {STEPS} of {STEPS} ",
              f"[slurm] job {job}: the trainers exited with status 0"]
     positions = [text.find(step) for step in steps]
     assert -1 not in positions and positions == sorted(positions), text
