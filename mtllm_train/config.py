@@ -20,6 +20,7 @@ from typing import Any, Union
 
 import yaml
 
+from mtllm_train.files import write_atomic
 from mtllm_train.portable.pooling import POOLINGS
 
 
@@ -473,7 +474,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
 
 
 def dump_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    """Atomically: on resume the other ranks read the run's config.yaml (check_resume_settings) while rank 0
+    rewrites it, and a truncated file would read as an empty config."""
+    write_atomic(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def config_reference(cls: type = Config, prefix: str = "") -> list[str]:

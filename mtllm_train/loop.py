@@ -20,6 +20,7 @@ from torch import nn
 from mtllm_train.checkpoint import Checkpoints
 from mtllm_train.config import Config, ConfigError, dump_config, flat_settings, load_config
 from mtllm_train.distributed import Dist, all_reduce, deepspeed_engine, wrap_model
+from mtllm_train.files import write_atomic
 from mtllm_train.metrics import MetricsLogger
 from mtllm_train.model.stack import trainable_parameters
 from mtllm_train.optim import build_optimizer, build_scheduler
@@ -106,7 +107,7 @@ def open_run_folder(cfg: Config, dist_info: Dist, identity: dict | None = None) 
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, run_dir / "config.yaml")
         if identity is not None:
-            (run_dir / TASK_FILE).write_text(json.dumps(identity, indent=1))
+            write_atomic(run_dir / TASK_FILE, json.dumps(identity, indent=1))
     torch.manual_seed(cfg.run.seed * 1000 + dist_info.rank)
     return run_dir
 
