@@ -64,9 +64,7 @@ def build(args, device: torch.device):
         "quant_compute_dtype": "bfloat16" if device.type == "cuda" else "float32",
         "activation_checkpointing": args.checkpointing, "pooling": "mean"}, "model")
     # Random init on the GPU itself: initialising 8B parameters on the CPU takes minutes.
-    with torch.device(device):
-        stack = build_stack(model)
-    stack = stack.to(device)
+    stack = build_stack(model, device)
     if args.compile:
         compile_layers(stack.llm)
     return stack

@@ -72,8 +72,7 @@ def model_config(tiny: bool, settings: dict) -> ModelConfig:
 
 def fake_stack(cfg: ModelConfig, fake_mode: FakeTensorMode) -> torch.nn.Module:
     """The stack built on the meta device, each parameter and buffer then a FakeTensor on the cpu device."""
-    with torch.device("meta"):
-        stack = build_stack(cfg)
+    stack = build_stack(cfg, "meta")
     for module in stack.modules():
         for name, param in module._parameters.items():
             if param is not None:

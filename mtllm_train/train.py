@@ -124,6 +124,7 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def train(cfg: Config) -> dict:
+    started = time.perf_counter()
     dist_info = init_distributed(cfg)
     backend, device, world_size = cfg.distributed.backend, dist_info.device, dist_info.world_size
     accumulation = accumulation_steps(cfg, world_size)
@@ -147,7 +148,9 @@ def train(cfg: Config) -> dict:
 
     # The stack (U fit first when asked, unless a checkpoint will replace it), its backend wrapper, optimizer and
     # schedule.
-    stack = build_stack(cfg.model).to(device)
+    build_start = time.perf_counter()
+    stack = build_stack(cfg.model, device)
+    build_seconds = time.perf_counter() - build_start
     projection_fit = None
     if cfg.model.projection_init == "least_squares" and not Checkpoints(run_dir).complete():
         with closing(shard_reader(cfg.data.shards, 0)) as fit_reader:
@@ -173,6 +176,8 @@ def train(cfg: Config) -> dict:
     if projection_fit:
         logger.message(f"U fit by least squares on {projection_fit['spans']} word spans: it leaves "
                        f"{projection_fit['fvu']:.1%} of the variance of the LLM's input embeddings unexplained")
+    # Time to the first step: what a node's ranks spend building the stack on their GPUs and resuming.
+    logger.message(f"set-up took {time.perf_counter() - started:.1f} s (stack built on {device} in {build_seconds:.1f} s)")
     flops_peak = peak_flops(device)
     batches = iter(reader)
     model.train()

@@ -230,3 +230,35 @@ def test_compiled_fsdp_step_with_checkpointing_equals_the_plain_one(tmp_path, tr
     checkpointing = [any(node.target is torch.ops.higher_order.tag_activation_checkpoint for node in graph.graph.nodes)
                      for graph in graphs]
     assert any(checkpointing) and not all(checkpointing), checkpointing
+
+
+class HostBytes(TorchDispatchMode):
+    """Adds up the bytes of every cpu tensor an aten op creates (factory functions included)."""
+
+    def __init__(self):
+        super().__init__()
+        self.created = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(tensor, torch.Tensor) and tensor.device.type == "cpu":
+                self.created += tensor.numel() * tensor.element_size()
+        return out
+
+
+def test_the_stack_is_built_on_its_device_with_no_host_copy_of_its_weights(tiny_cfg):
+    # A rank builds (or loads) its stack on its own GPU: 8 ranks of a node must not each hold a host copy of the
+    # LLM first. The meta device stands in for the GPU here: what a build puts in host memory is counted.
+    with HostBytes() as on_host:
+        stack = build_stack(tiny_cfg.model, "cpu")
+    weight_bytes = sum(t.numel() * t.element_size() for t in (*stack.parameters(), *stack.buffers()))
+    assert on_host.created >= weight_bytes  # the counter sees a build's weights
+    with HostBytes() as on_host:
+        stack = build_stack(tiny_cfg.model, "meta")
+    assert {t.device.type for t in (*stack.parameters(), *stack.buffers())} == {"meta"}
+    assert on_host.created < 0.01 * weight_bytes
+    with HostBytes() as on_host:
+        model = build_task_model(tiny_cfg, "stack", "meta")
+    assert {t.device.type for t in model.parameters()} == {"meta"}
+    assert on_host.created < 0.01 * weight_bytes

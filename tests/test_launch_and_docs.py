@@ -122,6 +122,7 @@ def test_demo_runs_end_to_end(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "preempted: saved step" in done.stderr + done.stdout
     assert "resumed from" in done.stderr + done.stdout
+    assert re.search(r"set-up took [\d.]+ s \(stack built on cpu in [\d.]+ s\)", done.stderr + done.stdout)
     assert "steps            0 -> 200 (resumed once)" in done.stdout
     assert (tmp_path / "tiny" / "loss_curve.png").stat().st_size > 10_000
     assert (tmp_path / "tiny" / "export" / "adapter" / "adapter_model.safetensors").is_file()

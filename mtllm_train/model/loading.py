@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from contextlib import contextmanager
 import tempfile
 from pathlib import Path
 
@@ -46,12 +47,26 @@ def quantization_config(cfg: ModelConfig) -> BitsAndBytesConfig | None:
     )
 
 
-def load_model(spec: str | dict, key: str, cfg: ModelConfig, quantize: bool, auto_class=AutoModel) -> nn.Module:
-    """A model from a folder / hub id, or built from an inline config with seeded random init."""
-    dtype = DTYPES[cfg.dtype]
+@contextmanager
+def seeded(seed: int, device: torch.device | str):
+    """Random init inside from `seed` (on `device`'s generator too), leaving the global RNG state as it was:
+    every rank builds the same weights."""
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type="cuda"):
+        torch.manual_seed(seed)
+        yield
+
+
+def load_model(spec: str | dict, key: str, cfg: ModelConfig, quantize: bool, device: torch.device | str = "cpu",
+               auto_class=AutoModel) -> nn.Module:
+    """A model from a folder / hub id, or built from an inline config with seeded random init, straight on
+    `device`: weights are read (and quantized) into the GPU's memory, random ones initialised there, so the ranks
+    of a node do not each hold a host copy of the LLM before step 1."""
+    dtype, device = DTYPES[cfg.dtype], torch.device(device)
     quant = quantization_config(cfg) if quantize else None
     if isinstance(spec, str):
-        return from_pretrained(auto_class, spec, key, dtype=dtype, quantization_config=quant)
+        return from_pretrained(auto_class, spec, key, dtype=dtype, quantization_config=quant,
+                               device_map={"": device})
     spec = dict(spec)
     model_type = spec.pop("model_type", None)
     if model_type is None:
@@ -60,9 +75,7 @@ def load_model(spec: str | dict, key: str, cfg: ModelConfig, quantize: bool, aut
         hf_config = AutoConfig.for_model(model_type, **spec)
     except ValueError as err:
         raise ConfigError(f"{key}: {err}") from None
-    # Same seed on every rank: every process builds identical random weights.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.init_seed)
+    with seeded(cfg.init_seed, device), device:
         model = auto_class.from_config(hf_config, dtype=dtype)
     if quant is None:
         return model
@@ -71,7 +84,7 @@ def load_model(spec: str | dict, key: str, cfg: ModelConfig, quantize: bool, aut
     with tempfile.TemporaryDirectory() as folder:
         model.config.to_json_file(f"{folder}/config.json")
         save_model(model, f"{folder}/model.safetensors")
-        return auto_class.from_pretrained(folder, dtype=dtype, quantization_config=quant)
+        return auto_class.from_pretrained(folder, dtype=dtype, quantization_config=quant, device_map={"": device})
 
 
 def freeze(module: nn.Module) -> nn.Module:
@@ -79,18 +92,18 @@ def freeze(module: nn.Module) -> nn.Module:
     return module.eval()
 
 
-def build_mt_encoder(cfg: ModelConfig) -> nn.Module:
+def build_mt_encoder(cfg: ModelConfig, device: torch.device | str = "cpu") -> nn.Module:
     """The encoder of an encoder-decoder (M2M100/NLLB) or an encoder-only model (BERT/XLM-R), frozen."""
-    model = load_model(cfg.mt_encoder, "model.mt_encoder", cfg, quantize=False)
+    model = load_model(cfg.mt_encoder, "model.mt_encoder", cfg, quantize=False, device=device)
     if getattr(model.config, "is_encoder_decoder", False):
         model = model.get_encoder()
     model.config.use_cache = False  # as for the LLM below (an encoder caches nothing, but its layers are told to)
     return freeze(model)
 
 
-def build_llm(cfg: ModelConfig) -> nn.Module:
+def build_llm(cfg: ModelConfig, device: torch.device | str = "cpu") -> nn.Module:
     """The English LLM without its LM head, frozen, optionally 4-bit and bidirectional."""
-    model = load_model(cfg.llm, "model.llm", cfg, quantize=True)
+    model = load_model(cfg.llm, "model.llm", cfg, quantize=True, device=device)
     if "inputs_embeds" not in inspect.signature(model.forward).parameters:
         raise ConfigError(f"model.llm: {type(model).__name__} does not accept inputs_embeds; the stack feeds the "
                           f"projected MT-encoder states to the LLM as inputs_embeds (use e.g. Llama, GPT-2, BERT)")

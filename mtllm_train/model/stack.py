@@ -16,7 +16,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.pytorch_utils import Conv1D
 
 from mtllm_train.config import ModelConfig, checkpointing_policy
-from mtllm_train.model.loading import build_llm, build_mt_encoder
+from mtllm_train.model.loading import build_llm, build_mt_encoder, seeded
 from mtllm_train.portable.pooling import pool
 
 
@@ -159,12 +159,12 @@ def add_lora(model: nn.Module, cfg: ModelConfig) -> PeftModel:
     return adapted
 
 
-def build_stack(cfg: ModelConfig) -> MTLLM:
-    # One seed for every random init (inline models, LoRA A matrices, U): all ranks build the same stack.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.init_seed)
-        mt_encoder = build_mt_encoder(cfg)
-        llm = add_lora(build_llm(cfg), cfg)
+def build_stack(cfg: ModelConfig, device: torch.device | str = "cpu") -> MTLLM:
+    """The stack, built on `device` (see load_model). One seed for every random init (inline models, LoRA A
+    matrices, U): all ranks build the same stack."""
+    with seeded(cfg.init_seed, device), torch.device(device):
+        mt_encoder = build_mt_encoder(cfg, device)
+        llm = add_lora(build_llm(cfg, device), cfg)
         stack = MTLLM(mt_encoder, llm, cfg.pooling)
     return stack.train()
 

@@ -160,7 +160,7 @@ def evaluate_run(run: str) -> list[Path]:
     cfg = load_config(run_dir / "config.yaml")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     evaluator = Evaluator(cfg, run_dir, Dist(0, 1, 0, device), info["kind"])
-    model: TaskModel = build_task_model(cfg, info["kind"]).to(device)
+    model: TaskModel = build_task_model(cfg, info["kind"], device)
     if info["command"] == "task-distill":
         load_head(model.head, cfg.task.teacher, info["teacher_step"])
     scores = read_validation(run_dir)

@@ -102,7 +102,7 @@ def train_task(cfg: Config, command: str) -> dict:
     distill = command == "task-distill"
 
     # The task model: a new LoRA + head on the LLM or the MT encoder, or the stage-1 stack (+ the teacher).
-    model_module = build_task_model(cfg, kind)
+    model_module = build_task_model(cfg, kind, device)
     info = {"command": command, "kind": kind}
     if kind == "stack":
         info["init_from"] = str(load_stage1(model_module, cfg.task.init_from, cfg.task.init_step))
@@ -126,7 +126,7 @@ def train_task(cfg: Config, command: str) -> dict:
 
     cached = None
     if distill:
-        teacher = load_teacher(cfg, info["teacher_step"]).to(device)
+        teacher = load_teacher(cfg, info["teacher_step"], device)
         if cfg.task.cache_teacher:
             digest = hashlib.sha256(json.dumps(examples, sort_keys=True).encode()).hexdigest()
             cached = cached_teacher(cfg, run_dir, dist_info.is_main, info["teacher_step"], digest, lambda: teacher_representations(
@@ -135,7 +135,6 @@ def train_task(cfg: Config, command: str) -> dict:
         else:
             model_module.teacher = teacher
 
-    model_module.to(device)
     sharded, replicated = model_module.backend_parts()
     model, optimizer, scheduler, trainable = setup_backend(model_module, cfg, dist_info, accumulation, total_steps,
                                                            sharded=sharded, replicated=replicated)

@@ -20,7 +20,7 @@ from torch import nn
 
 from mtllm_train.checkpoint import Checkpoints
 from mtllm_train.config import Config, ConfigError, load_config
-from mtllm_train.model.loading import build_llm, build_mt_encoder
+from mtllm_train.model.loading import build_llm, build_mt_encoder, seeded
 from mtllm_train.portable.pooling import pool
 from mtllm_train.model.stack import add_lora, build_stack, lora_train_mode
 from mtllm_train.tasks.data import NLI_LABELS
@@ -91,19 +91,19 @@ def num_classes(cfg: Config) -> int:
     return 4  # Belebele: four answers
 
 
-def build_task_model(cfg: Config, kind: str) -> TaskModel:
-    # The same seed for every random init (inline models, LoRA, head) on every rank.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.model.init_seed)
+def build_task_model(cfg: Config, kind: str, device: torch.device | str = "cpu") -> TaskModel:
+    """The task model built on `device` (see load_model), with the same seed for every random init (inline
+    models, LoRA, head) on every rank."""
+    with seeded(cfg.model.init_seed, device), torch.device(device):
         if kind == "stack":
-            body = build_stack(cfg.model)
+            body = build_stack(cfg.model, device)
             body.projection.requires_grad_(False)
             hidden = body.llm.config.hidden_size
         elif kind == "llm":
-            body = add_lora(build_llm(cfg.model), cfg.model)
+            body = add_lora(build_llm(cfg.model, device), cfg.model)
             hidden = body.config.hidden_size
         else:
-            body = add_lora(build_mt_encoder(cfg.model), cfg.model)
+            body = add_lora(build_mt_encoder(cfg.model, device), cfg.model)
             hidden = body.config.hidden_size
         head = MultipleChoiceHead(hidden) if cfg.task.name == "belebele" else ClassificationHead(hidden, num_classes(cfg))
     return TaskModel(body, head, kind, cfg.model.pooling).train()
@@ -135,9 +135,9 @@ def teacher_config(cfg: Config) -> Config:
     return teacher_cfg
 
 
-def load_teacher(cfg: Config, step: int) -> TaskModel:
-    """The fine-tuned LLM with its task LoRA and head at `step`, frozen."""
-    teacher = build_task_model(teacher_config(cfg), "llm")
+def load_teacher(cfg: Config, step: int, device: torch.device | str = "cpu") -> TaskModel:
+    """The fine-tuned LLM with its task LoRA and head at `step`, frozen, on `device`."""
+    teacher = build_task_model(teacher_config(cfg), "llm", device)
     Checkpoints(cfg.task.teacher).load_trainable(teacher, step)
     teacher.requires_grad_(False)
     return teacher.eval()
