@@ -7,6 +7,7 @@ import resource
 import sys
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -58,17 +59,22 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+@dataclass(frozen=True)
 class StepTotals:
-    """One stage-1 step's statistics summed over micro-batches and ranks, by name (see StepStatistics)."""
+    """One stage-1 step's statistics summed over micro-batches and ranks (see StepStatistics)."""
 
-    def __init__(self, sums: dict[str, float], vectors: dict[str, torch.Tensor]):
-        self.sums, self.vectors = sums, vectors
-
-    def __getattr__(self, name: str) -> float:
-        try:
-            return self.__dict__["sums"][name]
-        except KeyError:
-            raise AttributeError(name) from None
+    error_sum: float  # per-target MSE of the pooled vectors
+    llm_real: float  # tokens that are not padding, per view
+    mt_real: float
+    span_error_sum: float
+    spans: float
+    contrastive_sum: float
+    cosine_sum: float
+    norm_ratio_sum: float
+    llm_computed: float  # tokens computed, padding included
+    mt_computed: float
+    bad_samples: float
+    vectors: dict[str, torch.Tensor]  # per-dimension sums (and sums of squares) of pooled and span vectors
 
     def fvu(self, targets: int) -> float:
         return fvu_from_sums(self.error_sum, self.vectors["teacher"], self.vectors["teacher_sq"], targets)
@@ -140,7 +146,7 @@ class StepStatistics:
         totals = all_reduce(torch.cat([torch.stack(list(self.device_sums.values())), counts, *vectors]))
         scalars = len(self.DEVICE_SUMS) + len(self.HOST_COUNTS)
         sums = dict(zip(self.DEVICE_SUMS + self.HOST_COUNTS, totals[:scalars].tolist()))
-        return StepTotals(sums, dict(zip(self.VECTORS, totals[scalars:].chunk(len(self.VECTORS)))))
+        return StepTotals(**sums, vectors=dict(zip(self.VECTORS, totals[scalars:].chunk(len(self.VECTORS)))))
 
 
 def read_records(path: Path) -> list[dict]:

