@@ -1,5 +1,5 @@
 """GPU throughput of the stage-1 step at the paper's shapes: an NLLB-600M-shaped encoder under a
-Llama-3-8B-shaped bidirectional LLM (random init; bf16 or NF4 base), sequence length 512.
+Llama-3-8B-shaped bidirectional LLM (random init; bf16, NF4 or FP8 base), sequence length 512.
 
 Sweeps the micro batch (powers of two up to --max-batch, until one does not fit) for one setting of base,
 activation checkpointing and compile, and reports per micro batch: step time, tokens/s, MFU and peak memory,
@@ -37,6 +37,7 @@ from mtllm_train.config import ConfigError, ModelConfig, OptimConfig, checkpoint
 from mtllm_train.distributed import compile_layers  # noqa: E402
 from mtllm_train.metrics import PEAK_BF16_FLOPS, parameter_count, peak_flops, step_flops  # noqa: E402
 from mtllm_train.model.loss import squared_error  # noqa: E402
+from mtllm_train.model.fp8 import fp8_base  # noqa: E402
 from mtllm_train.model.stack import build_stack, trainable_parameters  # noqa: E402
 from mtllm_train.optim import build_optimizer  # noqa: E402
 
@@ -56,15 +57,16 @@ PAPER_HOURS = 22
 
 
 def build(args, device: torch.device):
-    quantized = args.base == "nf4"
     model = from_dict(ModelConfig, {
         "mt_encoder": TINY_ENCODER if args.tiny else NLLB_600M, "llm": TINY_LLM if args.tiny else LLAMA3_8B,
-        "bidirectional": True, "quantization": "nf4" if quantized else "none",
+        "bidirectional": True, "quantization": {"bf16": "none"}.get(args.base, args.base),
         "dtype": "bfloat16" if device.type == "cuda" else "float32",
         "quant_compute_dtype": "bfloat16" if device.type == "cuda" else "float32",
         "activation_checkpointing": args.checkpointing, "pooling": "mean"}, "model")
     # Random init on the GPU itself: initialising 8B parameters on the CPU takes minutes.
     stack = build_stack(model, device)
+    if args.base == "fp8":
+        fp8_base(stack.llm, device)  # as train.py does; refused off FP8 GPUs
     if args.compile:
         compile_layers(stack.llm)
     return stack
@@ -140,7 +142,8 @@ def markdown(result: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base", choices=("bf16", "nf4"), default="bf16", help="dtype of the frozen LLM")
+    parser.add_argument("--base", choices=("bf16", "nf4", "fp8"), default="bf16",
+                        help="frozen LLM: bf16, NF4 (bitsandbytes) or bf16 weights with float8 matmuls (torchao)")
     parser.add_argument("--checkpointing", default="none", help="model.activation_checkpointing: none, full, every_<k>")
     parser.add_argument("--compile", action="store_true", help="model.compile: torch.compile each LLM layer")
     parser.add_argument("--seq", type=int, default=512, help="tokens per view")

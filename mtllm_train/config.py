@@ -60,7 +60,8 @@ class ModelConfig:
     mt_tokenizer: str = option("", "MT tokenizer folder or id; default: model.mt_encoder when that is a path/id")
     llm_tokenizer: str = option("", "LLM tokenizer folder or id; default: model.llm when that is a path/id")
     bidirectional: bool = option(False, "full (non-causal) attention in the LLM, the LLM2Vec setting")
-    quantization: str = option("none", "4-bit base LLM (bitsandbytes), prepared for k-bit training")
+    quantization: str = option("none", "frozen base LLM in 4 bits (nf4, fp4: bitsandbytes) or with float8 matmuls "
+                                       "(fp8: torchao; GPUs of compute capability 8.9+, e.g. H100)")
     quant_double: bool = option(True, "double quantization of the 4-bit scales")
     quant_compute_dtype: str = option("bfloat16", "compute dtype of the 4-bit layers")
     quant_storage_dtype: str = option("bfloat16", "storage dtype of packed 4-bit weights (bfloat16 lets FSDP "
@@ -70,8 +71,10 @@ class ModelConfig:
     pooling: str = option("mean", "pooled vector: mean over real tokens, last (eos) or first (bos) real token")
     init_seed: int = option(0, "seed of every random init (inline models, LoRA, projection): same on all ranks")
     activation_checkpointing: Union[str, bool] = option(
-        "none", "LLM layers whose activations the backward pass recomputes: none, full (every layer) or every_<k> "
-                "(every k-th layer: less recompute, more memory); true / false mean full / none")
+        "none", "LLM layers whose activations the backward pass recomputes: none, full (every layer), every_<k> "
+                "(every k-th layer: less recompute, more memory) or selective (every layer keeps its frozen "
+                "matmuls' and attention's outputs, recomputes LoRA and elementwise ops); true / false mean full / "
+                "none")
     compile: bool = option(False, "torch.compile each LLM layer (after the backend wrapped it)")
     projection_init: str = option("random", "start of U: random (the paper), or least_squares: fit U before step 1 "
                                             "from the MT encoder's word states to the LLM's input embeddings of the "
@@ -199,7 +202,7 @@ class Config:
 
 
 CHOICES = {
-    "model.quantization": ("none", "nf4", "fp4"),
+    "model.quantization": ("none", "nf4", "fp4", "fp8"),
     "model.pooling": POOLINGS,
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.quant_compute_dtype": ("float32", "bfloat16", "float16"),
@@ -284,9 +287,9 @@ def flat_settings(config: Any, prefix: str = "") -> dict[str, Any]:
 def checkpointing_policy(value: str | bool) -> str:
     """model.activation_checkpointing as a policy name; true / false (the older form) are full / none."""
     policy = {True: "full", False: "none"}[value] if isinstance(value, bool) else value
-    if not re.fullmatch(r"none|full|every_([2-9]|[1-9]\d+)", policy):
-        raise ConfigError(f"model.activation_checkpointing: expected none, full or every_<k> (k >= 2), or true / "
-                          f"false, got {value!r}")
+    if not re.fullmatch(r"none|full|selective|every_([2-9]|[1-9]\d+)", policy):
+        raise ConfigError(f"model.activation_checkpointing: expected none, full, selective or every_<k> (k >= 2), "
+                          f"or true / false, got {value!r}")
     return policy
 
 

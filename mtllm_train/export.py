@@ -192,9 +192,11 @@ def _write_export(folder: Path, model, body: str, task: dict | None, cfg: Config
     if body == "stack":
         view_tokenizer(model_cfg, "llm").save_pretrained(str(folder / "tokenizers" / "llm"))
     max_length = cfg.task.max_length if task is not None else cfg.data.max_length
+    # A 4-bit base loads 4-bit again; fp8 is how the run trained (model/fp8.py): the export's base is model.dtype.
+    quantization = model_cfg.quantization if model_cfg.quantization in ("nf4", "fp4") and not merge else "none"
     config = MTLLMConfig(body=body, mt_encoder=sources.get("mt_encoder", ""), llm=sources.get("llm", ""),
                          bidirectional=model_cfg.bidirectional, pooling=model_cfg.pooling,
-                         frozen_dtype=model_cfg.dtype, quantization="none" if merge else model_cfg.quantization,
+                         frozen_dtype=model_cfg.dtype, quantization=quantization,
                          merged=merge, task=task, view_max_length={"mt": max_length, "llm": max_length},
                          source_language=ENGLISH)
     config.auto_map = {"AutoConfig": "configuration_mtllm.MTLLMConfig", "AutoModel": "modeling_mtllm.MTLLMModel"}

@@ -16,6 +16,7 @@ from tqdm import tqdm
 from mtllm_train.config import LoggingConfig
 from mtllm_train.distributed import all_reduce
 from mtllm_train.files import write_atomic
+from mtllm_train.model.fp8 import Float8FrozenLinear
 from mtllm_train.model.loss import fvu_from_sums, variance_from_sums
 
 # Dense bf16 peak FLOP/s per GPU, by the name torch reports.
@@ -23,11 +24,14 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e1
 
 
 def parameter_count(module: torch.nn.Module) -> int:
-    """Parameters of a (possibly 4-bit or sharded) module, counting logical weights, not stored bytes."""
+    """Parameters of a (possibly 4-bit, FP8 or sharded) module, counting logical weights, not stored bytes."""
     total = 0
     for p in module.parameters():
         shape = getattr(p, "quant_state", None)
         total += shape.shape.numel() if shape is not None else p.numel()
+    for layer in module.modules():  # FP8 layers hold their weights as buffers
+        if isinstance(layer, Float8FrozenLinear):
+            total += layer.in_features * layer.out_features + (0 if layer.bias is None else layer.out_features)
     return total
 
 

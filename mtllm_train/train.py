@@ -23,6 +23,7 @@ from mtllm_train.loop import (Preemption, accumulation_steps, autocast, backward
                               new_summary, open_run_folder, optimizer_step, setup_backend)
 from mtllm_train.metrics import (MetricsLogger, StepStatistics, parameter_count, peak_flops, peak_memory_gb,
                                  plot_loss_curve, step_flops)
+from mtllm_train.model.fp8 import fp8_base
 from mtllm_train.model.loss import contrastive_losses, span_count, span_squared_errors, squared_error
 from mtllm_train.model.projection_init import fit_projection
 from mtllm_train.model.stack import StackOutput, build_stack
@@ -150,6 +151,8 @@ def train(cfg: Config) -> dict:
     # schedule.
     build_start = time.perf_counter()
     stack = build_stack(cfg.model, device)
+    if cfg.model.quantization == "fp8":
+        fp8_base(stack.llm, device)  # the frozen base's matmuls in float8 (refused where the GPU cannot)
     build_seconds = time.perf_counter() - build_start
     projection_fit = None
     if cfg.model.projection_init == "least_squares" and not Checkpoints(run_dir).complete():

@@ -1,6 +1,8 @@
 """The GPU-grade step, checked on CPU: no KV cache, activation checkpointing that recomputes what its policy
 names, LoRA in the autocast dtype without activation copies, compiled layers without graph breaks or recompiles."""
 
+from collections import Counter
+
 import pytest
 import torch
 from peft.tuners.lora import Linear as PeftLoraLinear
@@ -108,6 +110,43 @@ def test_checkpointing_recomputes_the_policys_layers_and_changes_nothing_else(ti
             assert saved_bytes[index] > 20 * layer_input, saved_bytes
 
 
+class MatmulShapes(TorchDispatchMode):
+    """Records the (rows, inner, columns) of every aten.mm / addmm that runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
+            first, second = args[-2], args[-1]
+            self.shapes.append((first.shape[0], first.shape[1], second.shape[1]))
+        return func(*args, **(kwargs or {}))
+
+
+def test_selective_checkpointing_recomputes_only_the_lora_matmuls_and_changes_nothing(tiny_cfg):
+    """The frozen layers' matmul outputs are kept; LoRA's rank-r matmuls (and the cheap ops) are recomputed; LoRA
+    dropout on: the recompute draws the same masks."""
+    batch = tokenize_views(tiny_cfg)
+    backward_matmuls, results = {}, {}
+    for policy in ("none", "selective", "full"):
+        stack = build_stack(_with_four_layers(tiny_cfg, policy).model)
+        torch.manual_seed(0)
+        student_pooled, teacher_pooled = stack(**batch)[:2]
+        with MatmulShapes() as seen:
+            squared_error(student_pooled, teacher_pooled).mean().backward()
+        backward_matmuls[policy] = Counter(seen.shapes)
+        results[policy] = {name: p.grad for name, p in trainable_parameters(stack).items()}
+    rank = tiny_cfg.model.lora.r
+    recomputed = {policy: backward_matmuls[policy] - backward_matmuls["none"] for policy in ("selective", "full")}
+    assert recomputed["selective"] and all(rank in (inner, columns) for _, inner, columns in recomputed["selective"])
+    assert any(rank not in (inner, columns) for _, inner, columns in recomputed["full"])  # full redoes the base
+    assert recomputed["selective"] == Counter({shape: count for shape, count in recomputed["full"].items()
+                                               if rank in shape[1:]})
+    for name, grad in results["none"].items():
+        torch.testing.assert_close(results["selective"][name], grad, rtol=0, atol=0)
+
+
 def test_checkpointing_keeps_the_frozen_models_dropout_off(tiny_cfg):
     tiny_cfg.model.activation_checkpointing, tiny_cfg.model.lora.dropout = "full", 0.0
     assert tiny_cfg.model.llm["attention_dropout"] > 0
@@ -133,7 +172,8 @@ def test_checkpointing_policy_accepts_the_old_booleans(value, policy):
 
 @pytest.mark.parametrize("value", ["every_1", "every_0", "some", "selective_2"])
 def test_checkpointing_policy_refuses_unknown_names(value):
-    with pytest.raises(ConfigError, match=r"model\.activation_checkpointing: expected none, full or every_<k>"):
+    with pytest.raises(ConfigError, match=r"model\.activation_checkpointing: expected none, full, selective or "
+                                          r"every_<k>"):
         load_config("configs/tiny.yaml", [f"model.activation_checkpointing={value}"])
 
 

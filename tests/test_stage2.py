@@ -304,3 +304,17 @@ def test_exported_task_model_predicts_what_evaluate_scored(runs, tmp_path, capsy
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [line["prediction"] for line in lines] == predicted[:3]
     assert all(abs(sum(line["probabilities"]) - 1) < 1e-5 for line in lines)
+
+
+def test_an_fp8_base_fine_tunes_the_llm_with_float8_layers(runs, monkeypatch):
+    from mtllm_train.model import fp8
+
+    monkeypatch.setattr(fp8, "check_fp8_support", lambda device: None)  # CPU stands in for an H100
+    converted = []
+    monkeypatch.setattr(finetune, "fp8_base", lambda model, device: converted.append(fp8.fp8_base(model, device)))
+    root, data = runs
+    reference = run_task(root, data, "llm_bf16", **{"model.lora.dropout": 0.0})
+    summary = run_task(root, data, "llm_fp8", **{"model.lora.dropout": 0.0, "model.quantization": "fp8"})
+    assert converted == [7 * load_config("configs/tiny.yaml").model.llm["num_hidden_layers"]]
+    assert summary["losses"][0] == pytest.approx(reference["losses"][0], rel=0.05)
+    assert summary["losses"][-1] == pytest.approx(reference["losses"][-1], rel=0.2)

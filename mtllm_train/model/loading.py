@@ -36,7 +36,7 @@ def from_pretrained(loader, spec: str, key: str, **kwargs):
 
 
 def quantization_config(cfg: ModelConfig) -> BitsAndBytesConfig | None:
-    if cfg.quantization == "none":
+    if cfg.quantization in ("none", "fp8"):  # fp8: loaded in cfg.dtype, converted with its adapters (model/fp8.py)
         return None
     return BitsAndBytesConfig(
         load_in_4bit=True,

@@ -5,6 +5,7 @@ The teacher is M itself with its adapters disabled, reading the English text in 
 
 from __future__ import annotations
 
+from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -12,6 +13,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.pytorch_utils import Conv1D
 
@@ -97,19 +99,49 @@ def lora_train_mode(model: nn.Module, mode: bool) -> None:
 
 
 def checkpoint_every(setting: str | bool) -> int:
-    """Every how many layers `model.activation_checkpointing` recomputes one: 0 for none, 1 for full."""
+    """Every how many layers `model.activation_checkpointing` recomputes one: 0 for none, 1 for full and
+    selective."""
     policy = checkpointing_policy(setting)
-    named = {"none": 0, "full": 1}
+    named = {"none": 0, "full": 1, "selective": 1}
     return named[policy] if policy in named else int(policy.removeprefix("every_"))
 
 
-def enable_checkpointing(model: nn.Module, setting: str | bool) -> None:
+ATTENTION_OPS = {getattr(torch.ops.aten, name).default for name in (
+    "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu")
+    if hasattr(torch.ops.aten, name)}
+MATMUL_OPS = {torch.ops.aten.mm.default: (0, 1), torch.ops.aten.addmm.default: (1, 2),
+              torch.ops.aten._scaled_mm.default: (0, 1)}  # op -> positions of its two matrices
+
+
+def frozen_base_policy(lora_rank: int):
+    """Selective checkpointing for a frozen base with adapters: keep what is costly to recompute (the base
+    layers' matmul outputs, attention) and recompute the rest (LoRA's rank-r matmuls, norms, activations,
+    dropout masks: cheap). A base matmul is told from a LoRA one by its sizes: LoRA A maps onto r columns, LoRA B
+    reads r."""
+
+    def policy(ctx, op, *args, **kwargs):
+        if op in ATTENTION_OPS:
+            return CheckpointPolicy.MUST_SAVE
+        if op in MATMUL_OPS:
+            first, second = (args[i] for i in MATMUL_OPS[op])
+            if min(first.shape[-1], second.shape[-1]) > lora_rank:
+                return CheckpointPolicy.MUST_SAVE
+        return CheckpointPolicy.PREFER_RECOMPUTE
+
+    return policy
+
+
+def enable_checkpointing(model: nn.Module, setting: str | bool, lora_rank: int) -> None:
     """Recompute the activations of the layers `model.activation_checkpointing` picks in the backward pass
-    (non-reentrant torch.utils.checkpoint through transformers; layers 0, k, 2k, ... for every_<k>)."""
+    (non-reentrant torch.utils.checkpoint through transformers; layers 0, k, 2k, ... for every_<k>; every layer
+    for selective, which keeps the outputs `frozen_base_policy` names)."""
     every = checkpoint_every(setting)
     if every:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False},
-                                              every_n_layers=every)
+        kwargs = {"use_reentrant": False}
+        if checkpointing_policy(setting) == "selective":
+            kwargs["context_fn"] = partial(create_selective_checkpoint_contexts, frozen_base_policy(lora_rank))
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, every_n_layers=every)
 
 
 class AutocastLoraLinear(LoraLinear):
@@ -147,7 +179,7 @@ def add_lora(model: nn.Module, cfg: ModelConfig) -> PeftModel:
     4-bit (embeddings, norms) to fp32, which makes the residual stream fp32 and adds two activation casts
     around every 4-bit matmul; the base is frozen already and RMSNorm computes in fp32 anyway.
     """
-    enable_checkpointing(model, cfg.activation_checkpointing)
+    enable_checkpointing(model, cfg.activation_checkpointing, cfg.lora.r)
     lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                       target_modules=cfg.lora.target_modules, bias="none")
     lora._register_custom_module({nn.Linear: autocast_lora_layer, Conv1D: autocast_lora_layer})

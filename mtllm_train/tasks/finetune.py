@@ -28,6 +28,7 @@ from mtllm_train.files import atomic_path
 from mtllm_train.loop import (Preemption, accumulation_steps, autocast, backward, check_finite_loss, end_of_step,
                               new_summary, open_run_folder, optimizer_step, setup_backend)
 from mtllm_train.metrics import MetricsLogger
+from mtllm_train.model.fp8 import fp8_base
 from mtllm_train.model.loss import squared_error
 from mtllm_train.tasks.encode import TaskData
 from mtllm_train.tasks.evaluation import Evaluator, steps_to_keep
@@ -103,6 +104,9 @@ def train_task(cfg: Config, command: str) -> dict:
 
     # The task model: a new LoRA + head on the LLM or the MT encoder, or the stage-1 stack (+ the teacher).
     model_module = build_task_model(cfg, kind, device)
+    fp8 = cfg.model.quantization == "fp8" and kind != "mt_encoder"  # the LLM's base layers multiply in float8
+    if fp8:
+        fp8_base(model_module.backend_parts()[0], device)
     info = {"command": command, "kind": kind}
     if kind == "stack":
         info["init_from"] = str(load_stage1(model_module, cfg.task.init_from, cfg.task.init_step))
@@ -127,6 +131,8 @@ def train_task(cfg: Config, command: str) -> dict:
     cached = None
     if distill:
         teacher = load_teacher(cfg, info["teacher_step"], device)
+        if fp8:
+            fp8_base(teacher.body, device)
         if cfg.task.cache_teacher:
             digest = hashlib.sha256(json.dumps(examples, sort_keys=True).encode()).hexdigest()
             cached = cached_teacher(cfg, run_dir, dist_info.is_main, info["teacher_step"], digest, lambda: teacher_representations(
