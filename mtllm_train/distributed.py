@@ -51,6 +51,11 @@ def init_distributed(cfg: Config) -> Dist:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
+    if device.type == "cpu" and backend == "deepspeed" and cfg.distributed.mixed_precision == "bf16":
+        # DeepSpeed casts every parameter, the frozen ones too, to bf16; on CPU (no autocast) they then meet fp32
+        # activations and the first layer norm stops with a raw error.
+        raise ConfigError("distributed.mixed_precision: bf16 with DeepSpeed needs GPUs (this process runs on cpu); "
+                          "use none")
     if backend != "none" and not dist.is_initialized():
         if "MASTER_ADDR" not in os.environ:
             os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1",

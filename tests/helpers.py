@@ -25,10 +25,10 @@ def subprocess_env() -> dict:
             "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache/torch_extensions"))}
 
 
-def torchrun(*cli_args):
-    """Start `mtllm <cli_args>` on 2 ranks under torchrun."""
+def torchrun(*cli_args, entry=("-m", "mtllm_train")):
+    """Start `mtllm <cli_args>` on 2 ranks under torchrun (`entry`: another script that runs it)."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "mtllm_train", *cli_args]
+               *entry, *cli_args]
     return subprocess.Popen(command, cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
 

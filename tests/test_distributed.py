@@ -9,6 +9,7 @@ import torch
 
 from conftest import read_metrics, trained_weights, train_overrides
 from helpers import child_pids, finish, torchrun
+import mtllm_train.model.fp8 as fp8
 from mtllm_train.checkpoint import Checkpoints
 from mtllm_train.config import load_config
 from mtllm_train.train import train
@@ -20,11 +21,12 @@ COMMON = {"train.steps": STEPS, "checkpoint.every": 10, "model.lora.dropout": 0.
           "loss.contrastive_weight": 0.1, "data.eval_every": 20}
 
 
-def _torchrun(run_dir, shards, name, backend, **overrides):
+def _torchrun(run_dir, shards, name, backend, entry=("-m", "mtllm_train"), **overrides):
     """Start `mtllm train` on 2 ranks; COMMON settings unless `overrides` says otherwise."""
     settings = {**COMMON, "run.name": name, "distributed.backend": backend, "data.num_workers": 1,
                 "data.eval_shards": str(shards), **overrides}
-    return torchrun("train", "--config", "configs/tiny.yaml", *train_overrides(run_dir, shards, **settings))
+    return torchrun("train", "--config", "configs/tiny.yaml", *train_overrides(run_dir, shards, **settings),
+                    entry=entry)
 
 
 def _run_preempted(run_dir, shards, name, backend):
@@ -85,6 +87,31 @@ def test_two_ranks_train_a_4bit_base(tmp_path, train_shards, backend, optimizer)
     assert code == 0, output[-3000:]
     losses = [m["mse"] for m in read_metrics(tmp_path / "qlora")]
     assert len(losses) == 12 and sum(losses[-3:]) < 0.6 * sum(losses[:3]), losses
+
+
+FP8 = {"train.steps": 12, "model.quantization": "fp8", "data.eval_every": 0}
+
+
+@pytest.fixture(scope="module")
+def fp8_reference(tmp_path_factory, train_shards):
+    """The FP8 base in 1 process (the CPU standing in for an H100), as `reference` otherwise."""
+    run_dir = tmp_path_factory.mktemp("fp8_reference")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fp8, "check_fp8_support", lambda device: None)
+        train(load_config("configs/tiny.yaml", train_overrides(run_dir, train_shards, **{
+            **COMMON, **FP8, "run.name": "one", "data.num_workers": 2})))
+    return [m["loss"] for m in read_metrics(run_dir / "one")]
+
+
+@pytest.mark.parametrize("backend", ["ddp", "fsdp", "deepspeed"])
+def test_two_ranks_with_an_fp8_base_match_one_process(tmp_path, train_shards, fp8_reference, backend):
+    # Every backend leaves the float8 weights (buffers) whole and as they are: DDP does not broadcast them, FSDP
+    # and DeepSpeed shard parameters only. (DeepSpeed's bf16 cast, GPU only, also casts parameters only: its
+    # engine's _cast_module_mixed_precision keeps buffers unless a buffer dtype is set.)
+    code, output = finish(_torchrun(tmp_path, train_shards, "fp8", backend, entry=("tests/fp8_on_cpu.py",), **FP8))
+    assert code == 0, output[-3000:]
+    losses = [m["loss"] for m in read_metrics(tmp_path / "fp8")]
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(fp8_reference), rtol=1e-5, atol=1e-7)
 
 
 def test_deepspeed_zero3_trains_and_exports(tmp_path, train_shards):

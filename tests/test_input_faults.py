@@ -92,6 +92,10 @@ OUTSIDE = r"'shards\[1\]\.name' must be a file name in the shard folder, got "
 
 # id: (what the user does, the one-line message it answers with: a regex)
 CASES = {
+    "deepspeed-bf16-on-cpu": (lambda tmp_path, capsys, request: _cli_error(
+        ["train", "--config", "configs/tiny.yaml", f"run.dir={tmp_path}", "distributed.backend=deepspeed",
+         "distributed.mixed_precision=bf16"], capsys),
+        r"^distributed\.mixed_precision: bf16 with DeepSpeed needs GPUs \(this process runs on cpu\); use none$"),
     "override-not-yaml": (override("optim.betas=[0.9"),
                           r"^override 'optim\.betas=\[0\.9': the value is not valid YAML \(expected ',' or '\]', "
                           r"but got '<stream end>'\)$"),
