@@ -38,22 +38,26 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from torch.utils.checkpoint import CheckpointPolicy  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from gpu_throughput import LLAMA3_8B, NLLB_600M, TINY_ENCODER, TINY_LLM  # noqa: E402
 from mtllm_train.config import ModelConfig, from_dict  # noqa: E402
 from mtllm_train.metrics import parameter_count, step_flops  # noqa: E402
 from mtllm_train.model.loss import squared_error  # noqa: E402
-from mtllm_train.model.stack import build_stack  # noqa: E402
+from mtllm_train.distributed import repeated_layers  # noqa: E402
+from mtllm_train.model.stack import build_stack, frozen_base_policy  # noqa: E402
 
 # name -> ModelConfig settings on top of the paper's (bf16 base, LoRA r16 / alpha 32 / dropout 0.05 on all linears).
 VARIANTS = {
     "none": {},
     "full": {"activation_checkpointing": "full"},
     "every_2": {"activation_checkpointing": "every_2"},
+    "selective": {"activation_checkpointing": "selective"},
     "none_dropout0": {"lora": {"dropout": 0.0}},
 }
 LABELS = {"none": "checkpointing none", "full": "checkpointing full", "every_2": "checkpointing every_2",
+          "selective": "checkpointing selective",
           "none_dropout0": "checkpointing none, LoRA dropout 0"}
 COPY_OPS = (torch.ops.aten._to_copy, torch.ops.aten.copy_)
 
@@ -92,10 +96,14 @@ class StepCounter(TorchDispatchMode):
     Weights are the parameters' storages and the casts of them (autocast's bf16 copies of fp32 LoRA weights):
     what is saved beside them is per-token data. A copy is activation-sized when it holds at least one vector
     of `width` elements per token.
+
+    Selective checkpointing keeps the outputs its policy names in a cache that saved_tensors_hooks does not see:
+    with `selective` (the policy, for grad-mode forwards inside an LLM layer), those outputs are added here.
     """
 
-    def __init__(self, module: torch.nn.Module, tokens: int, width: int):
+    def __init__(self, module: torch.nn.Module, tokens: int, width: int, selective=None):
         super().__init__()
+        self.selective, self.in_layer = selective, False
         self.weights = {p.untyped_storage()._cdata for p in module.parameters()}
         self.weight_casts: list[torch.Tensor] = []  # held, so that no activation reuses their storage's address
         self.activation_numel = tokens * width
@@ -108,6 +116,11 @@ class StepCounter(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         if launches_kernel(func):
             self.ops[self.phase] += 1
+        if self.selective and self.in_layer and self.phase == "forward" and torch.is_grad_enabled() and \
+                self.selective(None, func, *args) == CheckpointPolicy.MUST_SAVE:
+            for tensor in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(tensor, torch.Tensor):
+                    self.saved[tensor.untyped_storage()._cdata] = tensor.untyped_storage().nbytes()
         if func.overloadpacket in COPY_OPS:
             source = args[0] if func.overloadpacket is torch.ops.aten._to_copy else args[1]
             if source.untyped_storage()._cdata in self.weights:
@@ -142,7 +155,11 @@ def profile(cfg: ModelConfig, batch: int, seq: int) -> dict:
                  "mt_attention_mask": torch.ones(batch, seq, dtype=torch.long),
                  "llm_attention_mask": torch.ones(batch, seq, dtype=torch.long)}
         width = min(stack.mt_encoder.config.hidden_size, stack.llm.config.hidden_size)
-        flops, counter = FlopCounterMode(display=False), StepCounter(stack, tokens, width)
+        selective = frozen_base_policy(cfg.lora.r) if cfg.activation_checkpointing == "selective" else None
+        flops, counter = FlopCounterMode(display=False), StepCounter(stack, tokens, width, selective)
+        for layer in repeated_layers(stack.llm):
+            layer.register_forward_pre_hook(lambda *_: setattr(counter, "in_layer", True))
+            layer.register_forward_hook(lambda *_: setattr(counter, "in_layer", False))
         with flops, counter, mock.patch.object(torch.nn.functional, "dropout", cuda_dropout):
             with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda tensor: tensor), \
                     torch.autocast("cpu", dtype=torch.bfloat16):

@@ -29,9 +29,12 @@ def test_step_profile_runs_tiny_and_orders_the_variants(tmp_path):
                            "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads(out.read_text())
-    assert rows.keys() == {"none", "full", "every_2", "none_dropout0"}
-    none, full, every_2 = rows["none"], rows["full"], rows["every_2"]
+    assert rows.keys() == {"none", "full", "every_2", "selective", "none_dropout0"}
+    none, full, every_2, selective = rows["none"], rows["full"], rows["every_2"], rows["selective"]
     assert 0 < full["saved_bytes_per_token"] < every_2["saved_bytes_per_token"] < none["saved_bytes_per_token"]
+    # Selective keeps the frozen matmuls' outputs (counted from its policy) and recomputes only cheap work.
+    assert full["saved_bytes_per_token"] < selective["saved_bytes_per_token"] < none["saved_bytes_per_token"]
+    assert none["tflop"] < selective["tflop"] < every_2["tflop"]
     # Recompute: more backward ops and FLOPs, the same forward.
     assert none["ops_forward"] == full["ops_forward"] and none["ops_backward"] < every_2["ops_backward"] \
         < full["ops_backward"]
