@@ -63,8 +63,9 @@ def build(args, device: torch.device):
         "dtype": "bfloat16" if device.type == "cuda" else "float32",
         "quant_compute_dtype": "bfloat16" if device.type == "cuda" else "float32",
         "activation_checkpointing": args.checkpointing, "pooling": "mean"}, "model")
-    # Random init on the GPU itself: initialising 8B parameters on the CPU takes minutes.
-    stack = build_stack(model, device)
+    # Random init on the GPU itself (the default device inside): initialising 8B parameters on the CPU takes minutes.
+    with torch.device(device):
+        stack = build_stack(model, device)
     if args.base == "fp8":
         fp8_base(stack.llm, device)  # as train.py does; refused off FP8 GPUs
     if args.compile:
@@ -144,7 +145,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", choices=("bf16", "nf4", "fp8"), default="bf16",
                         help="frozen LLM: bf16, NF4 (bitsandbytes) or bf16 weights with float8 matmuls (torchao)")
-    parser.add_argument("--checkpointing", default="none", help="model.activation_checkpointing: none, full, every_<k>")
+    parser.add_argument("--checkpointing", default="none", help="model.activation_checkpointing: none, full, selective, every_<k>")
     parser.add_argument("--compile", action="store_true", help="model.compile: torch.compile each LLM layer")
     parser.add_argument("--seq", type=int, default=512, help="tokens per view")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per micro batch")

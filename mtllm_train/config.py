@@ -61,7 +61,8 @@ class ModelConfig:
     llm_tokenizer: str = option("", "LLM tokenizer folder or id; default: model.llm when that is a path/id")
     bidirectional: bool = option(False, "full (non-causal) attention in the LLM, the LLM2Vec setting")
     quantization: str = option("none", "frozen base LLM in 4 bits (nf4, fp4: bitsandbytes) or with float8 matmuls "
-                                       "(fp8: torchao; GPUs of compute capability 8.9+, e.g. H100)")
+                                       "(fp8: torchao; GPUs of compute capability 8.9+, e.g. H100; its float8 "
+                                       "weights stay whole on every rank, FSDP / ZeRO-3 do not shard them)")
     quant_double: bool = option(True, "double quantization of the 4-bit scales")
     quant_compute_dtype: str = option("bfloat16", "compute dtype of the 4-bit layers")
     quant_storage_dtype: str = option("bfloat16", "storage dtype of packed 4-bit weights (bfloat16 lets FSDP "
@@ -201,8 +202,9 @@ class Config:
     task: TaskConfig = option(TaskConfig, "")
 
 
+FOUR_BIT = ("nf4", "fp4")  # model.quantization values that store the base in 4 bits (fp8: how it multiplies)
 CHOICES = {
-    "model.quantization": ("none", "nf4", "fp4", "fp8"),
+    "model.quantization": ("none", *FOUR_BIT, "fp8"),
     "model.pooling": POOLINGS,
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.quant_compute_dtype": ("float32", "bfloat16", "float16"),

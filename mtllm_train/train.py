@@ -23,7 +23,7 @@ from mtllm_train.loop import (Preemption, accumulation_steps, autocast, backward
                               new_summary, open_run_folder, optimizer_step, setup_backend)
 from mtllm_train.metrics import (MetricsLogger, StepStatistics, parameter_count, peak_flops, peak_memory_gb,
                                  plot_loss_curve, step_flops)
-from mtllm_train.model.fp8 import fp8_base
+from mtllm_train.model.fp8 import check_fp8_support, fp8_base
 from mtllm_train.model.loss import contrastive_losses, span_count, span_squared_errors, squared_error
 from mtllm_train.model.projection_init import fit_projection
 from mtllm_train.model.stack import StackOutput, build_stack
@@ -129,6 +129,8 @@ def train(cfg: Config) -> dict:
     dist_info = init_distributed(cfg)
     backend, device, world_size = cfg.distributed.backend, dist_info.device, dist_info.world_size
     accumulation = accumulation_steps(cfg, world_size)
+    if cfg.model.quantization == "fp8":
+        check_fp8_support(device)  # before minutes of loading
     run_dir = open_run_folder(cfg, dist_info)
 
     # Data: this rank's share of the shards, checked against the run's tokenizers.

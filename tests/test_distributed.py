@@ -98,6 +98,7 @@ def fp8_reference(tmp_path_factory, train_shards):
     run_dir = tmp_path_factory.mktemp("fp8_reference")
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(fp8, "check_fp8_support", lambda device: None)
+        patch.setattr("mtllm_train.train.check_fp8_support", lambda device: None)
         train(load_config("configs/tiny.yaml", train_overrides(run_dir, train_shards, **{
             **COMMON, **FP8, "run.name": "one", "data.num_workers": 2})))
     return [m["loss"] for m in read_metrics(run_dir / "one")]

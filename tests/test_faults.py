@@ -241,8 +241,8 @@ def test_export_refuses_a_checkpoint_with_non_finite_weights(tmp_path, train_sha
 def test_deepspeed_says_a_non_finite_step_was_applied_and_saves_nothing(tmp_path, train_shards, capsys, monkeypatch):
     real_build = train_module.build_stack
 
-    def stack_with_exploding_gradient(model_cfg):
-        stack = real_build(model_cfg)
+    def stack_with_exploding_gradient(model_cfg, device):
+        stack = real_build(model_cfg, device)
         calls = {"n": 0}
 
         def explode(grad):

@@ -7,15 +7,19 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from torch._dynamo.utils import counters
 
+import mtllm_train.distributed as distributed
 import mtllm_train.model.fp8 as fp8
-from conftest import read_metrics, train_overrides
+from conftest import read_metrics, tokenize_views, train_overrides
 from mtllm_train.__main__ import main
 from mtllm_train.config import ConfigError, load_config
 from mtllm_train.export import export_run
 from mtllm_train.metrics import parameter_count
 from mtllm_train.model.fp8 import Float8FrozenLinear, check_fp8_support
-from mtllm_train.model.stack import build_stack
+from mtllm_train.distributed import compile_layers
+from mtllm_train.model.loss import squared_error
+from mtllm_train.model.stack import build_stack, trainable_parameters
 from mtllm_train.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,6 +58,7 @@ def test_fp8_layer_is_close_to_bf16_saves_no_activation_and_computes_only_the_in
     assert grad_x_padded[0, 5:].abs().max() == 0
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the command-line part expects a CPU-only machine")
 def test_fp8_is_refused_with_one_line_where_the_gpu_or_torchao_cannot_run_it(monkeypatch, tmp_path, capsys,
                                                                              train_shards):
     with pytest.raises(ConfigError, match=r"fp8 needs a GPU with FP8 matmuls .*this rank runs on cpu"):
@@ -65,7 +70,7 @@ def test_fp8_is_refused_with_one_line_where_the_gpu_or_torchao_cannot_run_it(mon
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     check_fp8_support(torch.device("cuda", 0))  # an H100
     monkeypatch.setattr(fp8.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(ConfigError, match=r"fp8 needs torchao \(pip install torchao==0.18.0\)"):
+    with pytest.raises(ConfigError, match=r"fp8 needs torchao: pip install -e '.\[fp8\]' \(torchao==0.18.0\)"):
         check_fp8_support(torch.device("cuda", 0))
     monkeypatch.undo()
     # From the command line: exit 2, one line.
@@ -79,6 +84,7 @@ def test_fp8_is_refused_with_one_line_where_the_gpu_or_torchao_cannot_run_it(mon
 
 def test_a_run_with_an_fp8_base_trains_its_adapters_and_exports_a_bf16_base(tmp_path, train_shards, monkeypatch):
     monkeypatch.setattr(fp8, "check_fp8_support", lambda device: None)  # CPU stands in for an H100
+    monkeypatch.setattr("mtllm_train.train.check_fp8_support", lambda device: None)
     converted = []
     real_fp8_base = fp8.fp8_base
 
@@ -110,3 +116,34 @@ def test_an_fp8_llm_counts_the_same_parameters_for_mfu(tiny_cfg, monkeypatch):
     before = parameter_count(stack.llm)
     fp8.fp8_base(stack.llm, torch.device("cpu"))
     assert parameter_count(stack.llm) == before  # the float8 weights are buffers, still counted
+
+
+def test_compiled_fp8_layers_with_selective_checkpointing_equal_the_eager_ones(tiny_cfg, monkeypatch):
+    """aot_eager: AOTAutograd's graphs and the selective policy's recompute, as inductor uses them."""
+    monkeypatch.setattr(fp8, "check_fp8_support", lambda device: None)
+    monkeypatch.setattr(distributed, "COMPILE_BACKEND", "aot_eager")
+    tiny_cfg.model.lora.dropout, tiny_cfg.model.activation_checkpointing = 0.0, "selective"
+    batch = tokenize_views(tiny_cfg)
+
+    def losses(compiled: bool) -> list[float]:
+        stack = build_stack(tiny_cfg.model)
+        fp8.fp8_base(stack.llm, torch.device("cpu"))
+        if compiled:
+            compile_layers(stack.llm)
+        optimizer = torch.optim.AdamW(trainable_parameters(stack).values(), lr=3e-3)
+        values = []
+        for _ in range(3):
+            student_pooled, teacher_pooled = stack(**batch)[:2]
+            loss = squared_error(student_pooled, teacher_pooled).mean()
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            values.append(loss.item())
+        return values
+
+    eager = losses(compiled=False)
+    torch._dynamo.reset()
+    counters.clear()
+    assert losses(compiled=True) == eager
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == 3  # all made in step 1

@@ -9,13 +9,14 @@ from peft.tuners.lora import Linear as PeftLoraLinear
 from torch import nn
 from torch._dynamo.utils import counters
 from torch.utils._python_dispatch import TorchDispatchMode
+import transformers
 from transformers import cache_utils
 
 import mtllm_train.distributed as distributed
 from conftest import tokenize_views, train_overrides
 from mtllm_train.config import ConfigError, load_config
 from mtllm_train.distributed import compile_layers, repeated_layers
-from mtllm_train.model.loading import build_llm
+from mtllm_train.model.loading import build_llm, build_mt_encoder
 from mtllm_train.model.loss import squared_error
 from mtllm_train.model.stack import add_lora, build_stack, trainable_parameters
 from mtllm_train.tasks.models import build_task_model
@@ -220,9 +221,10 @@ def test_lora_layer_under_autocast_makes_no_activation_sized_copy(tiny_cfg):
         torch.testing.assert_close(layer(inputs).float(), expected, rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.parametrize("policy, graphs", [("none", 2), ("every_2", 4)])
+@pytest.mark.parametrize("policy, graphs", [("none", 2), ("every_2", 4), ("selective", 3)])
 def test_compiled_layers_have_no_graph_break_no_recompile_and_equal_losses(tiny_cfg, monkeypatch, policy, graphs):
-    """graphs: teacher and student; under every_2 each for checkpointed and for plain layers."""
+    """graphs: teacher and student; under every_2 each for checkpointed and for plain layers; under selective the
+    student's first layer (its input needs no gradient) apart."""
     # dynamo's eager backend (fast on CPU) replays a checkpointed dropout with other masks than the forward's
     # (aot_eager and inductor do not): no LoRA dropout here; the test below runs it with dropout.
     tiny_cfg.model.lora.dropout, tiny_cfg.model.activation_checkpointing = 0.0, policy
@@ -287,18 +289,33 @@ class HostBytes(TorchDispatchMode):
         return out
 
 
-def test_the_stack_is_built_on_its_device_with_no_host_copy_of_its_weights(tiny_cfg):
-    # A rank builds (or loads) its stack on its own GPU: 8 ranks of a node must not each hold a host copy of the
-    # LLM first. The meta device stands in for the GPU here: what a build puts in host memory is counted.
-    with HostBytes() as on_host:
-        stack = build_stack(tiny_cfg.model, "cpu")
-    weight_bytes = sum(t.numel() * t.element_size() for t in (*stack.parameters(), *stack.buffers()))
-    assert on_host.created >= weight_bytes  # the counter sees a build's weights
-    with HostBytes() as on_host:
-        stack = build_stack(tiny_cfg.model, "meta")
+def test_the_stack_is_built_on_its_device_and_random_frozen_weights_do_not_depend_on_it(tiny_cfg, tmp_path,
+                                                                                      monkeypatch):
+    # Pretrained weights load straight into the device's memory: 8 ranks of a node must not each hold a host copy
+    # of the LLM first. (transformers reads each tensor of the file into `device_map`'s device.)
+    llm_folder = tmp_path / "llm"
+    build_llm(tiny_cfg.model).save_pretrained(llm_folder)
+    tiny_cfg.model.llm, tiny_cfg.model.llm_tokenizer = str(llm_folder), "configs/tiny/llm_tokenizer"
+    loads = []
+    real_from_pretrained = transformers.AutoModel.from_pretrained.__func__
+
+    def recording_from_pretrained(cls, *args, **kwargs):
+        loads.append(kwargs.get("device_map"))
+        return real_from_pretrained(cls, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModel, "from_pretrained", classmethod(recording_from_pretrained))
+    stack = build_stack(tiny_cfg.model, "meta")
+    assert loads == [{"": torch.device("meta")}]
     assert {t.device.type for t in (*stack.parameters(), *stack.buffers())} == {"meta"}
-    assert on_host.created < 0.01 * weight_bytes
+    # Random frozen weights (the inline MT encoder) are not saved with a run; export and stage 2 rebuild them, maybe
+    # elsewhere: they are drawn on the host, the same numbers whatever device the run used ...
+    reference = build_mt_encoder(tiny_cfg.model, "cpu").state_dict()
     with HostBytes() as on_host:
-        model = build_task_model(tiny_cfg, "stack", "meta")
-    assert {t.device.type for t in model.parameters()} == {"meta"}
-    assert on_host.created < 0.01 * weight_bytes
+        build_mt_encoder(tiny_cfg.model, "meta")
+    weight_bytes = sum(t.numel() * t.element_size() for t in reference.values())
+    assert on_host.created >= weight_bytes
+    # ... unless a benchmark of a large random model makes the device the default: then nothing is on the host.
+    with HostBytes() as on_host, torch.device("meta"):
+        encoder = build_mt_encoder(tiny_cfg.model, "meta")
+    assert on_host.created < 0.01 * weight_bytes and {p.device.type for p in encoder.parameters()} == {"meta"}
+    torch.testing.assert_close(build_mt_encoder(tiny_cfg.model, "cpu").state_dict(), reference, rtol=0, atol=0)

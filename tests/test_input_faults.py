@@ -10,6 +10,7 @@ import shutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from mtllm_train.__main__ import main
 from mtllm_train.config import ConfigError, load_config
@@ -94,7 +95,7 @@ OUTSIDE = r"'shards\[1\]\.name' must be a file name in the shard folder, got "
 CASES = {
     "deepspeed-bf16-on-cpu": (lambda tmp_path, capsys, request: _cli_error(
         ["train", "--config", "configs/tiny.yaml", f"run.dir={tmp_path}", "distributed.backend=deepspeed",
-         "distributed.mixed_precision=bf16"], capsys),
+         "distributed.mixed_precision=bf16"], capsys) if not torch.cuda.is_available() else pytest.skip("a GPU here"),
         r"^distributed\.mixed_precision: bf16 with DeepSpeed needs GPUs \(this process runs on cpu\); use none$"),
     "override-not-yaml": (override("optim.betas=[0.9"),
                           r"^override 'optim\.betas=\[0\.9': the value is not valid YAML \(expected ',' or '\]', "

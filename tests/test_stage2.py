@@ -310,6 +310,7 @@ def test_an_fp8_base_fine_tunes_the_llm_with_float8_layers(runs, monkeypatch):
     from mtllm_train.model import fp8
 
     monkeypatch.setattr(fp8, "check_fp8_support", lambda device: None)  # CPU stands in for an H100
+    monkeypatch.setattr(finetune, "check_fp8_support", lambda device: None)
     converted = []
     monkeypatch.setattr(finetune, "fp8_base", lambda model, device: converted.append(fp8.fp8_base(model, device)))
     root, data = runs

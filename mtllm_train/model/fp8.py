@@ -32,7 +32,7 @@ FP8_CAPABILITY = (8, 9)  # float8 tensor cores: Ada (8.9), Hopper (9.0) and late
 def check_fp8_support(device: torch.device) -> None:
     """One line naming what is missing when this rank cannot run an FP8 base."""
     if importlib.util.find_spec("torchao") is None:
-        raise ConfigError("model.quantization: fp8 needs torchao (pip install torchao==0.18.0)")
+        raise ConfigError("model.quantization: fp8 needs torchao: pip install -e '.[fp8]' (torchao==0.18.0)")
     if device.type != "cuda":
         raise ConfigError(f"model.quantization: fp8 needs a GPU with FP8 matmuls (compute capability 8.9+: H100, "
                           f"H200, L40S); this rank runs on {device.type}. Use none, nf4 or fp4 here")
@@ -46,13 +46,17 @@ def check_fp8_support(device: torch.device) -> None:
 def quantized(weight: torch.Tensor, fast_accumulation: bool) -> torch.Tensor:
     """`weight` [out, in] in float8 with one scale per row; F.linear with it quantizes its input per row too."""
     from torchao.quantization import Float8MMConfig, Float8Tensor, PerRow
-    from torchao.quantization.quantize_.workflows.float8.float8_tensor import QuantizeTensorToFloat8Kwargs
+    from torchao.quantization.quantize_.workflows.float8.float8_tensor import (KernelPreference,
+                                                                               QuantizeTensorToFloat8Kwargs)
 
     # The floor under each row's absolute maximum keeps all-zero rows (padding positions' gradients) at 0, not
-    # 0 / 0 = NaN.
+    # 0 / 0 = NaN. KernelPreference.TORCH: torch._scaled_mm whatever else is installed, the op selective
+    # checkpointing knows to keep.
+    torch_kernels = KernelPreference.TORCH
     return Float8Tensor.from_hp(weight.detach().to(torch.bfloat16).contiguous(), granularity=PerRow(),
-                                mm_config=Float8MMConfig(use_fast_accum=fast_accumulation),
-                                act_quant_kwargs=QuantizeTensorToFloat8Kwargs(granularity=PerRow(), hp_value_lb=1e-12))
+                                mm_config=Float8MMConfig(use_fast_accum=fast_accumulation), kernel_preference=torch_kernels,
+                                act_quant_kwargs=QuantizeTensorToFloat8Kwargs(granularity=PerRow(), hp_value_lb=1e-12,
+                                                                              kernel_preference=torch_kernels))
 
 
 class _Float8FrozenMatmul(torch.autograd.Function):
@@ -97,14 +101,10 @@ def fp8_base(model: nn.Module, device: torch.device) -> int:
     place, after checking that `device` can run it; returns how many. torch._scaled_mm needs both sizes to be
     multiples of 16: other layers stay as they are (none in Llama or GPT-2)."""
     check_fp8_support(device)
-    replaced = 0
-    for parent_name, parent in list(model.named_modules()):
-        if "lora_" in parent_name:
-            continue
-        for name, child in list(parent.named_children()):
-            if name.startswith("lora_") or not isinstance(child, (nn.Linear, Conv1D)) or child.weight.requires_grad:
-                continue
-            if all(size % 16 == 0 for size in child.weight.shape):
-                setattr(parent, name, Float8FrozenLinear(child))
-                replaced += 1
-    return replaced
+    frozen = [(parent, name) for parent_name, parent in model.named_modules() if "lora_" not in parent_name
+              for name, child in parent.named_children()
+              if not name.startswith("lora_") and isinstance(child, (nn.Linear, Conv1D))
+              and not child.weight.requires_grad and all(size % 16 == 0 for size in child.weight.shape)]
+    for parent, name in frozen:  # one layer at a time: each bf16 weight is freed as its float8 copies are made
+        setattr(parent, name, Float8FrozenLinear(getattr(parent, name)))
+    return len(frozen)

@@ -12,7 +12,7 @@ from safetensors.torch import save_model
 from torch import nn
 from transformers import AutoConfig, AutoModel, BitsAndBytesConfig
 
-from mtllm_train.config import ConfigError, ModelConfig
+from mtllm_train.config import FOUR_BIT, ConfigError, ModelConfig
 from mtllm_train.portable.modeling_mtllm import make_bidirectional
 from mtllm_train.portable.tokens import InputError
 
@@ -36,7 +36,7 @@ def from_pretrained(loader, spec: str, key: str, **kwargs):
 
 
 def quantization_config(cfg: ModelConfig) -> BitsAndBytesConfig | None:
-    if cfg.quantization in ("none", "fp8"):  # fp8: loaded in cfg.dtype, converted with its adapters (model/fp8.py)
+    if cfg.quantization not in FOUR_BIT:  # fp8: loaded in cfg.dtype, converted by the trainers (model/fp8.py)
         return None
     return BitsAndBytesConfig(
         load_in_4bit=True,
@@ -59,9 +59,14 @@ def seeded(seed: int, device: torch.device | str):
 
 def load_model(spec: str | dict, key: str, cfg: ModelConfig, quantize: bool, device: torch.device | str = "cpu",
                auto_class=AutoModel) -> nn.Module:
-    """A model from a folder / hub id, or built from an inline config with seeded random init, straight on
-    `device`: weights are read (and quantized) into the GPU's memory, random ones initialised there, so the ranks
-    of a node do not each hold a host copy of the LLM before step 1."""
+    """A model from a folder / hub id, read (and quantized) straight into `device`'s memory, so the ranks of a
+    node do not each hold a host copy of the LLM before step 1; or built from an inline config with seeded
+    random init, then moved to `device`.
+
+    Random frozen weights are not saved with a run: export and stage 2 rebuild them, maybe on another device, so
+    they are drawn on the default device, the CPU, whose generator gives the same numbers everywhere. (A
+    benchmark of a large random model sets a GPU as the default device, with `with torch.device(...)`, to
+    initialise it there.)"""
     dtype, device = DTYPES[cfg.dtype], torch.device(device)
     quant = quantization_config(cfg) if quantize else None
     if isinstance(spec, str):
@@ -75,10 +80,10 @@ def load_model(spec: str | dict, key: str, cfg: ModelConfig, quantize: bool, dev
         hf_config = AutoConfig.for_model(model_type, **spec)
     except ValueError as err:
         raise ConfigError(f"{key}: {err}") from None
-    with seeded(cfg.init_seed, device), device:
+    with seeded(cfg.init_seed, torch.get_default_device()):
         model = auto_class.from_config(hf_config, dtype=dtype)
     if quant is None:
-        return model
+        return model.to(device)
     # Quantization happens while loading weights, so go through the same from_pretrained path as a real model.
     # (Written by hand: under a process group, save_pretrained writes on rank 0 only.)
     with tempfile.TemporaryDirectory() as folder:

@@ -192,12 +192,13 @@ def add_lora(model: nn.Module, cfg: ModelConfig) -> PeftModel:
 
 
 def build_stack(cfg: ModelConfig, device: torch.device | str = "cpu") -> MTLLM:
-    """The stack, built on `device` (see load_model). One seed for every random init (inline models, LoRA A
-    matrices, U): all ranks build the same stack."""
-    with seeded(cfg.init_seed, device), torch.device(device):
+    """The stack on `device` (see load_model). One seed for every random init (inline models, LoRA A matrices,
+    U): all ranks build the same stack."""
+    with seeded(cfg.init_seed, device):
         mt_encoder = build_mt_encoder(cfg, device)
         llm = add_lora(build_llm(cfg, device), cfg)
-        stack = MTLLM(mt_encoder, llm, cfg.pooling)
+        with torch.device(device):
+            stack = MTLLM(mt_encoder, llm, cfg.pooling)
     return stack.train()
 
 

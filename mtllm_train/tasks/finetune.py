@@ -28,7 +28,7 @@ from mtllm_train.files import atomic_path
 from mtllm_train.loop import (Preemption, accumulation_steps, autocast, backward, check_finite_loss, end_of_step,
                               new_summary, open_run_folder, optimizer_step, setup_backend)
 from mtllm_train.metrics import MetricsLogger
-from mtllm_train.model.fp8 import fp8_base
+from mtllm_train.model.fp8 import check_fp8_support, fp8_base
 from mtllm_train.model.loss import squared_error
 from mtllm_train.tasks.encode import TaskData
 from mtllm_train.tasks.evaluation import Evaluator, steps_to_keep
@@ -103,8 +103,10 @@ def train_task(cfg: Config, command: str) -> dict:
     distill = command == "task-distill"
 
     # The task model: a new LoRA + head on the LLM or the MT encoder, or the stage-1 stack (+ the teacher).
-    model_module = build_task_model(cfg, kind, device)
     fp8 = cfg.model.quantization == "fp8" and kind != "mt_encoder"  # the LLM's base layers multiply in float8
+    if fp8:
+        check_fp8_support(device)  # before minutes of loading
+    model_module = build_task_model(cfg, kind, device)
     if fp8:
         fp8_base(model_module.backend_parts()[0], device)
     info = {"command": command, "kind": kind}

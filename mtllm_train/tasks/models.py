@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from mtllm_train.checkpoint import Checkpoints
-from mtllm_train.config import Config, ConfigError, load_config
+from mtllm_train.config import FOUR_BIT, Config, ConfigError, load_config
 from mtllm_train.model.loading import build_llm, build_mt_encoder, seeded
 from mtllm_train.portable.pooling import pool
 from mtllm_train.model.stack import add_lora, build_stack, lora_train_mode
@@ -94,7 +94,7 @@ def num_classes(cfg: Config) -> int:
 def build_task_model(cfg: Config, kind: str, device: torch.device | str = "cpu") -> TaskModel:
     """The task model built on `device` (see load_model), with the same seed for every random init (inline
     models, LoRA, head) on every rank."""
-    with seeded(cfg.model.init_seed, device), torch.device(device):
+    with seeded(cfg.model.init_seed, device):
         if kind == "stack":
             body = build_stack(cfg.model, device)
             body.projection.requires_grad_(False)
@@ -105,7 +105,9 @@ def build_task_model(cfg: Config, kind: str, device: torch.device | str = "cpu")
         else:
             body = add_lora(build_mt_encoder(cfg.model, device), cfg.model)
             hidden = body.config.hidden_size
-        head = MultipleChoiceHead(hidden) if cfg.task.name == "belebele" else ClassificationHead(hidden, num_classes(cfg))
+        with torch.device(device):
+            head = MultipleChoiceHead(hidden) if cfg.task.name == "belebele" else ClassificationHead(
+                hidden, num_classes(cfg))
     return TaskModel(body, head, kind, cfg.model.pooling).train()
 
 
@@ -125,10 +127,15 @@ def teacher_config(cfg: Config) -> Config:
     if teacher_cfg.task.model != "llm":
         raise ConfigError(f"task.teacher: {run} fine-tuned task.model {teacher_cfg.task.model!r}; the teacher must be "
                           f"a task-train run with task.model llm")
-    for key in ("llm", "llm_tokenizer", "bidirectional", "quantization", "pooling"):
-        if getattr(teacher_cfg.model, key) != getattr(cfg.model, key):
-            raise ConfigError(f"task.teacher: its model.{key} differs from this run's; the teacher must be the "
-                              f"stack's own LLM fine-tuned")
+    differing = [key for key in ("llm", "llm_tokenizer", "bidirectional", "pooling")
+                 if getattr(teacher_cfg.model, key) != getattr(cfg.model, key)]
+    # The same weights: fp8 changes only how they multiply (model/fp8.py), a 4-bit base changes them.
+    if (teacher_cfg.model.quantization in FOUR_BIT or cfg.model.quantization in FOUR_BIT) and \
+            teacher_cfg.model.quantization != cfg.model.quantization:
+        differing.append("quantization")
+    if differing:
+        raise ConfigError(f"task.teacher: its model.{differing[0]} differs from this run's; the teacher must be the "
+                          f"stack's own LLM fine-tuned")
     if teacher_cfg.task.name != cfg.task.name or num_classes(teacher_cfg) != num_classes(cfg):
         raise ConfigError(f"task.teacher: it was fine-tuned for task {teacher_cfg.task.name!r} with "
                           f"{num_classes(teacher_cfg)} outputs; this run is {cfg.task.name!r} with {num_classes(cfg)}")
