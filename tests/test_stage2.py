@@ -319,3 +319,17 @@ def test_an_fp8_base_fine_tunes_the_llm_with_float8_layers(runs, monkeypatch):
     assert converted == [7 * load_config("configs/tiny.yaml").model.llm["num_hidden_layers"]]
     assert summary["losses"][0] == pytest.approx(reference["losses"][0], rel=0.05)
     assert summary["losses"][-1] == pytest.approx(reference["losses"][-1], rel=0.2)
+
+
+def test_a_teacher_must_share_the_base_weights_not_the_fp8_choice(runs, tmp_path):
+    from mtllm_train.tasks.models import teacher_config
+
+    root, data = runs
+
+    def distill_config(quantization):
+        return load_config("configs/tiny.yaml", overrides(tmp_path, data, "x", **{
+            "task.init_from": str(root / "s1"), "task.teacher": str(root / "llm"), "model.quantization": quantization}))
+
+    assert teacher_config(distill_config("fp8")).model.quantization == "none"  # same weights, float8 matmuls
+    with pytest.raises(ConfigError, match=r"task.teacher: its model.quantization differs from this run's"):
+        teacher_config(distill_config("nf4"))  # other (4-bit) weights
