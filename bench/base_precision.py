@@ -59,7 +59,7 @@ def main() -> None:
     if not corpus.is_file():
         sys.exit(f"bench/base_precision.py: {corpus} is missing; run `make demo` or `make mini-repro` first")
     texts = [json.loads(line)["text"] for line in corpus.read_text(encoding="utf-8").splitlines()[:args.texts]]
-    print(f"| model | base | relative error of pooled vectors vs fp32 | cosine vs fp32 |\n|---|---|---|---|")
+    print("| model | base | relative error of pooled vectors vs fp32 | cosine vs fp32 |\n|---|---|---|---|")
     for name, relative in MODELS.items():
         folder = CACHE / relative
         tokenizer = load_tokenizer(str(folder), name)
