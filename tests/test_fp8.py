@@ -147,3 +147,20 @@ def test_compiled_fp8_layers_with_selective_checkpointing_equal_the_eager_ones(t
     assert losses(compiled=True) == eager
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert counters["stats"]["unique_graphs"] == 3  # all made in step 1
+
+
+def test_fp8_layers_recompute_exactly_under_every_checkpointing_policy(tiny_cfg, monkeypatch):
+    monkeypatch.setattr(fp8, "check_fp8_support", lambda device: None)
+    tiny_cfg.model.lora.dropout = 0.0
+    batch = tokenize_views(tiny_cfg)
+    gradients = {}
+    for policy in ("none", "full", "selective"):
+        tiny_cfg.model.activation_checkpointing = policy
+        stack = build_stack(tiny_cfg.model)
+        fp8.fp8_base(stack.llm, torch.device("cpu"))
+        student_pooled, teacher_pooled = stack(**batch)[:2]
+        squared_error(student_pooled, teacher_pooled).mean().backward()
+        gradients[policy] = {name: p.grad for name, p in trainable_parameters(stack).items()}
+    for policy in ("full", "selective"):
+        for name, grad in gradients["none"].items():
+            torch.testing.assert_close(gradients[policy][name], grad, rtol=0, atol=0)
