@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
+from transformers.utils import logging as transformers_logging
 
 from mtllm_train.config import Config, ConfigError
 from mtllm_train.model.loading import DTYPES
@@ -63,7 +64,16 @@ def init_distributed(cfg: Config) -> Dist:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 timeout=timedelta(minutes=cfg.distributed.timeout_minutes))
     rank = dist.get_rank() if dist.is_initialized() else 0
+    quiet_other_ranks(rank)
     return Dist(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def quiet_other_ranks(rank: int) -> None:
+    """Only rank 0 shows transformers' weight-loading progress bars and load reports: every rank loads the same
+    files, so a node's 8 ranks would print each 8 times. Errors still raise on every rank."""
+    if rank > 0:
+        transformers_logging.set_verbosity_error()
+        transformers_logging.disable_progress_bar()
 
 
 def all_reduce(tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:

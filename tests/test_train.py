@@ -190,3 +190,20 @@ def test_log_lines_without_a_terminal_and_the_plot_marks_resumes(tmp_path, train
     assert [line.get_xdata()[0] for line in figure.axes[0].lines[1:]] == [8]  # the resume mark
     assert list(figure.axes[1].lines[-1].get_ydata()) == [1.0, 1.0]  # the FVU = 1 line
     assert (tmp_path / "log" / "loss_curve.png").stat().st_size > 10_000
+
+
+def test_only_rank_0_shows_transformers_loading_output():
+    from transformers.utils import logging as transformers_logging
+
+    from mtllm_train.distributed import quiet_other_ranks
+
+    verbosity = transformers_logging.get_verbosity()
+    try:
+        quiet_other_ranks(0)
+        assert transformers_logging.get_verbosity() == verbosity and transformers_logging.is_progress_bar_enabled()
+        quiet_other_ranks(1)
+        assert transformers_logging.get_verbosity() == transformers_logging.ERROR
+        assert not transformers_logging.is_progress_bar_enabled()
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+        transformers_logging.enable_progress_bar()
