@@ -52,11 +52,11 @@ def quantized(weight: torch.Tensor, fast_accumulation: bool) -> torch.Tensor:
     # The floor under each row's absolute maximum keeps all-zero rows (padding positions' gradients) at 0, not
     # 0 / 0 = NaN. KernelPreference.TORCH: torch._scaled_mm whatever else is installed, the op selective
     # checkpointing knows to keep.
-    torch_kernels = KernelPreference.TORCH
+    per_row_input = QuantizeTensorToFloat8Kwargs(granularity=PerRow(), hp_value_lb=1e-12,
+                                                 kernel_preference=KernelPreference.TORCH)
     return Float8Tensor.from_hp(weight.detach().to(torch.bfloat16).contiguous(), granularity=PerRow(),
-                                mm_config=Float8MMConfig(use_fast_accum=fast_accumulation), kernel_preference=torch_kernels,
-                                act_quant_kwargs=QuantizeTensorToFloat8Kwargs(granularity=PerRow(), hp_value_lb=1e-12,
-                                                                              kernel_preference=torch_kernels))
+                                mm_config=Float8MMConfig(use_fast_accum=fast_accumulation),
+                                kernel_preference=KernelPreference.TORCH, act_quant_kwargs=per_row_input)
 
 
 class _Float8FrozenMatmul(torch.autograd.Function):

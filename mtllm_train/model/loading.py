@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import inspect
-from contextlib import contextmanager
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
