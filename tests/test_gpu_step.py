@@ -127,13 +127,16 @@ class MatmulShapes(TorchDispatchMode):
 
 def test_selective_checkpointing_recomputes_only_the_lora_matmuls_and_changes_nothing(tiny_cfg):
     """The frozen layers' matmul outputs are kept; LoRA's rank-r matmuls (and the cheap ops) are recomputed; LoRA
-    dropout on: the recompute draws the same masks."""
+    dropout on: the recompute draws the same masks. Under bf16 autocast with a bf16 base, as on a GPU (autocast
+    caches its casts of the LoRA weights in the forward, not in the recompute)."""
+    tiny_cfg.model.dtype = "bfloat16"
     batch = tokenize_views(tiny_cfg)
     backward_matmuls, results = {}, {}
     for policy in ("none", "selective", "full"):
         stack = build_stack(_with_four_layers(tiny_cfg, policy).model)
         torch.manual_seed(0)
-        student_pooled, teacher_pooled = stack(**batch)[:2]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            student_pooled, teacher_pooled = stack(**batch)[:2]
         with MatmulShapes() as seen:
             squared_error(student_pooled, teacher_pooled).mean().backward()
         backward_matmuls[policy] = Counter(seen.shapes)
