@@ -13,7 +13,7 @@ from conftest import ROOT
 def test_gpu_throughput_script_runs_tiny_on_cpu(tmp_path):
     out = tmp_path / "gpu.json"
     done = subprocess.run([sys.executable, "bench/gpu_throughput.py", "--tiny", "--steps", "1", "--max-batch", "2",
-                           "--seq", "16", "--checkpointing", "every_2", "--out", str(out)], cwd=ROOT,
+                           "--seq", "16", "--checkpointing", "every_2", "--loop-steps", "2", "--out", str(out)], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
@@ -21,6 +21,12 @@ def test_gpu_throughput_script_runs_tiny_on_cpu(tmp_path):
     assert result["checkpointing"] == "every_2" and all(row["tokens_per_s"] > 0 for row in result["rows"])
     assert result["llm_params"] > result["encoder_params"] > 0
     assert "| micro batch | step s |" in done.stdout
+    # The real trainer at the best micro batch, over shards whose texts fill both views.
+    loop = result["loop"]
+    assert loop["micro_batch"] in (1, 2) and loop["tokens_per_s"] > 0 and loop["padding_efficiency"] > 0.95
+    assert loop["of_bare"] == pytest.approx(loop["tokens_per_s"] / max(r["tokens_per_s"] for r in result["rows"]
+                                                                     if r["micro_batch"] == loop["micro_batch"]))
+    assert "The real train.py loop at micro batch" in done.stdout
 
 
 def test_step_profile_runs_tiny_and_orders_the_variants(tmp_path):
