@@ -22,6 +22,7 @@ import io
 import json
 import pickle
 import random
+import re
 import shutil
 import sys
 import time
@@ -136,6 +137,24 @@ class Resumed:
     reader_state: dict | None  # this rank's data-reader position (stage 1); None when the loop saved none
 
 
+# What a full or failing disk raises while a checkpoint is written: OSError from our own files, RuntimeError from
+# torch.save's zip writer, CheckpointException (a BaseException) from torch.distributed.checkpoint.
+WRITE_ERRORS = (OSError, RuntimeError, CheckpointException)
+
+
+def write_error_reason(failure: BaseException | None) -> str:
+    """The reason a checkpoint write failed, in a few words ("No space left on device"), for the one-line error."""
+    if failure is None:
+        return "another rank failed"
+    if isinstance(failure, OSError) and failure.strerror:
+        return failure.strerror
+    errno_message = re.search(r"\[Errno \d+\] ([^\n:']+)", str(failure))
+    if errno_message:
+        return errno_message.group(1).strip()
+    lines = str(failure).strip().splitlines()
+    return lines[0][:200] if lines else type(failure).__name__
+
+
 class Checkpoints:
     """The checkpoints of one run folder.
 
@@ -214,37 +233,57 @@ class Checkpoints:
         failure = None
         try:
             self._write_state(path, reader_state)
-        except OSError as err:
+        except WRITE_ERRORS as err:
             failure = err
-        # Instead of a barrier: every rank learns whether all could write (a full disk fails one rank, or all).
-        if all_reduce(torch.tensor(float(failure is not None), device=dist_info.device)).item():
-            if dist_info.is_main:
-                shutil.rmtree(path, ignore_errors=True)
-            reason = failure.strerror if failure is not None and failure.strerror else "another rank failed"
-            raise ConfigError(f"checkpoint step {step}: cannot write {path} ({reason}); the earlier checkpoints are "
-                              f"intact: free space, then rerun the same command to resume")
+        self._agree_on_write(failure, step, path)
+        failure = None
         if dist_info.is_main:
-            files = sorted(f for f in path.rglob("*") if f.is_file())
-            for file in files:
-                fsync_path(file)
-            scheduler_state = self.scheduler.state_dict() if self.scheduler is not None else None
-            write_atomic(path / "meta.json", json.dumps({
-                **meta, "step": step, "world_size": dist_info.world_size, "backend": self.backend,
-                "scheduler": scheduler_state, "saved_at": time.time(),
-                "files": {str(f.relative_to(path)): sha256_file(f) for f in files}}, indent=1))
-            write_atomic(path / COMMIT, str(step))
-            complete = self.complete()
-            if keep_steps is None:
-                pruned = complete[:-keep_last]
-            else:
-                pruned = [(s, p) for s, p in complete[:-1] if s not in keep_steps]
-            for _, old in pruned:
-                shutil.rmtree(old, ignore_errors=True)
-            for stale in self.folder.glob("step_*"):
-                if not (stale / COMMIT).is_file() and stale != path:
-                    shutil.rmtree(stale, ignore_errors=True)
-        barrier()
+            try:
+                self._commit(path, step, meta)
+            except WRITE_ERRORS as err:
+                failure = err
+        self._agree_on_write(failure, step, path)  # also the barrier before any rank reads what was saved
+        if dist_info.is_main:
+            self._prune(step, path, keep_last, keep_steps)
         return path
+
+    def _agree_on_write(self, failure: BaseException | None, step: int, path: Path) -> None:
+        """Every rank learns whether all could write (a full disk fails one rank, or all); if one could not, the
+        half-written checkpoint goes and every rank stops with the same line."""
+        if all_reduce(torch.tensor(float(failure is not None), device=self.dist_info.device)).item():
+            if self.dist_info.is_main:
+                shutil.rmtree(path, ignore_errors=True)
+            raise ConfigError(f"checkpoint step {step}: cannot write {path} ({write_error_reason(failure)}); the "
+                              f"earlier checkpoints are intact: free space, then rerun the same command to resume")
+
+    def _commit(self, path: Path, step: int, meta: dict) -> None:
+        """Rank 0, once every rank wrote its part: checksums into meta.json, then the COMPLETE mark."""
+        files = sorted(f for f in path.rglob("*") if f.is_file())
+        for file in files:
+            fsync_path(file)
+        scheduler_state = self.scheduler.state_dict() if self.scheduler is not None else None
+        write_atomic(path / "meta.json", json.dumps({
+            **meta, "step": step, "world_size": self.dist_info.world_size, "backend": self.backend,
+            "scheduler": scheduler_state, "saved_at": time.time(),
+            "files": {str(f.relative_to(path)): sha256_file(f) for f in files}}, indent=1))
+        write_atomic(path / COMMIT, str(step))
+
+    def _prune(self, step: int, path: Path, keep_last: int, keep_steps: set[int] | None) -> None:
+        """Keep the newest `keep_last` complete checkpoints up to `step` (or, with `keep_steps`, those steps and the
+        newest). Checkpoints after `step` go first: the run went back past them (they were damaged), so they belong
+        to a trajectory it left, and must not take the places of the sound ones."""
+        complete = self.complete()
+        current = [(s, p) for s, p in complete if s <= step]
+        abandoned = [(s, p) for s, p in complete if s > step]
+        if keep_steps is None:
+            pruned = current[:-keep_last]
+        else:
+            pruned = [(s, p) for s, p in current[:-1] if s not in keep_steps]
+        for _, old in abandoned + pruned:
+            shutil.rmtree(old, ignore_errors=True)
+        for stale in self.folder.glob("step_*"):
+            if not (stale / COMMIT).is_file() and stale != path:
+                shutil.rmtree(stale, ignore_errors=True)
 
     def _write_state(self, path: Path, reader_state: dict | None) -> None:
         """This rank's part of a checkpoint: trainable state (sharded), RNG and reader position."""
@@ -265,8 +304,9 @@ class Checkpoints:
         fsync_path(rank_file)
 
     def _newest_sound(self) -> Path | None:
-        """The newest complete checkpoint whose files check out (rank 0 checks; every rank gets its step)."""
-        chosen = 0
+        """The newest complete checkpoint whose files check out (rank 0 checks; every rank gets its step, or the
+        same error when none is sound)."""
+        all_damaged, chosen = -1, 0
         if self.dist_info.is_main:
             for step, path in reversed(self.complete()):
                 problem = self.damage(path)
@@ -275,10 +315,12 @@ class Checkpoints:
                     break
                 print(f"mtllm: checkpoint {path} is damaged ({problem}); trying the one before it", file=sys.stderr)
             if self.complete() and not chosen:
-                raise ConfigError(f"{self.run_dir}: every complete checkpoint is damaged (see above); start a new "
-                                  f"run.name")
-        chosen = int(all_reduce(torch.tensor(float(chosen), device=self.dist_info.device),
-                                torch.distributed.ReduceOp.MAX).item())
+                chosen = all_damaged
+        # The other ranks add 0: every rank gets rank 0's answer.
+        chosen = int(all_reduce(torch.tensor(float(chosen), device=self.dist_info.device)).item())
+        if chosen == all_damaged:
+            raise ConfigError(f"{self.run_dir}: every complete checkpoint is damaged (see above); start a new "
+                              f"run.name")
         return self._step_dir(chosen) if chosen else None
 
     def resume(self) -> Resumed | None:

@@ -17,7 +17,10 @@ import time
 
 import pytest
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.utils import _wrap_exception
 
+import mtllm_train.checkpoint as checkpoint_module
 import mtllm_train.loop as loop_module
 import mtllm_train.train as train_module
 from conftest import ROOT, read_metrics, trained_weights, train_overrides
@@ -292,6 +295,39 @@ def test_damaged_newest_checkpoint_falls_back(tmp_path, train_shards, finished_r
     assert [r["step"] for r in read_metrics(tmp_path / "run")] == list(range(1, 13))
 
 
+def test_every_checkpoint_damaged_stops_every_rank_with_the_same_line(tmp_path, train_shards):
+    settings = {"distributed.backend": "ddp", "checkpoint.every": 4, "train.steps": 8}
+    code, output = finish(torchrun(*_train_args(tmp_path, train_shards, "run", **settings)), timeout=120)
+    assert code == 0, output[-2000:]
+    for step in (4, 8):
+        _truncate(tmp_path / "run" / "checkpoints" / f"step_{step:08d}" / "rank_0.pt", 0.5)
+    code, output = finish(torchrun(*_train_args(tmp_path, train_shards, "run", **settings)), timeout=120)
+    # Rank 1 raises the same error as rank 0 (it waited in a collective rank 0 never joined, and died of gloo's
+    # "connection closed" before).
+    assert code != 0 and "Connection closed" not in output, output[-3000:]
+    assert output.count("every complete checkpoint is damaged (see above); start a new run.name") == 2, output[-3000:]
+
+
+def test_a_save_after_going_back_past_damaged_checkpoints_keeps_the_sound_ones(tmp_path, train_shards,
+                                                                               finished_run, capsys):
+    # Checkpoints 4, 8 and 12, the last two damaged, keep_last 2: the run goes back to step 4 and is preempted at
+    # step 5. Pruning by step number alone would keep the damaged 8 and 12 and delete 4 and 5, just saved.
+    assert main(_train_args(tmp_path, train_shards, "run", **{"checkpoint.every": 4, "checkpoint.keep_last": 3})) == 0
+    assert Checkpoints(tmp_path / "run").steps() == [4, 8, 12]
+    for step in (8, 12):
+        _truncate(tmp_path / "run" / "checkpoints" / f"step_{step:08d}" / "rank_0.pt", 0.5)
+    (tmp_path / "run" / "STOP").touch()
+    args = _train_args(tmp_path, train_shards, "run", **{"checkpoint.every": 4, "checkpoint.keep_last": 2})
+    capsys.readouterr()
+    code = main(args)
+    out, err = capsys.readouterr()
+    assert code == 0 and "preempted: saved step 5" in out + err, out + err
+    assert Checkpoints(tmp_path / "run").steps() == [4, 5]  # the abandoned 8 and 12 are gone, the sound ones kept
+    assert main(args) == 0 and Checkpoints(tmp_path / "run").steps() == [8, 12]
+    expected, resumed = trained_weights(finished_run / "run"), trained_weights(tmp_path / "run")
+    assert all(torch.equal(expected[name], resumed[name]) for name in expected)  # bit-identical after all that
+
+
 # --- 8. metrics.jsonl holds every step once after a crash and resume -------------------------------------------
 
 def test_metrics_after_a_crash_hold_every_step_once(tmp_path, train_shards, capsys):
@@ -306,21 +342,38 @@ def test_metrics_after_a_crash_hold_every_step_once(tmp_path, train_shards, caps
 
 # --- 9 (the rest). a full disk during a checkpoint ------------------------------------------------------------
 
-def test_full_disk_during_a_checkpoint_keeps_the_earlier_ones(tmp_path, train_shards, capsys, monkeypatch):
-    real_save = torch.save
+ENOSPC = OSError(28, "No space left on device")
+# How a full disk shows at each write of a checkpoint (seen on a full tmpfs): (what fails, the error, its reason).
+FULL_DISK = {
+    "rank file, OSError": ("torch.save", ENOSPC, "No space left on device"),
+    "rank file, torch's zip writer": ("torch.save", RuntimeError(
+        "[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file data/0: file write "
+        "failed"), "PytorchStreamWriter failed writing file"),
+    "sharded state, torch.distributed.checkpoint": ("dcp.save", CheckpointException(
+        "save", {0: _wrap_exception(ENOSPC)}), "No space left on device"),
+    "meta.json, after every rank wrote": ("write_atomic", ENOSPC, "No space left on device"),
+}
 
-    def full_disk(obj, path, *args, **kwargs):
-        if "step_00000008" in str(path):
-            raise OSError(28, "No space left on device")
-        return real_save(obj, path, *args, **kwargs)
 
-    monkeypatch.setattr(torch, "save", full_disk)
+@pytest.mark.parametrize("case", FULL_DISK)
+def test_full_disk_during_a_checkpoint_keeps_the_earlier_ones(tmp_path, train_shards, capsys, monkeypatch, case):
+    target, error, reason = FULL_DISK[case]
+    module, name = {"torch.save": (torch, "save"), "dcp.save": (checkpoint_module.dcp, "save"),
+                    "write_atomic": (checkpoint_module, "write_atomic")}[target]
+    real = getattr(module, name)
+
+    def full_disk(*args, **kwargs):
+        if any("step_00000008" in str(arg) for arg in (*args, *kwargs.values())):
+            raise error
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, full_disk)
     code, err = _run(capsys, *_train_args(tmp_path, train_shards, "full", **{"checkpoint.every": 4}))
     assert code == 2 and len(err) == 1 and "checkpoint step 8: cannot write" in err[0] and \
-        "No space left on device" in err[0] and "earlier checkpoints are intact" in err[0], err
+        reason in err[0] and "earlier checkpoints are intact" in err[0], err
     assert Checkpoints(tmp_path / "full").steps() == [4]
     assert not (tmp_path / "full" / "checkpoints" / "step_00000008").exists()
-    monkeypatch.setattr(torch, "save", real_save)
+    monkeypatch.setattr(module, name, real)
     assert main(_train_args(tmp_path, train_shards, "full", **{"checkpoint.every": 4})) == 0
 
 
@@ -354,8 +407,13 @@ FAULTS = [
      "reported; the one before it resumed; the end result bit-identical"),
     ("test_metrics_after_a_crash_hold_every_step_once", "crash after the last checkpoint, a half-written line",
      "metrics.jsonl holds each step once after resume"),
-    ("test_full_disk_during_a_checkpoint_keeps_the_earlier_ones", "disk full while writing a checkpoint",
-     "exit 2 in one line; no partial checkpoint; earlier ones intact; a rerun resumes"),
+    ("test_full_disk_during_a_checkpoint_keeps_the_earlier_ones", "disk full while writing a checkpoint (rank file, "
+     "sharded state, meta.json)", "exit 2 in one line; no partial checkpoint; earlier ones intact; a rerun resumes"),
+    ("test_every_checkpoint_damaged_stops_every_rank_with_the_same_line", "every checkpoint damaged, 2 ranks",
+     "both ranks stop with the same one line, no traceback"),
+    ("test_a_save_after_going_back_past_damaged_checkpoints_keeps_the_sound_ones",
+     "the two newest checkpoints damaged, keep_last 2, a preemption just after resuming from an older one",
+     "the damaged later ones are removed, the one just saved and the sound one kept; the run ends bit-identical"),
 ]
 
 

@@ -155,6 +155,9 @@ CASES = {
                           r"^\S+/bad\.jsonl\.gz:3: not UTF-8 text \(byte 0xff\)"),
     "txt-not-utf8": (shards_build("bad.txt", b"First document.\n\nSecond \xc3( document.\n"),
                      r"^\S+/bad\.txt:3: not UTF-8 text \(byte 0xc3\)"),
+    "jsonl-lone-surrogate": (shards_build("bad.jsonl", GOOD_LINE + b'{"text": "Broken pair \\ud83d here."}\n'),
+                             r"bad\.jsonl:2: 'text' holds a lone surrogate \('\\ud83d' at character 12\), which is not "
+                             r"Unicode text; fix or drop that line$"),
     "jsonl-text-int": (shards_build("bad.jsonl", GOOD_LINE + b'{"text": 123}\n'),
                        r"^\S+/bad\.jsonl:2: 'text' must be a string, got int$"),
     "jsonl-text-list": (shards_build("bad.jsonl", b'{"text": ["a", "b"]}\n'),

@@ -1,7 +1,9 @@
 import gzip
 import json
+import os
 import shutil
 import tarfile
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -209,6 +211,12 @@ def test_interrupted_build_resumes(tmp_path):
     assert [s["key"] for s in iter_samples(out / "shard-000001.tar")] == [f"{i:010d}" for i in range(10, 20)]
     with pytest.raises(ConfigError, match=r"holds a build with other settings \(max_length differ\)"):
         build_shards([corpus], str(out), LLM_TOK, MT_TOK, "eng_Latn", 64, 10, 1, progress=False)
+    # An input edited in place to the same size: its shards would be stale, so the build is refused, not resumed.
+    text = Path(corpus).read_text(encoding="utf-8")
+    Path(corpus).write_text(text.replace("the", "THE", 1), encoding="utf-8")
+    os.utime(corpus, ns=(kept_mtime + 10**9, kept_mtime + 10**9))
+    with pytest.raises(ConfigError, match=r"holds a build with other settings \(sources differ\)"):
+        build_shards(*args, progress=False)
 
 
 def test_parallel_build_matches_serial(tmp_path):
@@ -268,3 +276,19 @@ def test_reader_workers_ignore_sigterm(shards_80):
     reader.close()
     reference = _read(BatchReader(str(shards_80), batch_size=4, num_workers=2, seed=2), 12)
     assert _same(first + rest, reference)
+
+
+def test_a_saved_data_position_is_refused_on_other_shards(tmp_path):
+    # The same path, rebuilt with other documents: the saved position would silently skip or repeat samples.
+    folder = tmp_path / "shards"
+    build_shards([_first_docs(tmp_path / "a.jsonl", 30)], str(folder), LLM_TOK, MT_TOK, "eng_Latn", 32, 10, 1,
+                 progress=False)
+    reader = BatchReader(str(folder), batch_size=2, num_workers=0)
+    position = reader.state_dict()
+    BatchReader(str(folder), batch_size=2, num_workers=0).load_state_dict(position)  # the same shards: fine
+    shutil.rmtree(folder)
+    build_shards([_first_docs(tmp_path / "b.jsonl", 20)], str(folder), LLM_TOK, MT_TOK, "eng_Latn", 32, 10, 1,
+                 progress=False)
+    with pytest.raises(ConfigError, match=r"data\.shards '.*/shards': these are not the shards the checkpoint's data "
+                                          r"position refers to \(they were rebuilt or replaced\)"):
+        BatchReader(str(folder), batch_size=2, num_workers=0).load_state_dict(position)

@@ -29,6 +29,11 @@ def _text(value: object, path: Path, lineno: int, text_field: str) -> str:
         return ""
     if not isinstance(value, str):
         raise ConfigError(f"{path}:{lineno}: '{text_field}' must be a string, got {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:  # JSON's \ud83d escapes decode to half a surrogate pair, not a character
+        raise ConfigError(f"{path}:{lineno}: '{text_field}' holds a lone surrogate ({value[err.start]!r} at "
+                          f"character {err.start}), which is not Unicode text; fix or drop that line") from None
     return value
 
 

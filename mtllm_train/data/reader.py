@@ -24,6 +24,7 @@ the workers, which ignore SIGTERM for preemption's sake, are stopped whatever ha
 
 from __future__ import annotations
 
+import hashlib
 import random
 import signal
 import weakref
@@ -268,9 +269,18 @@ class BatchReader:
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "batches": self.batches, "world_size": self.world_size,
-                "num_workers": self.logical_workers, "seed": self.seed, "batch_size": self.batch_size}
+                "num_workers": self.logical_workers, "seed": self.seed, "batch_size": self.batch_size,
+                "shards": self.shards_identity()}
+
+    def shards_identity(self) -> str:
+        """The shard set a position refers to: the sha256 of every shard, in order."""
+        return hashlib.sha256("".join(shard["sha256"] for shard in self.shards).encode()).hexdigest()
 
     def load_state_dict(self, state: dict) -> None:
+        if state.get("shards", self.shards_identity()) != self.shards_identity():  # older checkpoints lack it
+            raise ConfigError(f"data.shards {str(self.shards_dir)!r}: these are not the shards the checkpoint's data "
+                              f"position refers to (they were rebuilt or replaced); resume with the original shards, "
+                              f"or start a new run.name")
         layout = {k: state[k] for k in ("world_size", "num_workers", "seed", "batch_size")}
         ours = {"world_size": self.world_size, "num_workers": self.logical_workers, "seed": self.seed,
                 "batch_size": self.batch_size}

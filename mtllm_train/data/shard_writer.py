@@ -103,6 +103,15 @@ def _chunks(documents, size: int):
         yield chunk
 
 
+def _source_identity(path: str) -> dict:
+    """What a rebuild compares to know an input is unchanged: its size and modification time (an edit that
+    keeps the size still changes the time)."""
+    if not Path(path).is_file():
+        return {"path": str(path), "bytes": None}
+    stat = Path(path).stat()
+    return {"path": str(path), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
 def build_shards(inputs: list[str], out: str, llm_tokenizer: str, mt_tokenizer: str, mt_lang: str | None = ENGLISH,
                  max_length: int = 512, shard_size: int = 10_000, workers: int = 1, text_field: str = "text",
                  progress: bool = True) -> dict:
@@ -123,7 +132,7 @@ def build_shards(inputs: list[str], out: str, llm_tokenizer: str, mt_tokenizer: 
         "max_length": max_length,
         "shard_size": shard_size,
         "text_field": text_field,
-        "sources": [{"path": str(p), "bytes": Path(p).stat().st_size if Path(p).is_file() else None} for p in inputs],
+        "sources": [_source_identity(p) for p in inputs],
     }
     settings_path = out_dir / ".build" / "settings.json"
     if settings_path.is_file():
