@@ -416,7 +416,8 @@ INLINE_MODEL_KEYS = ("mt_encoder", "llm", "translator")
 # task.teacher, task.cache_dir) are where the user works, so they stay relative to the current folder.
 INPUT_PATH_KEYS = ("data.shards", "data.eval_shards", "distributed.deepspeed_config", "task.train", "task.source_dev",
                    "task.eval.dev", "task.eval.test")
-# A model or tokenizer is also a hub id: it is a path when it starts with ./ or ../ or exists there.
+# A model or tokenizer is also a hub id: it is a path when it starts with ./ or ../ or exists there (or, from a
+# config file, in the current folder, where the paper configs' `models/...` folders are made).
 MODEL_PATH_KEYS = ("model.mt_encoder", "model.llm", "model.mt_tokenizer", "model.llm_tokenizer", "task.translator",
                    "task.translator_tokenizer")
 
@@ -430,7 +431,9 @@ def resolve_input_path(key: str, value: Any, folder: Path) -> Any:
         return value
     candidate = Path(os.path.abspath(folder / value))
     if key in MODEL_PATH_KEYS and not value.startswith(("./", "../")) and not candidate.exists():
-        return value
+        # What transformers would load from the current folder, made absolute: the run's config.yaml and its
+        # export must name the same folder from anywhere.
+        return os.path.abspath(value) if Path(value).exists() else value
     return str(candidate)
 
 

@@ -122,14 +122,15 @@ def _trained_model(run_dir: Path, cfg: Config, identity: dict | None, step: int 
         stack = build_stack(cfg.model)
         return stack, "stack", None, Checkpoints(run_dir).load_trainable(stack, step)
     from mtllm_train.tasks.data import NLI_LABELS
-    from mtllm_train.tasks.models import build_task_model, load_head
+    from mtllm_train.tasks.models import build_task_model, load_head, load_projection
     from mtllm_train.tasks.selection import source_best_step
 
     model = build_task_model(cfg, identity["kind"])
-    step = step or source_best_step(run_dir)  # the S-DEV checkpoint: the one model for every language
-    meta = Checkpoints(run_dir).load_trainable(model, step)
-    if identity["command"] == "task-distill":
+    if identity["command"] == "task-distill":  # first: the teacher's head is frozen, not in this run's checkpoints
         load_head(model.head, cfg.task.teacher, identity["teacher_step"])
+    step = source_best_step(run_dir) if step is None else step  # S-DEV's checkpoint: one model for every language
+    meta = Checkpoints(run_dir).load_trainable(model, step)
+    load_projection(model, run_dir)
     labels = list(cfg.task.labels) or (list(NLI_LABELS) if cfg.task.name == "nli" else [])
     return model, identity["kind"], {"name": cfg.task.name, "labels": labels, "metric": cfg.task.metric}, meta
 
@@ -327,5 +328,12 @@ def read_inputs(path: str | None, texts: list[str], model: MTLLMModel) -> list:
                 record = json.loads(line)
             except ValueError as err:
                 raise ConfigError(f"{path}:{number}: not valid JSON ({err})") from None
-            records.append(record if model.config.task is not None else record.get("text", ""))
+            if not isinstance(record, dict):
+                raise ConfigError(f"{path}:{number}: expected a JSON object (e.g. {{\"text\": ...}}), got "
+                                  f"{type(record).__name__}")
+            if model.config.task is None and "text" not in record:
+                raise ConfigError(f"{path}:{number}: no 'text' field to embed")
+            records.append(record if model.config.task is not None else record["text"])
+    if not records:
+        raise ConfigError(f"--input {path}: no inputs (one JSON object per line)")
     return records

@@ -146,9 +146,17 @@ def test_predict_prints_vectors_and_user_errors_are_one_line(exported, tmp_path,
     inputs.write_text('{"text": "Ein Satz."}\n')
     assert main(["predict", "--model", str(exported), "--lang", "deu_Latn", "--input", str(inputs)]) == 0
     assert capsys.readouterr().out.splitlines()[0] == lines[0]
-    for args, message in ((["--lang", "xyz_Latn", "x"], "language code 'xyz_Latn' is not in the MT tokenizer"),
-                          ([], "give texts or --input FILE.jsonl")):
-        assert main(["predict", "--model", str(exported), *args]) == 2
+    (tmp_path / "empty.jsonl").write_text("\n")
+    (tmp_path / "list.jsonl").write_text('["Ein Satz."]\n')
+    (tmp_path / "no_text.jsonl").write_text('{"txt": "Ein Satz."}\n')
+    for model, args, message in (
+            (exported, ["--lang", "xyz_Latn", "x"], "language code 'xyz_Latn' is not in the MT tokenizer"),
+            (exported, [], "give texts or --input FILE.jsonl"),
+            (exported, ["--input", str(tmp_path / "empty.jsonl")], "no inputs (one JSON object per line)"),
+            (exported, ["--input", str(tmp_path / "list.jsonl")], "list.jsonl:1: expected a JSON object"),
+            (exported, ["--input", str(tmp_path / "no_text.jsonl")], "no_text.jsonl:1: no 'text' field to embed"),
+            (tmp_path / "nowhere", ["x"], "not a local folder, and not found on the model hub")):
+        assert main(["predict", "--model", str(model), *args]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
     with pytest.raises(ConfigError, match="not an exported MT-LLM"):

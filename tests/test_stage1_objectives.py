@@ -176,6 +176,12 @@ def test_config_paths_resolve_against_the_file_and_overrides_against_the_current
     assert cfg.model.mt_tokenizer == str(ROOT / "configs/tiny/mt_tokenizer")  # from the base, against the base
     assert cfg.data.eval_shards == "pipe:cat /data/{}"
     assert cfg.run.dir == "runs"  # run folders live where the user works
+    # A model folder named from the current folder (the paper configs' `models/...`), not beside the config file:
+    # absolute, so that config.yaml and an export name it from anywhere; a name found nowhere stays a hub id.
+    (tmp_path / "project/tok/models/llm").mkdir(parents=True)
+    config.write_text(config.read_text().replace("model:\n", "model:\n  llm: models/llm\n  mt_encoder: org/encoder\n"))
+    cfg = load_config(config)
+    assert cfg.model.llm == str(tmp_path / "project/tok/models/llm") and cfg.model.mt_encoder == "org/encoder"
     cfg = load_config(config, ["data.shards=here", "model.llm=facebook/nllb-200-distilled-600M",
                                "data.eval_shards=http://127.0.0.1:8000/shards"])
     assert cfg.data.shards == os.path.join(os.getcwd(), "here")

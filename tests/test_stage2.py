@@ -14,7 +14,8 @@ from mtllm_train.tasks import finetune
 from mtllm_train.tasks.evaluation import Evaluator, evaluate_run
 from mtllm_train.tasks.finetune import train_task
 from mtllm_train.tasks.selection import read_validation
-from mtllm_train.tasks.models import build_task_model, load_head, load_stage1, load_teacher
+from mtllm_train.export import load_trained_stack
+from mtllm_train.tasks.models import build_task_model, load_head, load_projection, load_stage1, load_teacher
 from mtllm_train.train import train
 from stage2_data import build_belebele, build_nli, build_sentiment
 
@@ -112,8 +113,13 @@ def test_stack_fine_tuning_resumes_bit_identically(runs, monkeypatch):
         weights.append({k: p.detach().clone() for k, p in model.named_parameters() if p.requires_grad})
     assert weights[0].keys() == weights[1].keys() and any("lora" in k for k in weights[0])
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
-    # Stage 2 trains the LoRA and the head; the projection stays as stage 1 left it.
+    # Stage 2 trains the LoRA and the head; the projection stays as stage 1 left it, kept in the run folder.
     assert not any("projection" in k for k in weights[0])
+    stage1_stack, _, _ = load_trained_stack(root / "s1")
+    assert not torch.equal(model.body.projection.weight, stage1_stack.projection.weight)  # build_task_model's seed
+    load_projection(model, root / "ft_resumed")
+    for name, tensor in stage1_stack.projection.state_dict().items():
+        torch.testing.assert_close(model.body.projection.state_dict()[name], tensor, rtol=0, atol=0)
     assert (root / "ft_straight" / "results" / "stack_s1_ft.md") in evaluate_run(str(root / "ft_straight"))
 
 
@@ -157,11 +163,19 @@ def test_task_distillation_lowers_mse_and_moves_predictions_towards_the_teacher(
     for model in (before, after):
         load_head(model.head, str(root / "llm"), teacher_step)
     Checkpoints(root / "s2").load_trainable(after)
+    load_projection(after, root / "s2")
+    torch.testing.assert_close(after.body.projection.weight, before.body.projection.weight, rtol=0, atol=0)
     logits_before, mse_before = _logit_and_representation_mse(before.eval(), teacher, batch)
     logits_after, mse_after = _logit_and_representation_mse(after.eval(), teacher, batch)
     assert mse_after < 0.5 * mse_before
     assert logits_after < logits_before, (logits_before, logits_after)
     assert (root / "s2" / "results" / "stack_s1_s2.md") in evaluate_run(str(root / "s2"))
+    # The export predicts with the teacher's head (not in this run's checkpoints) and the stage-1 U.
+    from mtllm_train.export import export_run, load_mtllm
+
+    exported = load_mtllm(export_run(str(root / "s2"), str(root / "s2_export")))
+    torch.testing.assert_close(exported.head.linear.weight, after.head.linear.weight, rtol=0, atol=0)
+    torch.testing.assert_close(exported.projection.weight, after.body.projection.weight, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("task", ["nli", "belebele", "mt_encoder"])
@@ -192,6 +206,15 @@ def test_multiple_choice_spans_cover_each_answer_and_long_passages_are_cut():
         assert tokenizer.decode([item["ids"][k] for k in span]).strip() == answer
     with pytest.raises(InputError, match=r"max_length 8: the question and answers alone need"):
         encode_examples([example], "belebele", tokenizer, 8)
+    # A passage ending in a character the LLM tokenizer spells in bytes (three tokens, the same characters):
+    # cutting one token's worth must still shorten it (it looped forever).
+    llm_tokenizer = load_tokenizer("configs/tiny/llm_tokenizer", "llm")
+    example = {**example, "passage": "The river flows through the old town 日"}
+    whole = len(llm_tokenizer(" ".join([example["passage"], example["question"], *example["answers"]]))["input_ids"])
+    (item,) = encode_examples([example], "belebele", llm_tokenizer, whole - 1)
+    assert len(item["ids"]) <= whole - 1
+    for answer, span in zip(example["answers"], item["spans"]):
+        assert llm_tokenizer.decode([item["ids"][k] for k in span]).strip() == answer
 
 
 def test_stage2_user_errors_name_the_problem(runs, tmp_path):
@@ -288,8 +311,16 @@ def test_exported_task_model_predicts_what_evaluate_scored(runs, tmp_path, capsy
     language = next(lang for lang in evaluator.languages if lang.key == "nusax:ind")
     examples = evaluator.data.split(language.test, language.code)
     predicted = model.predict([example["text"] for example in examples], lang=language.mt_code)
+    from mtllm_train.portable.tokens import InputError
+
+    with pytest.raises(InputError, match=r"input 2: a sentiment model reads text; it has no text"):
+        model.predict([{"text": "Bagus."}, {"txt": "Bagus."}], lang=language.mt_code)
+    in_bf16 = load_mtllm(tmp_path / "export", dtype=torch.bfloat16)  # as the README shows; the head too is bf16
+    assert set(in_bf16.predict([example["text"] for example in examples[:4]], lang=language.mt_code)) <= \
+        set(cfg.task.labels)
     reference = build_task_model(cfg, body)
     Checkpoints(run).load_trainable(reference, source_best_step(run))
+    load_projection(reference, run)
     inputs, labels = collate(evaluator.encoded("nusax:ind", "test", model.view), 1)
     with torch.no_grad():
         _, logits, _ = reference.eval()(**inputs)

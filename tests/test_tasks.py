@@ -128,3 +128,13 @@ def test_an_inline_model_without_its_tokenizer_is_one_config_error_everywhere(ti
     for attempt in (lambda: view_tokenizer(tiny_cfg.model, view), lambda: TaskData(tiny_cfg)):
         with pytest.raises(ConfigError, match=rf"{key}: required when model\.\w+ is an inline config"):
             attempt()
+
+
+def test_label_names_match_whatever_the_capitals():
+    from mtllm_train.tasks.data import _label
+
+    assert _label("Positive", ("Negative", "Positive"), "f:1") == 1
+    assert _label("negative ", ("Negative", "Positive"), "f:1") == 0
+    assert _label("POSITIVE", ("negative", "positive"), "f:1") == 1
+    with pytest.raises(ConfigError, match=r"f:1: label 'neutral' is not one of Negative, Positive"):
+        _label("neutral", ("Negative", "Positive"), "f:1")

@@ -23,11 +23,13 @@ def _multiple_choice(example: dict, tokenizer, max_length: int) -> dict:
         overflow = len(encoded["input_ids"]) - max_length
         if overflow <= 0:
             break
-        passage_ends = [end for start, end in encoded["offset_mapping"] if start < end <= len(passage)]
-        if len(passage_ends) <= overflow:
-            raise InputError(f"max_length {max_length}: the question and answers alone need "
-                              f"{len(encoded['input_ids']) - len(passage_ends)} tokens (raise task.max_length)")
-        passage = passage[: passage_ends[-overflow - 1]]  # drop the passage's last `overflow` tokens
+        passage_tokens = [(start, end) for start, end in encoded["offset_mapping"] if start < end <= len(passage)]
+        if len(passage_tokens) <= overflow:
+            raise InputError(f"task.max_length {max_length}: the question and answers alone need "
+                              f"{len(encoded['input_ids']) - len(passage_tokens)} tokens (raise task.max_length)")
+        # Drop the passage's last `overflow` tokens: cut where the first of them starts. Tokens that share its
+        # characters (a character split into bytes) go with it, so the passage always gets shorter.
+        passage = passage[: passage_tokens[-overflow][0]].rstrip()
     spans, cursor = [], len(passage) + len(example["question"]) + 2
     for answer in example["answers"]:
         start, end = cursor, cursor + len(answer)

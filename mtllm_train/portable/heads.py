@@ -27,7 +27,8 @@ class ClassificationHead(nn.Module):
         self.linear = nn.Linear(hidden_size, num_classes, bias=False)
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
-        return self.linear(pooled.float())
+        # In the head's own dtype (fp32 in training; an export loaded in bf16 has a bf16 head), logits in fp32.
+        return self.linear(pooled.to(self.linear.weight.dtype)).float()
 
 
 class MultipleChoiceHead(nn.Module):
@@ -36,4 +37,4 @@ class MultipleChoiceHead(nn.Module):
         self.linear = nn.Linear(hidden_size, 1, bias=False)
 
     def forward(self, choice_states: torch.Tensor) -> torch.Tensor:
-        return self.linear(choice_states.float()).squeeze(-1)
+        return self.linear(choice_states.to(self.linear.weight.dtype)).float().squeeze(-1)

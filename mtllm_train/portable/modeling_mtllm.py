@@ -52,7 +52,14 @@ def _local_folder(name_or_path: str | Path) -> Path:
         return Path(name_or_path)
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(str(name_or_path)))
+    try:
+        return Path(snapshot_download(str(name_or_path)))
+    except Exception as err:  # not a valid repo id, offline, not found: all mean "no such model"
+        cause = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise InputError(f"{name_or_path}: not a local folder, and not found on the model hub ({cause})") from None
+
+
+TASK_FIELDS = {"sentiment": ("text",), "nli": ("premise", "hypothesis"), "belebele": ("passage", "question", "answers")}
 
 
 class MTLLMModel(PreTrainedModel):
@@ -150,6 +157,8 @@ class MTLLMModel(PreTrainedModel):
         array. lang: the text's FLORES-200 code (e.g. "deu_Latn"; default: the language it was trained on)."""
         single = isinstance(texts, str)
         texts = [texts] if single else list(texts)
+        if not texts:
+            raise InputError("encode: no texts")
         set_source_language(self.tokenizer, lang or self.config.source_language)
         vectors = torch.cat([self.representation(ids, mask)
                              for ids, mask in self._batches(self.tokenizer, texts, batch_size, self.view)])
@@ -179,12 +188,19 @@ class MTLLMModel(PreTrainedModel):
         task = self.config.task["name"]
         single = isinstance(inputs, (str, dict)) or (task == "nli" and isinstance(inputs, tuple))
         items = [inputs] if single else list(inputs)
+        if not items:
+            raise InputError("predict: no inputs")
         if task == "sentiment":
             examples = [item if isinstance(item, dict) else {"text": item} for item in items]
         elif task == "nli":
             examples = [item if isinstance(item, dict) else {"premise": item[0], "hypothesis": item[1]} for item in items]
         else:
             examples = [dict(item) for item in items]
+        for number, example in enumerate(examples, 1):
+            missing = [name for name in TASK_FIELDS[task] if name not in example]
+            if missing:
+                raise InputError(f"input {number}: a {task} model reads {', '.join(TASK_FIELDS[task])}; it has no "
+                                 f"{', '.join(missing)}")
         return [{**example, "label": 0} for example in examples], single
 
     @torch.no_grad()

@@ -38,9 +38,10 @@ def _label(value, names: tuple[str, ...], where: str) -> int:
     if isinstance(value, str) and value.strip().lstrip("-").isdigit():
         value = int(value)
     if isinstance(value, str):
-        if value.lower() not in names:
+        folded = [name.casefold() for name in names]  # "Positive" is the label positive, whichever side capitalises
+        if value.strip().casefold() not in folded:
             raise ConfigError(f"{where}: label {value!r} is not one of {', '.join(names)}")
-        return names.index(value.lower())
+        return folded.index(value.strip().casefold())
     if not isinstance(value, int) or not 0 <= value < len(names):
         raise ConfigError(f"{where}: label {value!r} is outside 0..{len(names) - 1}")
     return value

@@ -35,7 +35,7 @@ class TaskData:
         try:
             return encode_examples(examples, self.task, tokenizer, self.max_length)
         except InputError as err:
-            raise ConfigError(f"task.max_length: {err}") from None
+            raise ConfigError(str(err)) from None
 
     def batch(self, items: list[dict], view: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         return collate(items, self.pads[view])

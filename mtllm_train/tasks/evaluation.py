@@ -25,7 +25,7 @@ from mtllm_train.loop import run_identity
 from mtllm_train.portable.tokens import ENGLISH, language_codes
 from mtllm_train.tasks.encode import TaskData
 from mtllm_train.tasks.languages import resolve
-from mtllm_train.tasks.models import TaskModel, build_task_model, load_head, num_classes
+from mtllm_train.tasks.models import TaskModel, build_task_model, load_head, load_projection, num_classes
 from mtllm_train.tasks.selection import SOURCE, markdown_table, needed_tests, read_validation, select
 from mtllm_train.tasks.translate import Translator, cached_translations
 
@@ -161,6 +161,7 @@ def evaluate_run(run: str) -> list[Path]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     evaluator = Evaluator(cfg, run_dir, Dist(0, 1, 0, device), info["kind"])
     model: TaskModel = build_task_model(cfg, info["kind"], device)
+    load_projection(model, run_dir)
     if info["command"] == "task-distill":
         load_head(model.head, cfg.task.teacher, info["teacher_step"])
     scores = read_validation(run_dir)

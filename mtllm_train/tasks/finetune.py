@@ -32,8 +32,8 @@ from mtllm_train.model.fp8 import check_fp8_support, fp8_base
 from mtllm_train.model.loss import squared_error
 from mtllm_train.tasks.encode import TaskData
 from mtllm_train.tasks.evaluation import Evaluator, steps_to_keep
-from mtllm_train.tasks.models import (TaskModel, build_task_model, load_head, load_stage1, load_teacher,
-                                      teacher_config)
+from mtllm_train.tasks.models import (TaskModel, build_task_model, keep_projection, load_head, load_stage1,
+                                      load_teacher, teacher_config)
 from mtllm_train.tasks.selection import read_validation, source_best_step, write_validation
 
 
@@ -116,6 +116,8 @@ def train_task(cfg: Config, command: str) -> dict:
         info["teacher_step"] = source_best_step(Path(cfg.task.teacher))
         load_head(model_module.head, cfg.task.teacher, info["teacher_step"])  # predictions use the teacher's head
     run_dir = open_run_folder(cfg, dist_info, info)
+    if kind == "stack" and dist_info.is_main:
+        keep_projection(model_module, run_dir)
 
     # English training data, tokenized for what reads it (the student's view; the teacher's too in distill).
     data = TaskData(cfg)

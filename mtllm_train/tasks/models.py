@@ -16,10 +16,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mtllm_train.checkpoint import Checkpoints
 from mtllm_train.config import FOUR_BIT, Config, ConfigError, load_config
+from mtllm_train.files import atomic_path
 from mtllm_train.model.loading import build_llm, build_mt_encoder, seeded
 from mtllm_train.portable.pooling import pool
 from mtllm_train.model.stack import add_lora, build_stack, lora_train_mode
@@ -111,11 +113,34 @@ def build_task_model(cfg: Config, kind: str, device: torch.device | str = "cpu")
     return TaskModel(body, head, kind, cfg.model.pooling).train()
 
 
+PROJECTION_FILE = "stage1_projection.safetensors"  # in a stage-2 stack run's folder: U as stage 1 left it
+
+
 def load_stage1(model: TaskModel, run_dir: str, step: int) -> Path:
-    """Start the stack from a stage-1 run's checkpoint (its LoRA and projection)."""
+    """Start the stack from a stage-1 run's checkpoint: its LoRA and its projection U. U stays frozen in stage 2,
+    so it is not in stage-2 checkpoints: keep_projection writes it into the stage-2 run folder."""
     checkpoints = Checkpoints(run_dir)
-    checkpoints.load_trainable(model.body, step or None)
+    projection = model.body.projection
+    projection.requires_grad_(True)  # trained in stage 1: among the checkpoint's trainable weights
+    try:
+        checkpoints.load_trainable(model.body, step or None)
+    finally:
+        projection.requires_grad_(False)
     return checkpoints.path(step or None)
+
+
+def keep_projection(model: TaskModel, run_dir: Path) -> None:
+    """Write the stack's frozen U into the stage-2 run folder, for evaluation and export to load."""
+    with atomic_path(run_dir / PROJECTION_FILE) as tmp:
+        save_file({name: tensor.detach().cpu().contiguous() for name, tensor in
+                   model.body.projection.state_dict().items()}, str(tmp))
+
+
+def load_projection(model: TaskModel, run_dir: Path) -> None:
+    """The frozen U a stage-2 stack run trained with (runs from before U was kept trained with the seeded
+    random U that build_task_model makes)."""
+    if model.kind == "stack" and (run_dir / PROJECTION_FILE).is_file():
+        model.body.projection.load_state_dict(load_file(str(run_dir / PROJECTION_FILE)))
 
 
 def teacher_config(cfg: Config) -> Config:
