@@ -62,6 +62,15 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def trainable_only(model: nn.Module, model_state: dict) -> dict:
+    """The trainable parameters of a model state dict. ignore_frozen_params keeps buffers and extra state too,
+    which for a 4-bit base is its quantization state (absmax, quant_map, packed quant_state, per layer): frozen,
+    not ours to save, and its packed sizes differ between loads, so a checkpoint holding it would not load."""
+    module = getattr(model, "module", model)  # DDP's and DeepSpeed's wrappers; FSDP2 keeps the names
+    trainable = {name for name, p in module.named_parameters() if p.requires_grad}
+    return {name: tensor for name, tensor in model_state.items() if name in trainable}
+
+
 def _trainable_state(engine) -> dict[str, torch.Tensor]:
     """Full trainable parameters from a DeepSpeed engine (gathered under ZeRO-3), on CPU."""
     import deepspeed
@@ -297,6 +306,7 @@ class Checkpoints:
         else:
             model_state, optim_state = get_state_dict(self.model, self.optimizer,
                                                       options=StateDictOptions(ignore_frozen_params=True))
+            model_state = trainable_only(self.model, model_state)
             dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(path / "state"))
         rank_state = {"rng": _rng_state()} | ({"reader": reader_state} if reader_state is not None else {})
         rank_file = path / f"rank_{self.dist_info.rank}.pt"
@@ -343,7 +353,7 @@ class Checkpoints:
         else:
             options = StateDictOptions(ignore_frozen_params=True)
             model_state, optim_state = get_state_dict(self.model, self.optimizer, options=options)
-            state = {"model": model_state, "optim": optim_state}
+            state = {"model": trainable_only(self.model, model_state), "optim": optim_state}
             _dcp_load(state, path / "state")
             set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                            options=StateDictOptions(ignore_frozen_params=True, strict=False))
@@ -362,7 +372,8 @@ class Checkpoints:
                               f"(complete: {', '.join(map(str, self.steps()))})")
         meta = self.meta(step)
         options = StateDictOptions(ignore_frozen_params=True)
-        wanted = {prefix + name: tensor for name, tensor in get_model_state_dict(module, options=options).items()}
+        wanted = {prefix + name: tensor for name, tensor in
+                  trainable_only(module, get_model_state_dict(module, options=options)).items()}
         if meta["backend"] == "deepspeed":
             trained = {name: tensor for name, tensor in load_file(str(path / TRAINABLE)).items()
                        if name.startswith(prefix)}

@@ -199,7 +199,9 @@ def _write_export(folder: Path, model, body: str, task: dict | None, cfg: Config
                          bidirectional=model_cfg.bidirectional, pooling=model_cfg.pooling,
                          frozen_dtype=model_cfg.dtype, quantization=quantization,
                          merged=merge, task=task, view_max_length={"mt": max_length, "llm": max_length},
-                         source_language=ENGLISH)
+                         source_language=ENGLISH, quant_double=model_cfg.quant_double,
+                         quant_compute_dtype=model_cfg.quant_compute_dtype,
+                         quant_storage_dtype=model_cfg.quant_storage_dtype)
     config.auto_map = {"AutoConfig": "configuration_mtllm.MTLLMConfig", "AutoModel": "modeling_mtllm.MTLLMModel"}
     config.languages = sorted(language_codes(tokenizer))
     config.export_format = EXPORT_FORMAT

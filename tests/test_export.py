@@ -10,7 +10,7 @@ import yaml
 from safetensors import safe_open
 
 import mtllm_train.export as export_module
-from conftest import train_overrides
+from conftest import preempt_at, trained_weights, train_overrides
 from mtllm_train.__main__ import main
 from mtllm_train.config import ConfigError, load_config
 from mtllm_train.export import export_run, load_mtllm, load_trained_stack
@@ -161,3 +161,35 @@ def test_predict_prints_vectors_and_user_errors_are_one_line(exported, tmp_path,
         assert len(err) == 1 and message in err[0], err
     with pytest.raises(ConfigError, match="not an exported MT-LLM"):
         load_mtllm(tmp_path)
+
+
+def test_a_4bit_run_resumes_bit_identically_and_exports_with_its_own_quantization(tmp_path, train_shards,
+                                                                                   monkeypatch):
+    # Checkpoints hold the trainable weights only: a 4-bit base's quantization state (absmax, quant_map, packed
+    # quant_state) is frozen, and its packed sizes differ between loads (saving it made NF4 runs unloadable).
+    import bitsandbytes.nn.modules
+
+    # On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit layer for a bf16 kernel on its first no-grad eval
+    # forward (the teacher's) and unpacks it whenever a state dict is taken (a checkpoint): the teacher's numerics
+    # then depend on when checkpoints were saved. Off here, so that resume can be compared bit for bit (GPUs have
+    # no such path).
+    monkeypatch.setattr(bitsandbytes.nn.modules, "has_avx512bf16", lambda: False)
+
+    def cfg(name):
+        return load_config("configs/tiny.yaml", train_overrides(tmp_path, train_shards, **{
+            "run.name": name, "train.steps": 4, "checkpoint.every": 2, "model.lora.dropout": 0.0,
+            "model.quantization": "nf4", "model.quant_double": False, "model.quant_compute_dtype": "float32"}))
+
+    train(cfg("straight"))
+    with monkeypatch.context() as patch:
+        preempt_at(patch, 2)
+        assert train(cfg("resumed"))["preempted"]
+    train(cfg("resumed"))
+    straight, resumed = trained_weights(tmp_path / "straight"), trained_weights(tmp_path / "resumed")
+    assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
+    # The export rebuilds the 4-bit LLM as the run loaded it: double quantization off and fp32 compute here
+    # (exports once always used double quantization and bf16 compute: other vectors).
+    model = load_mtllm(export_run(str(tmp_path / "resumed"), str(tmp_path / "export")))
+    assert (model.config.quant_double, model.config.quant_compute_dtype) == (False, "float32")
+    torch.testing.assert_close(model.encode(TEXTS), _in_run_vectors(tmp_path / "resumed", model.tokenizer),
+                               rtol=1e-5, atol=1e-6)

@@ -23,7 +23,7 @@ from .heads import ClassificationHead, MultipleChoiceHead, choice_pool
 from .pooling import pool
 from .tokens import InputError, pad_id, pad_right, set_source_language
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "uint8": torch.uint8}
 
 
 def make_bidirectional(model: nn.Module) -> None:
@@ -89,8 +89,9 @@ class MTLLMModel(PreTrainedModel):
                 mt_encoder = mt_encoder.get_encoder()
         if config.body in ("stack", "llm"):
             quantization = None if config.quantization == "none" else BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type=config.quantization, bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=torch.bfloat16)
+                load_in_4bit=True, bnb_4bit_quant_type=config.quantization, bnb_4bit_use_double_quant=config.quant_double,
+                bnb_4bit_compute_dtype=DTYPES[config.quant_compute_dtype],
+                bnb_4bit_quant_storage=DTYPES[config.quant_storage_dtype])
             llm = AutoModel.from_pretrained(_source(config.llm, folder), dtype=frozen_dtype,
                                             quantization_config=quantization)
             if config.bidirectional:
