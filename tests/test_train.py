@@ -198,6 +198,7 @@ def test_only_rank_0_shows_transformers_loading_output():
     from mtllm_train.distributed import quiet_other_ranks
 
     verbosity = transformers_logging.get_verbosity()
+    transformers_logging.enable_progress_bar()  # other tests (predict) turn it off for their process
     try:
         quiet_other_ranks(0)
         assert transformers_logging.get_verbosity() == verbosity and transformers_logging.is_progress_bar_enabled()
