@@ -149,6 +149,7 @@ class Resumed:
 # What a full or failing disk raises while a checkpoint is written: OSError from our own files, RuntimeError from
 # torch.save's zip writer, CheckpointException (a BaseException) from torch.distributed.checkpoint.
 WRITE_ERRORS = (OSError, RuntimeError, CheckpointException)
+STEP_FOLDER = re.compile(r"step_\d{8}")  # what _step_dir names; other step_* folders are not checkpoints
 
 
 def write_error_reason(failure: BaseException | None) -> str:
@@ -183,8 +184,8 @@ class Checkpoints:
 
     def complete(self) -> list[tuple[int, Path]]:
         """(step, folder) of every complete checkpoint, oldest first."""
-        found = [(int(p.name.split("_")[1]), p) for p in self.folder.glob("step_*") if (p / COMMIT).is_file()] \
-            if self.folder.is_dir() else []
+        found = [(int(p.name.removeprefix("step_")), p) for p in self.folder.glob("step_*")
+                 if STEP_FOLDER.fullmatch(p.name) and (p / COMMIT).is_file()] if self.folder.is_dir() else []
         return sorted(found)
 
     def steps(self) -> list[int]:
@@ -290,8 +291,8 @@ class Checkpoints:
             pruned = [(s, p) for s, p in current[:-1] if s not in keep_steps]
         for _, old in abandoned + pruned:
             shutil.rmtree(old, ignore_errors=True)
-        for stale in self.folder.glob("step_*"):
-            if not (stale / COMMIT).is_file() and stale != path:
+        for stale in self.folder.glob("step_*"):  # interrupted saves (a user's own step_* copies are left alone)
+            if STEP_FOLDER.fullmatch(stale.name) and not (stale / COMMIT).is_file() and stale != path:
                 shutil.rmtree(stale, ignore_errors=True)
 
     def _write_state(self, path: Path, reader_state: dict | None) -> None:

@@ -295,6 +295,19 @@ def test_damaged_newest_checkpoint_falls_back(tmp_path, train_shards, finished_r
     assert [r["step"] for r in read_metrics(tmp_path / "run")] == list(range(1, 13))
 
 
+def test_a_users_copy_of_a_step_folder_is_neither_a_checkpoint_nor_deleted(tmp_path):
+    checkpoints = Checkpoints(tmp_path)
+    for name, complete in (("step_00000004", True), ("step_00000008", True), ("step_00000008.bak", True),
+                           ("step_00000012", False)):
+        (checkpoints.folder / name).mkdir(parents=True)
+        if complete:
+            (checkpoints.folder / name / "COMPLETE").write_text(name)
+    assert checkpoints.steps() == [4, 8]  # it crashed on the copy's name
+    checkpoints._prune(8, checkpoints.folder / "step_00000008", keep_last=2, keep_steps=None)
+    assert sorted(p.name for p in checkpoints.folder.iterdir()) == ["step_00000004", "step_00000008",
+                                                                     "step_00000008.bak"]  # the interrupted 12 gone
+
+
 def test_every_checkpoint_damaged_stops_every_rank_with_the_same_line(tmp_path, train_shards):
     settings = {"distributed.backend": "ddp", "checkpoint.every": 4, "train.steps": 8}
     code, output = finish(torchrun(*_train_args(tmp_path, train_shards, "run", **settings)), timeout=120)
@@ -409,6 +422,8 @@ FAULTS = [
      "metrics.jsonl holds each step once after resume"),
     ("test_full_disk_during_a_checkpoint_keeps_the_earlier_ones", "disk full while writing a checkpoint (rank file, "
      "sharded state, meta.json)", "exit 2 in one line; no partial checkpoint; earlier ones intact; a rerun resumes"),
+    ("test_a_users_copy_of_a_step_folder_is_neither_a_checkpoint_nor_deleted", "a step_00000008.bak copy in the "
+     "checkpoint folder", "ignored by resume and export, not deleted by pruning"),
     ("test_every_checkpoint_damaged_stops_every_rank_with_the_same_line", "every checkpoint damaged, 2 ranks",
      "both ranks stop with the same one line, no traceback"),
     ("test_a_save_after_going_back_past_damaged_checkpoints_keeps_the_sound_ones",
