@@ -28,6 +28,14 @@ if [[ $zero != 2 && $zero != 3 ]]; then
   echo "ZERO must be 2 or 3, got '$zero'" >&2
   exit 2
 fi
+for override in "${OVERRIDES[@]}"; do
+  if [[ $override == distributed.zero_stage=* ]]; then  # the json below would win over it, silently
+    echo "$override: the ZeRO stage comes from ZERO=2|3 here (with its configs/deepspeed json)" >&2
+    exit 2
+  fi
+done
+# The json by absolute path: overrides are read against the current folder, which need not be the repository.
+deepspeed_json="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/configs/deepspeed/zero$zero.json"
 
 # --no_local_rank: DeepSpeed would put --local_rank=N before the command; the ranks read LOCAL_RANK instead.
 launcher=(deepspeed --no_local_rank)
@@ -41,4 +49,4 @@ if [[ -n ${NODE_RANK:-} ]]; then
   launcher+=(--no_ssh --node_rank "$NODE_RANK")
 fi
 run "${launcher[@]}" --module mtllm_train "$COMMAND" --config "$CONFIG" distributed.backend=deepspeed \
-  "distributed.zero_stage=$zero" "distributed.deepspeed_config=configs/deepspeed/zero$zero.json" "${OVERRIDES[@]}"
+  "distributed.zero_stage=$zero" "distributed.deepspeed_config=$deepspeed_json" "${OVERRIDES[@]}"

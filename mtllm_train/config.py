@@ -261,6 +261,9 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     for key in data:
+        if not isinstance(key, str):  # YAML reads `on:` / `1:` as a bool / an int
+            where = f"{prefix}.{key!r}" if prefix else repr(key)
+            raise ConfigError(f"config key {where}: expected a name (quote it in YAML), got {type(key).__name__}")
         if key not in known:
             where = f"{prefix}.{key}" if prefix else key
             close = difflib.get_close_matches(key, known, n=1)
@@ -341,6 +344,11 @@ def validate(cfg: Config) -> Config:
     cfg.model.activation_checkpointing = checkpointing_policy(cfg.model.activation_checkpointing)
     if not 0 <= cfg.model.lora.dropout < 1:
         raise ConfigError(f"model.lora.dropout: expected a value in [0, 1), got {cfg.model.lora.dropout}")
+    if not cfg.run.name or "/" in cfg.run.name or cfg.run.name in (".", ".."):
+        raise ConfigError(f"run.name: expected a folder name inside run.dir (no '/'), got {cfg.run.name!r}")
+    if cfg.model.lora.alpha <= 0:
+        raise ConfigError(f"model.lora.alpha: expected a positive value (the adapters' scale is alpha / r), got "
+                          f"{cfg.model.lora.alpha}")
     warmup = cfg.optim.warmup
     if warmup < 0 or (isinstance(warmup, float) and warmup >= 1):
         raise ConfigError(f"optim.warmup: expected a step count (int >= 0) or a fraction in [0, 1), got {warmup!r}")
@@ -467,6 +475,9 @@ def read_config_file(path: str | Path, seen: tuple = ()) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r}: expected a mapping of sections, got {type(data).__name__}")
     base = data.pop("base", None)
+    if base is not None and not isinstance(base, str):
+        raise ConfigError(f"config file {str(path)!r}: base: expected the path of another config file, got "
+                          f"{base!r}")
     _resolve_input_paths(data, path.parent)
     if base is None:
         return data

@@ -58,9 +58,11 @@ def init_distributed(cfg: Config) -> Dist:
         raise ConfigError("distributed.mixed_precision: bf16 with DeepSpeed needs GPUs (this process runs on cpu); "
                           "use none")
     if backend != "none" and not dist.is_initialized():
-        if "MASTER_ADDR" not in os.environ:
-            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1",
-                              LOCAL_RANK="0")
+        if "RANK" not in os.environ:  # a lone process (a MASTER_ADDR exported for other jobs does not make a launch)
+            for name, value in (("MASTER_ADDR", "127.0.0.1"), ("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+                os.environ.setdefault(name, value)
+            if "MASTER_PORT" not in os.environ:
+                os.environ["MASTER_PORT"] = str(_free_port())
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 timeout=timedelta(minutes=cfg.distributed.timeout_minutes))
     rank = dist.get_rank() if dist.is_initialized() else 0

@@ -202,7 +202,9 @@ class MetricsLogger:
         self.bar.set_postfix(loss=f"{record['loss']:.4g}", lr=f"{record['lr']:.2e}")
         if self.plain_every and (record["step"] % self.plain_every == 0 or record["step"] == self.total_steps):
             self.bar.write(self._progress_line(record), file=sys.stderr)
-        if record["step"] % self.cfg.every and "eval_fvu" not in record:  # evaluations are always written
+        # Evaluations, the last step and a resume's first step (the plot marks it) are written whatever the grid.
+        if record["step"] % self.cfg.every and "eval_fvu" not in record and "resumed" not in record \
+                and record["step"] != self.total_steps:
             return
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()

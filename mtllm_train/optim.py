@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from mtllm_train.config import OptimConfig
+from mtllm_train.config import ConfigError, OptimConfig
 
 
 def param_groups(named_params: dict[str, nn.Parameter], weight_decay: float) -> list[dict]:
@@ -47,4 +47,7 @@ def lr_factor(step: int, cfg: OptimConfig, total_steps: int) -> float:
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):
+    if warmup_steps(cfg, total_steps) > total_steps:
+        raise ConfigError(f"optim.warmup: {warmup_steps(cfg, total_steps)} warmup steps in a run of {total_steps}: "
+                          f"the lr would never reach optim.lr; use fewer steps or a fraction")
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg, total_steps))

@@ -8,6 +8,7 @@ due, metrics, checkpoint, preemption check.
 
 from __future__ import annotations
 
+import math
 import time
 from contextlib import closing
 
@@ -159,7 +160,9 @@ def train(cfg: Config) -> dict:
     projection_fit = None
     if cfg.model.projection_init == "least_squares" and not Checkpoints(run_dir).complete():
         with closing(shard_reader(cfg.data.shards, 0)) as fit_reader:
-            projection_fit = fit_projection(stack, iter(fit_reader), cfg.model.projection_init_samples, device)
+            # model.projection_init_samples in all: each rank reads its share
+            per_rank = math.ceil(cfg.model.projection_init_samples / world_size)
+            projection_fit = fit_projection(stack, iter(fit_reader), per_rank, device)
     llm_params, encoder_params = parameter_count(stack.llm), parameter_count(stack.mt_encoder)
     model, optimizer, scheduler, trainable = setup_backend(stack, cfg, dist_info, accumulation, cfg.train.steps,
                                                            sharded=stack.llm, replicated=[stack.mt_encoder])

@@ -45,6 +45,14 @@ def override(text):
     return lambda tmp_path, capsys, request: _cli_error(["config", "--config", "configs/tiny.yaml", text], capsys)
 
 
+def config_file(text):
+    """`mtllm config --config FILE` of a YAML file holding `text`."""
+    def run(tmp_path, capsys, request):
+        (tmp_path / "c.yaml").write_text(text)
+        return _cli_error(["config", "--config", str(tmp_path / "c.yaml")], capsys)
+    return run
+
+
 def manifest(change):
     """load_manifest of a built shard folder whose manifest.json was changed: `change` is the file's new bytes,
     or a function that edits the parsed manifest in place."""
@@ -97,6 +105,13 @@ CASES = {
         ["train", "--config", "configs/tiny.yaml", f"run.dir={tmp_path}", "distributed.backend=deepspeed",
          "distributed.mixed_precision=bf16"], capsys) if not torch.cuda.is_available() else pytest.skip("a GPU here"),
         r"^distributed\.mixed_precision: bf16 with DeepSpeed needs GPUs \(this process runs on cpu\); use none$"),
+    "run-name-empty": (override("run.name="), r"^run\.name: expected a folder name inside run\.dir \(no '/'\), got ''$"),
+    "run-name-escapes": (override("run.name=../../x"), r"^run\.name: expected a folder name inside run\.dir"),
+    "lora-alpha-zero": (override("model.lora.alpha=0"),
+                        r"^model\.lora\.alpha: expected a positive value \(the adapters' scale is alpha / r\), got 0$"),
+    "config-base-not-a-path": (config_file("base: 5\n"), r"base: expected the path of another config file, got 5$"),
+    "config-key-not-a-name": (config_file("train:\n  on: 3\n"),
+                              r"^config key train\.True: expected a name \(quote it in YAML\), got bool$"),
     "override-not-yaml": (override("optim.betas=[0.9"),
                           r"^override 'optim\.betas=\[0\.9': the value is not valid YAML \(expected ',' or '\]', "
                           r"but got '<stream end>'\)$"),

@@ -64,10 +64,13 @@ def test_deepspeed_dry_run():
     out = _dry_run("launch/deepspeed_launch.sh", "configs/tiny.yaml", HOSTFILE="launch/hostfile.example", ZERO="3")
     assert out == ("deepspeed --no_local_rank --hostfile launch/hostfile.example --module mtllm_train train --config "
                    "configs/tiny.yaml distributed.backend=deepspeed distributed.zero_stage=3 "
-                   "distributed.deepspeed_config=configs/deepspeed/zero3.json")
+                   f"distributed.deepspeed_config={ROOT}/configs/deepspeed/zero3.json")  # absolute: works from anywhere
     distributed = load_config("configs/tiny.yaml", out.split()[9:]).distributed
-    # An override's path is relative to the current folder (the checkout's root here); the config keeps it absolute.
     assert (distributed.zero_stage, distributed.deepspeed_config) == (3, str(ROOT / "configs/deepspeed/zero3.json"))
+    # The stage is ZERO's: an override would lose to the json silently.
+    done = subprocess.run(["bash", "launch/deepspeed_launch.sh", "--dry-run", "configs/tiny.yaml",
+                           "distributed.zero_stage=3"], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 2 and "the ZeRO stage comes from ZERO=2|3 here" in done.stderr
 
 
 @pytest.mark.parametrize("command", ["task-train", "task-distill"])

@@ -68,3 +68,12 @@ def test_deepspeed_config_takes_batch_geometry_from_ours(tmp_path):
     cfg.distributed.deepspeed_config = str(tmp_path / "missing.json")
     with pytest.raises(ConfigError, match=r"distributed.deepspeed_config: '.*missing.json' does not exist"):
         deepspeed_config(cfg, accumulation=2)
+
+
+def test_a_warmup_longer_than_the_run_is_refused():
+    from mtllm_train.optim import build_scheduler
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    with pytest.raises(ConfigError, match=r"optim.warmup: 50 warmup steps in a run of 10: the lr would never reach"):
+        build_scheduler(optimizer, OptimConfig(warmup=50), 10)
+    build_scheduler(optimizer, OptimConfig(warmup=10), 10)  # reaches optim.lr at the last step

@@ -208,3 +208,14 @@ def test_only_rank_0_shows_transformers_loading_output():
     finally:
         transformers_logging.set_verbosity(verbosity)
         transformers_logging.enable_progress_bar()
+
+
+def test_the_last_step_is_logged_off_the_logging_grid_and_a_lone_process_ignores_an_exported_master_addr(
+        tmp_path, train_shards, monkeypatch):
+    # MASTER_ADDR exported for other jobs, no RANK: this is still a lone process (its 1-rank group set up here).
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    train(load_config("configs/tiny.yaml", train_overrides(tmp_path, train_shards, **{
+        "run.name": "grid", "train.steps": 7, "logging.every": 5, "distributed.backend": "ddp"})))
+    assert [record["step"] for record in read_metrics(tmp_path / "grid")] == [5, 7]
