@@ -203,6 +203,13 @@ class Config:
 
 
 FOUR_BIT = ("nf4", "fp4")  # model.quantization values that store the base in 4 bits (fp8: how it multiplies)
+
+
+def stored_quantization(model: ModelConfig) -> str:
+    """How the frozen LLM's weights are stored: nf4 / fp4, or none (in model.dtype; fp8 only changes how a
+    training run multiplies them, model/fp8.py)."""
+    return model.quantization if model.quantization in FOUR_BIT else "none"
+
 CHOICES = {
     "model.quantization": ("none", *FOUR_BIT, "fp8"),
     "model.pooling": POOLINGS,

@@ -38,7 +38,7 @@ import yaml
 from safetensors.torch import save_file
 
 from mtllm_train.checkpoint import Checkpoints
-from mtllm_train.config import FOUR_BIT, Config, ConfigError, ModelConfig, load_config
+from mtllm_train.config import Config, ConfigError, ModelConfig, load_config, stored_quantization
 from mtllm_train.loop import run_identity
 from mtllm_train.metrics import read_records
 from mtllm_train.model.loading import build_llm, load_model
@@ -193,8 +193,7 @@ def _write_export(folder: Path, model, body: str, task: dict | None, cfg: Config
     if body == "stack":
         view_tokenizer(model_cfg, "llm").save_pretrained(str(folder / "tokenizers" / "llm"))
     max_length = cfg.task.max_length if task is not None else cfg.data.max_length
-    # A 4-bit base loads 4-bit again; fp8 is how the run trained (model/fp8.py): the export's base is model.dtype.
-    quantization = model_cfg.quantization if model_cfg.quantization in FOUR_BIT and not merge else "none"
+    quantization = "none" if merge else stored_quantization(model_cfg)
     config = MTLLMConfig(body=body, mt_encoder=sources.get("mt_encoder", ""), llm=sources.get("llm", ""),
                          bidirectional=model_cfg.bidirectional, pooling=model_cfg.pooling,
                          frozen_dtype=model_cfg.dtype, quantization=quantization,

@@ -164,3 +164,32 @@ def test_fp8_layers_recompute_exactly_under_every_checkpointing_policy(tiny_cfg,
     for policy in ("full", "selective"):
         for name, grad in gradients["none"].items():
             torch.testing.assert_close(gradients[policy][name], grad, rtol=0, atol=0)
+
+
+def test_selective_checkpointing_keeps_the_fp8_matmuls_outputs(tiny_cfg, monkeypatch):
+    """torch._scaled_mm is among the ops the policy keeps (and torchao is told to use it): the backward pass runs
+    as many float8 matmuls as without checkpointing (the input gradients), where full recomputes the forward's."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class ScaledMatmuls(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += func is torch.ops.aten._scaled_mm.default
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setattr(fp8, "check_fp8_support", lambda device: None)
+    tiny_cfg.model.lora.dropout = 0.0
+    batch = tokenize_views(tiny_cfg)
+    backward_matmuls = {}
+    for policy in ("none", "selective", "full"):
+        tiny_cfg.model.activation_checkpointing = policy
+        stack = build_stack(tiny_cfg.model)
+        fp8.fp8_base(stack.llm, torch.device("cpu"))
+        student_pooled, teacher_pooled = stack(**batch)[:2]
+        with ScaledMatmuls() as counter:
+            squared_error(student_pooled, teacher_pooled).mean().backward()
+        backward_matmuls[policy] = counter.count
+    layers = tiny_cfg.model.llm["num_hidden_layers"]
+    assert backward_matmuls["selective"] == backward_matmuls["none"] > 0
+    assert backward_matmuls["full"] == backward_matmuls["none"] + 7 * layers

@@ -100,7 +100,7 @@ def plateau_length(rows: list[dict]) -> int | None:
 def initial_stack(cfg):
     """The stack before step 1 of a run of config `cfg`, in eval mode (see the module doc)."""
     stack = build_stack(cfg.model)
-    if getattr(cfg.model, "projection_init", "random") == "least_squares":
+    if cfg.model.projection_init == "least_squares":
         from mtllm_train.data.reader import BatchReader
         from mtllm_train.model.projection_init import fit_projection
 

@@ -20,7 +20,6 @@ it prints one line saying it is skipped, and exits 0.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -37,6 +36,7 @@ from run import ROOT, MINILM_CONFIG, TextBatches, build_shards, mtllm, sample  #
 
 from mtllm_train.config import load_config  # noqa: E402
 from mtllm_train.export import load_trained_stack  # noqa: E402
+from mtllm_train.metrics import read_records  # noqa: E402
 from mtllm_train.model.tokenizers import view_tokenizer  # noqa: E402
 
 # What this part needs of assets.PIP_PACKAGES / APT_PACKAGES (not SmolLM2, the Bible, the sentiment corpora).
@@ -76,7 +76,7 @@ def summary_png(path: Path, metrics: Path, table: dict[str, dict[str, float]], c
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    records = read_records(metrics)
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5.4), gridspec_kw={"width_ratios": [1, 1.5]})
     left.plot([r["step"] for r in records], [r["fvu"] for r in records], color="#0072B2", linewidth=1.8)
     left.axhline(1.0, color="#555555", linestyle=(0, (5, 3)), linewidth=1.2, label="FVU 1: the teacher's mean only")
@@ -149,7 +149,7 @@ def main() -> None:
     mtllm("train", "--config", str(MINILM_CONFIG), f"run.dir={out}", "run.name=stage1", f"data.shards={shards}",
           f"model.mt_encoder={paths['e5']}", f"model.llm={paths['minilm']}", "model.projection_init=least_squares",
           f"train.steps={args.steps}", f"checkpoint.every={args.steps}", "checkpoint.keep_last=2")
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = read_records(run_dir / "metrics.jsonl")
     first, last = (sum(r["fvu"] for r in part) / len(part) for part in (records[:10], records[-10:]))
     print(f"[real 2/4] done {took()}: FVU (training batches, mean of 10 steps) {first:.2f} at the start -> "
           f"{last:.2f} at the end (with the paper's random U it stays near 1.0 for ~250 steps)", flush=True)

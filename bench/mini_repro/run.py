@@ -42,6 +42,7 @@ from evaluate import accuracy, fit_logistic_regression, recall_at_1  # noqa: E40
 
 from mtllm_train.checkpoint import Checkpoints  # noqa: E402
 from mtllm_train.config import load_config  # noqa: E402
+from mtllm_train.metrics import read_records  # noqa: E402
 from mtllm_train.model.stack import build_stack  # noqa: E402
 from mtllm_train.model.tokenizers import load_tokenizer  # noqa: E402
 from mtllm_train.portable.pooling import pool  # noqa: E402
@@ -460,7 +461,7 @@ def score_row(scores: dict[str, float], columns: list[str]) -> list[str]:
 
 def training_metrics(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    return read_records(path) if path.is_file() else []
 
 
 def window_mean(values: list[float], steps: list[int], lo: int, hi: int) -> float:

@@ -154,6 +154,8 @@ class BatchReader:
             raise ConfigError(f"data.max_length {max_length} is below the {self.manifest['max_length']} tokens the "
                               f"shards in {str(shards_dir)!r} were aligned at; rebuild them with --max-length {max_length}")
         self.shards = self.manifest["shards"]
+        # The shard set a saved position refers to (the sha256 of every shard, in order), for load_state_dict.
+        self.shards_identity = hashlib.sha256("".join(shard["sha256"] for shard in self.shards).encode()).hexdigest()
         self.pad_ids = {view: self.manifest["tokenizers"][view]["pad_id"] for view in ("llm", "mt")}
         self.word_spans = has_word_spans(self.manifest)  # batches carry llm_word_ids and mt_word_ids
         self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
@@ -270,14 +272,10 @@ class BatchReader:
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "batches": self.batches, "world_size": self.world_size,
                 "num_workers": self.logical_workers, "seed": self.seed, "batch_size": self.batch_size,
-                "shards": self.shards_identity()}
-
-    def shards_identity(self) -> str:
-        """The shard set a position refers to: the sha256 of every shard, in order."""
-        return hashlib.sha256("".join(shard["sha256"] for shard in self.shards).encode()).hexdigest()
+                "shards": self.shards_identity}
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("shards", self.shards_identity()) != self.shards_identity():  # older checkpoints lack it
+        if state.get("shards", self.shards_identity) != self.shards_identity:  # older checkpoints lack it
             raise ConfigError(f"data.shards {str(self.shards_dir)!r}: these are not the shards the checkpoint's data "
                               f"position refers to (they were rebuilt or replaced); resume with the original shards, "
                               f"or start a new run.name")

@@ -12,7 +12,7 @@ from safetensors.torch import save_model
 from torch import nn
 from transformers import AutoConfig, AutoModel, BitsAndBytesConfig
 
-from mtllm_train.config import FOUR_BIT, ConfigError, ModelConfig
+from mtllm_train.config import ConfigError, ModelConfig, stored_quantization
 from mtllm_train.portable.modeling_mtllm import make_bidirectional
 from mtllm_train.portable.tokens import InputError
 
@@ -36,7 +36,7 @@ def from_pretrained(loader, spec: str, key: str, **kwargs):
 
 
 def quantization_config(cfg: ModelConfig) -> BitsAndBytesConfig | None:
-    if cfg.quantization not in FOUR_BIT:  # fp8: loaded in cfg.dtype, converted by the trainers (model/fp8.py)
+    if stored_quantization(cfg) == "none":
         return None
     return BitsAndBytesConfig(
         load_in_4bit=True,

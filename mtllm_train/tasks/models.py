@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mtllm_train.checkpoint import Checkpoints
-from mtllm_train.config import FOUR_BIT, Config, ConfigError, load_config
+from mtllm_train.config import Config, ConfigError, load_config, stored_quantization
 from mtllm_train.files import atomic_path
 from mtllm_train.model.loading import build_llm, build_mt_encoder, seeded
 from mtllm_train.portable.pooling import pool
@@ -154,9 +154,7 @@ def teacher_config(cfg: Config) -> Config:
                           f"a task-train run with task.model llm")
     differing = [key for key in ("llm", "llm_tokenizer", "bidirectional", "pooling")
                  if getattr(teacher_cfg.model, key) != getattr(cfg.model, key)]
-    # The same weights: fp8 changes only how they multiply (model/fp8.py), a 4-bit base changes them.
-    if (teacher_cfg.model.quantization in FOUR_BIT or cfg.model.quantization in FOUR_BIT) and \
-            teacher_cfg.model.quantization != cfg.model.quantization:
+    if stored_quantization(teacher_cfg.model) != stored_quantization(cfg.model):  # the same weights
         differing.append("quantization")
     if differing:
         raise ConfigError(f"task.teacher: its model.{differing[0]} differs from this run's; the teacher must be the "
