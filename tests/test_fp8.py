@@ -149,26 +149,10 @@ def test_compiled_fp8_layers_with_selective_checkpointing_equal_the_eager_ones(t
     assert counters["stats"]["unique_graphs"] == 3  # all made in step 1
 
 
-def test_fp8_layers_recompute_exactly_under_every_checkpointing_policy(tiny_cfg, monkeypatch):
-    monkeypatch.setattr(fp8, "check_fp8_support", lambda device: None)
-    tiny_cfg.model.lora.dropout = 0.0
-    batch = tokenize_views(tiny_cfg)
-    gradients = {}
-    for policy in ("none", "full", "selective"):
-        tiny_cfg.model.activation_checkpointing = policy
-        stack = build_stack(tiny_cfg.model)
-        fp8.fp8_base(stack.llm, torch.device("cpu"))
-        student_pooled, teacher_pooled = stack(**batch)[:2]
-        squared_error(student_pooled, teacher_pooled).mean().backward()
-        gradients[policy] = {name: p.grad for name, p in trainable_parameters(stack).items()}
-    for policy in ("full", "selective"):
-        for name, grad in gradients["none"].items():
-            torch.testing.assert_close(gradients[policy][name], grad, rtol=0, atol=0)
-
-
-def test_selective_checkpointing_keeps_the_fp8_matmuls_outputs(tiny_cfg, monkeypatch):
-    """torch._scaled_mm is among the ops the policy keeps (and torchao is told to use it): the backward pass runs
-    as many float8 matmuls as without checkpointing (the input gradients), where full recomputes the forward's."""
+def test_fp8_layers_under_checkpointing_recompute_exactly_and_selective_keeps_their_outputs(tiny_cfg, monkeypatch):
+    """Gradients bit-equal under none / full / selective. torch._scaled_mm is among the ops selective keeps (and
+    torchao is told to use it): its backward runs as many float8 matmuls as none's (the input gradients), where
+    full recomputes the forward's too."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class ScaledMatmuls(TorchDispatchMode):
@@ -181,7 +165,7 @@ def test_selective_checkpointing_keeps_the_fp8_matmuls_outputs(tiny_cfg, monkeyp
     monkeypatch.setattr(fp8, "check_fp8_support", lambda device: None)
     tiny_cfg.model.lora.dropout = 0.0
     batch = tokenize_views(tiny_cfg)
-    backward_matmuls = {}
+    gradients, backward_matmuls = {}, {}
     for policy in ("none", "selective", "full"):
         tiny_cfg.model.activation_checkpointing = policy
         stack = build_stack(tiny_cfg.model)
@@ -190,6 +174,10 @@ def test_selective_checkpointing_keeps_the_fp8_matmuls_outputs(tiny_cfg, monkeyp
         with ScaledMatmuls() as counter:
             squared_error(student_pooled, teacher_pooled).mean().backward()
         backward_matmuls[policy] = counter.count
+        gradients[policy] = {name: p.grad for name, p in trainable_parameters(stack).items()}
+    for policy in ("full", "selective"):
+        for name, grad in gradients["none"].items():
+            torch.testing.assert_close(gradients[policy][name], grad, rtol=0, atol=0)
     layers = tiny_cfg.model.llm["num_hidden_layers"]
     assert backward_matmuls["selective"] == backward_matmuls["none"] > 0
     assert backward_matmuls["full"] == backward_matmuls["none"] + 7 * layers
