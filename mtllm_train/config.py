@@ -63,6 +63,8 @@ class ModelConfig:
     quantization: str = option("none", "frozen base LLM in 4 bits (nf4, fp4: bitsandbytes) or with float8 matmuls "
                                        "(fp8: torchao; GPUs of compute capability 8.9+, e.g. H100; its float8 "
                                        "weights stay whole on every rank, FSDP / ZeRO-3 do not shard them)")
+    fp8_scaling: str = option("rowwise", "fp8: one float8 scale per row of every weight, activation and gradient "
+                                         "(rowwise), or one per tensor (tensorwise: cheaper to quantize, coarser)")
     quant_double: bool = option(True, "double quantization of the 4-bit scales")
     quant_compute_dtype: str = option("bfloat16", "compute dtype of the 4-bit layers")
     quant_storage_dtype: str = option("bfloat16", "storage dtype of packed 4-bit weights (bfloat16 lets FSDP "
@@ -92,6 +94,9 @@ class DataConfig:
     num_workers: int = option(1, "DataLoader worker processes per rank (0: read in the training process)")
     skip_bad_samples: bool = option(False, "skip (and count) corrupt samples instead of stopping")
     length_group_batches: int = option(16, "batches per length-sorting buffer (sorted, cut, shuffled)")
+    pad_multiple: int = option(1, "pad each view of a batch to a multiple of this many tokens, at most "
+                                  "data.max_length (1: to its longest sequence; data.max_length: every batch one "
+                                  "shape). With model.compile a few fixed lengths, each aligned for the matmuls")
     eval_shards: str = option("", "held-out shard folder (same tokenizers), evaluated every data.eval_every steps")
     eval_every: int = option(0, "evaluate on data.eval_shards every N steps (and after the last); 0: never")
     eval_batches: int = option(0, "micro-batches per rank and evaluation; 0: one pass over data.eval_shards")
@@ -212,6 +217,7 @@ def stored_quantization(model: ModelConfig) -> str:
 
 CHOICES = {
     "model.quantization": ("none", *FOUR_BIT, "fp8"),
+    "model.fp8_scaling": ("rowwise", "tensorwise"),
     "model.pooling": POOLINGS,
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.quant_compute_dtype": ("float32", "bfloat16", "float16"),
@@ -322,7 +328,8 @@ def validate(cfg: Config) -> Config:
                 "model.lora.r": cfg.model.lora.r, "optim.lr": cfg.optim.lr,
                 "model.projection_init_samples": cfg.model.projection_init_samples,
                 "loss.contrastive_temperature": cfg.loss.contrastive_temperature,
-                "data.length_group_batches": cfg.data.length_group_batches, "task.epochs": cfg.task.epochs,
+                "data.length_group_batches": cfg.data.length_group_batches, "data.pad_multiple": cfg.data.pad_multiple,
+                "task.epochs": cfg.task.epochs,
                 "task.max_length": cfg.task.max_length, "task.eval_batch_size": cfg.task.eval_batch_size,
                 "task.max_new_tokens": cfg.task.max_new_tokens,
                 "distributed.timeout_minutes": cfg.distributed.timeout_minutes}

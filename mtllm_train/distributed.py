@@ -106,19 +106,22 @@ def repeated_layers(module: nn.Module) -> nn.ModuleList:
 COMPILE_BACKEND = "inductor"  # torch.compile's default; tests set dynamo's "eager" or "aot_eager" (no C++ compiler)
 
 
-def compile_layers(module: nn.Module) -> None:
+def compile_layers(module: nn.Module, dynamic_lengths: bool) -> None:
     """torch.compile the forward of each transformer layer of `module`, after the backend wrapped it.
 
     Compiling `forward` (not the module call) keeps the wrappers' hooks (FSDP2's all-gathers, DeepSpeed's)
     outside the graphs and the parameter names unchanged. After wrapping, because FSDP2 gives each layer a
     subclass, and transformers' activation checkpointing acts only in the outermost class's `forward`.
+
+    dynamic_lengths: batches come in more than one padded length (data.pad_multiple below data.max_length), so
+    the graphs are compiled for symbolic sizes from the first step; otherwise dynamo would compile a static graph
+    for the first length, a second one for the next, and only then turn the length dynamic (seconds each).
     """
-    # The layers share one code object, hence one cache of graphs: teacher or student, padded batch or not,
-    # checkpointed layer or not (every_<k>), each first static and then dynamic in the sequence length once a new
-    # length comes. That is up to 16; past torch's default limit (8) the rest would run uncompiled.
+    # The layers share one code object, hence one cache of graphs: teacher and student (grad mode), checkpointed
+    # layer or not (every_<k>), static or dynamic. Past torch's default limit (8) the rest would run uncompiled.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
     for layer in repeated_layers(module):
-        layer.forward = torch.compile(layer.forward, backend=COMPILE_BACKEND)
+        layer.forward = torch.compile(layer.forward, backend=COMPILE_BACKEND, dynamic=True if dynamic_lengths else None)
 
 
 def wrap_model(module: nn.Module, cfg: Config, dist_info: Dist, sharded: nn.Module,

@@ -44,7 +44,7 @@ _held_locks: dict[Path, int] = {}  # run folder -> the open lock file of this pr
 # Settings a resumed run may change: how it logs, checkpoints and waits, and how fast it computes; every other
 # setting shapes the trajectory the checkpoints belong to.
 MAY_CHANGE_ON_RESUME = ("run.dir", "logging.", "checkpoint.every", "checkpoint.keep_last", "distributed.timeout_minutes",
-                        "model.compile", "model.activation_checkpointing", "data.skip_bad_samples", "data.eval_", "task.cache_dir",
+                        "model.compile", "model.activation_checkpointing", "data.skip_bad_samples", "data.pad_multiple", "data.eval_", "task.cache_dir",
                         "task.cache_teacher", "task.eval_batch_size")
 
 

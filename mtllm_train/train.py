@@ -137,7 +137,8 @@ def train(cfg: Config) -> dict:
     # Data: this rank's share of the shards, checked against the run's tokenizers.
     def shard_reader(shards: str, num_workers: int) -> BatchReader:
         reader = BatchReader(shards, dist_info.rank, world_size, cfg.data.micro_batch_size, num_workers, cfg.run.seed,
-                             cfg.data.length_group_batches, cfg.data.skip_bad_samples, cfg.data.max_length)
+                             cfg.data.length_group_batches, cfg.data.skip_bad_samples, cfg.data.max_length,
+                             cfg.data.pad_multiple)
         check_tokenizers(reader.manifest, shards, *run_tokenizers(cfg))
         return reader
 
@@ -155,7 +156,7 @@ def train(cfg: Config) -> dict:
     build_start = time.perf_counter()
     stack = build_stack(cfg.model, device)
     if cfg.model.quantization == "fp8":
-        fp8_base(stack.llm, device)  # the frozen base's matmuls in float8 (refused where the GPU cannot)
+        fp8_base(stack.llm, device, cfg.model.fp8_scaling)  # the frozen base's matmuls in float8 (refused where the GPU cannot)
     build_seconds = time.perf_counter() - build_start
     projection_fit = None
     if cfg.model.projection_init == "least_squares" and not Checkpoints(run_dir).complete():
@@ -167,7 +168,7 @@ def train(cfg: Config) -> dict:
     model, optimizer, scheduler, trainable = setup_backend(stack, cfg, dist_info, accumulation, cfg.train.steps,
                                                            sharded=stack.llm, replicated=[stack.mt_encoder])
     if cfg.model.compile:
-        compile_layers(stack.llm)
+        compile_layers(stack.llm, dynamic_lengths=cfg.data.pad_multiple < cfg.data.max_length)
 
     # Resume from the newest complete checkpoint, if any.
     checkpoints = Checkpoints(run_dir, model=model, optimizer=optimizer, scheduler=scheduler, backend=backend,

@@ -14,6 +14,7 @@ from mtllm_train.config import ConfigError
 from mtllm_train.data.documents import read_documents
 from mtllm_train.data.inspect_shards import inspect_shards, padding_efficiency
 from mtllm_train.data.manifest import check_tokenizers, load_manifest
+import mtllm_train.data.reader as reader_module
 from mtllm_train.data.reader import BatchReader, collate
 from mtllm_train.data.shard_writer import build_shards
 from mtllm_train.data.tar_reader import ShardError, iter_samples
@@ -136,6 +137,26 @@ def test_restored_reader_continues_exactly(shards_80, workers, consumed):
     restored = make()
     restored.load_state_dict(state)
     assert _same(_read(restored, 9), reference[consumed:])
+
+
+def test_loader_workers_live_across_epochs(shards_80, monkeypatch):
+    """One DataLoader (one set of worker processes) for the reader's life: restarting the workers at every epoch
+    stalled the first step of each epoch on a GPU."""
+    made = []
+
+    class CountingLoader(reader_module.DataLoader):
+        def __init__(self, *args, **kwargs):
+            made.append(kwargs["num_workers"])
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(reader_module, "DataLoader", CountingLoader)
+    reader = BatchReader(str(shards_80), batch_size=4, num_workers=2, group_batches=2, seed=1)
+    batches = _read(reader, 50)  # 20 batches an epoch
+    assert (reader.epoch, reader.batches) == (2, 10) and made == [2]
+    monkeypatch.undo()
+    per_epoch = BatchReader(str(shards_80), batch_size=4, num_workers=2, group_batches=2, seed=1)
+    per_epoch.load_state_dict({**per_epoch.state_dict(), "epoch": 2})
+    assert _same(batches[40:], _read(per_epoch, 10))  # epoch 2 as a reader started at epoch 2 reads it
 
 
 def test_restoring_onto_another_layout_is_refused(shards_80):

@@ -343,7 +343,7 @@ def test_an_fp8_base_fine_tunes_the_llm_with_float8_layers(runs, monkeypatch):
     monkeypatch.setattr(fp8, "check_fp8_support", lambda device: None)  # CPU stands in for an H100
     monkeypatch.setattr(finetune, "check_fp8_support", lambda device: None)
     converted = []
-    monkeypatch.setattr(finetune, "fp8_base", lambda model, device: converted.append(fp8.fp8_base(model, device)))
+    monkeypatch.setattr(finetune, "fp8_base", lambda model, device, scaling: converted.append(fp8.fp8_base(model, device, scaling)))
     root, data = runs
     reference = run_task(root, data, "llm_bf16", **{"model.lora.dropout": 0.0})
     summary = run_task(root, data, "llm_fp8", **{"model.lora.dropout": 0.0, "model.quantization": "fp8"})

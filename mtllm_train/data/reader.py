@@ -9,8 +9,14 @@ order is fixed: batch k of a rank's epoch is batch k // W of its worker k % W. T
 (epoch, batches consumed); restoring it rotates the workers and skips what was consumed, so the restored
 reader yields exactly the batch an uninterrupted one would have.
 
-Batches are length-grouped: a buffer of `group_batches` batches is sorted by length, cut into batches,
-and the batches are shuffled; each view is padded to its own longest sequence (right padding).
+Batches are length-grouped: a buffer of `group_batches` batches is sorted by length, cut into full batches
+(the buffer's remainder is dropped, so every batch has batch_size rows), and the batches are shuffled; each view
+is right-padded to its own longest sequence rounded up to a multiple of `pad_multiple` (capped at max_length), so
+that a compiled model meets a few fixed lengths, not one per batch.
+
+The DataLoader's workers live as long as the reader: each walks its logical reader's batches epoch after epoch
+(every logical reader yields E batches per epoch, so the round-robin order carries over the epoch boundary
+unchanged), instead of being restarted, and waited for, at every epoch.
 
 Every shard is checked against the manifest's sha256 when a reader opens it (a few ms per shard, from the page
 cache the read itself then uses), so a changed or damaged shard never trains silently. With skip_bad_samples a
@@ -43,14 +49,25 @@ from mtllm_train.files import sha256_file
 from mtllm_train.portable.tokens import pad_right
 
 
-def collate(samples: list[dict], pad_ids: dict[str, int]) -> dict[str, torch.Tensor]:
-    """{view}_input_ids and {view}_attention_mask [B, L_view] (int64, right padding); from shards with word spans
-    also {view}_word_ids [B, L_view] (int64: each token's word-span index, -1 for none and for padding)."""
+def padded_length(longest: int, pad_multiple: int, max_length: int | None) -> int:
+    """The length a view whose longest sequence has `longest` tokens is padded to: the next multiple of
+    pad_multiple, capped at max_length (pad_multiple 1: the longest itself; >= max_length: always max_length)."""
+    rounded = -(-longest // pad_multiple) * pad_multiple
+    return rounded if max_length is None else max(longest, min(rounded, max_length))
+
+
+def collate(samples: list[dict], pad_ids: dict[str, int], pad_multiple: int = 1,
+            max_length: int | None = None) -> dict[str, torch.Tensor]:
+    """{view}_input_ids and {view}_attention_mask [B, L_view] (int64, right padding to padded_length); from shards
+    with word spans also {view}_word_ids [B, L_view] (int64: each token's word-span index, -1 for none and for
+    padding)."""
     batch = {}
     for view in ("mt", "llm"):
-        batch[f"{view}_input_ids"], batch[f"{view}_attention_mask"] = pad_right([s[view] for s in samples], pad_ids[view])
+        sequences = [s[view] for s in samples]
+        length = padded_length(max(len(ids) for ids in sequences), pad_multiple, max_length)
+        batch[f"{view}_input_ids"], batch[f"{view}_attention_mask"] = pad_right(sequences, pad_ids[view], length)
         if f"{view}_words" in samples[0]:
-            batch[f"{view}_word_ids"], _ = pad_right([s[f"{view}_words"] for s in samples], -1)
+            batch[f"{view}_word_ids"], _ = pad_right([s[f"{view}_words"] for s in samples], -1, length)
     return batch
 
 
@@ -70,8 +87,12 @@ def _ignore_sigterm(_worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-class _EpochStream(IterableDataset):
-    """The batches of one rank in one epoch, from `start_batch` on; runs inside each DataLoader worker."""
+class _RankStream(IterableDataset):
+    """The batches of one rank from (epoch, start_batch) on, endless; runs inside each DataLoader worker.
+
+    Worker i serves logical reader (i + start_batch) % W in every epoch: the batches before start_batch are a
+    whole number of rounds for it in the first epoch, and every epoch is E = per_reader x W batches, so the
+    DataLoader's round robin hands out batch k of an epoch from logical reader k % W in every epoch."""
 
     def __init__(self, reader: BatchReader, epoch: int, start_batch: int):
         self.reader, self.epoch, self.start_batch = reader, epoch, start_batch
@@ -82,11 +103,13 @@ class _EpochStream(IterableDataset):
         workers = reader.logical_workers
         logical = ((info.id if info else 0) + self.start_batch) % workers
         already = max(0, (self.start_batch - logical + workers - 1) // workers)
-        assignment = epoch_assignment(reader.shards, reader.seed, self.epoch, reader.readers)
-        per_reader = batches_per_reader(assignment, reader.batch_size)
         g = reader.rank * workers + logical
         try:
-            yield from islice(reader.reader_batches(assignment[g], self.epoch, g), already, per_reader)
+            for epoch in range(self.epoch, 10**9):
+                assignment = epoch_assignment(reader.shards, reader.seed, epoch, reader.readers)
+                per_reader = batches_per_reader(assignment, reader.batch_size)
+                yield from islice(reader.reader_batches(assignment[g], epoch, g), already, per_reader)
+                already = 0
         except ConfigError as err:
             # Raised in a worker, the DataLoader would re-raise it wrapped in the worker's traceback text.
             yield {"error": str(err)}
@@ -146,7 +169,8 @@ def streamed_samples(where: str, shard: dict, stream: locations.HashingStream,
 
 class BatchReader:
     def __init__(self, shards_dir: str, rank: int = 0, world_size: int = 1, batch_size: int = 8, num_workers: int = 1,
-                 seed: int = 0, group_batches: int = 16, skip_bad_samples: bool = False, max_length: int | None = None):
+                 seed: int = 0, group_batches: int = 16, skip_bad_samples: bool = False, max_length: int | None = None,
+                 pad_multiple: int = 1):
         # A local folder, or a URL / pipe: location (a string: see data/locations.py).
         self.shards_dir = shards_dir if locations.is_remote(shards_dir) else Path(shards_dir)
         self.manifest = load_manifest(shards_dir)
@@ -154,6 +178,7 @@ class BatchReader:
             raise ConfigError(f"data.max_length {max_length} is below the {self.manifest['max_length']} tokens the "
                               f"shards in {str(shards_dir)!r} were aligned at; rebuild them with --max-length {max_length}")
         self.shards = self.manifest["shards"]
+        self.max_length, self.pad_multiple = max_length or self.manifest["max_length"], pad_multiple
         # The shard set a saved position refers to (the sha256 of every shard, in order), for load_state_dict.
         self.shards_identity = hashlib.sha256("".join(shard["sha256"] for shard in self.shards).encode()).hexdigest()
         self.pad_ids = {view: self.manifest["tokenizers"][view]["pad_id"] for view in ("llm", "mt")}
@@ -225,7 +250,7 @@ class BatchReader:
         groups = [buffer[i:i + self.batch_size] for i in range(0, len(buffer) - self.batch_size + 1, self.batch_size)]
         rng.shuffle(groups)
         for samples in groups:
-            batch = collate(samples, self.pad_ids)
+            batch = collate(samples, self.pad_ids, self.pad_multiple, self.max_length)
             batch["keys"] = [s["key"] for s in samples]
             batch["bad_samples"], self.dropped = self.dropped, 0
             yield batch
@@ -244,24 +269,25 @@ class BatchReader:
             self._finalizer()
 
     def _batches(self) -> Iterator[dict]:
-        while True:
-            if self.batches < self.epoch_batches(self.epoch):
-                # Its own generator: a DataLoader otherwise draws a seed from the global RNG, which would shift
-                # the training's dropout stream depending on when the loader was (re)created.
-                loader = DataLoader(_EpochStream(self, self.epoch, self.batches), batch_size=None,
-                                    num_workers=self.num_workers, generator=torch.Generator().manual_seed(self.seed),
-                                    worker_init_fn=_ignore_sigterm if self.num_workers else None,
-                                    prefetch_factor=4 if self.num_workers else None)
-                batches = iter(loader)
-                try:
-                    for batch in batches:
-                        if "error" in batch:
-                            raise ShardError(batch["error"])
-                        self.batches += 1
-                        yield batch
-                finally:
-                    _stop_workers(batches)
-            self.epoch, self.batches = self.epoch + 1, 0
+        epoch_size = self.epoch_batches(self.epoch)
+        # Its own generator: a DataLoader otherwise draws a seed from the global RNG, which would shift the
+        # training's dropout stream depending on when the loader was created.
+        loader = DataLoader(_RankStream(self, self.epoch, self.batches), batch_size=None,
+                            num_workers=self.num_workers, generator=torch.Generator().manual_seed(self.seed),
+                            worker_init_fn=_ignore_sigterm if self.num_workers else None,
+                            prefetch_factor=4 if self.num_workers else None)
+        batches = iter(loader)
+        try:
+            for batch in batches:
+                if "error" in batch:
+                    raise ShardError(batch["error"])
+                if self.batches == epoch_size:  # this batch opens the next epoch
+                    self.epoch, self.batches = self.epoch + 1, 0
+                    epoch_size = self.epoch_batches(self.epoch)
+                self.batches += 1
+                yield batch
+        finally:
+            _stop_workers(batches)
 
     def first_epoch(self) -> Iterator[dict]:
         """Epoch 0's batches from its start, whatever this reader's position: a held-out evaluation reads the same

@@ -3,10 +3,10 @@
 A training-time choice, like compile: the trainers convert the built model; a trained model loads (export,
 evaluation) with the base in model.dtype anywhere, since its adapters and U are the same weights.
 
-Each base weight W (frozen) is stored twice in float8 (e4m3, one scale per row, by torchao): W for the forward
-matmul and W^T for the backward one, which needs only the input's gradient (g @ W). Both matmuls quantize their
-other operand (the activation, the incoming gradient) per row on the fly and run as torchao's float8 matmul
-(torch._scaled_mm). Two fp8 copies take the memory of one bf16 weight; nothing activation-sized is saved for
+Each base weight W (frozen) is stored twice in float8 (e4m3, by torchao): W for the forward matmul and W^T for
+the backward one, which needs only the input's gradient (g @ W). Both matmuls quantize their other operand (the
+activation, the incoming gradient) on the fly and run as torchao's float8 matmul (torch._scaled_mm). Scales are
+per row (`model.fp8_scaling: rowwise`) or one per tensor (tensorwise). Two fp8 copies take the memory of one bf16 weight; nothing activation-sized is saved for
 the backward pass. torchao's own training recipe (Float8Linear) is not used: it always computes the weight's
 gradient, a third matmul per layer that a frozen base does not need, and keeps a bf16 master weight.
 
@@ -43,20 +43,22 @@ def check_fp8_support(device: torch.device) -> None:
                           f"Use none (bf16), nf4 or fp4 on this GPU")
 
 
-def quantized(weight: torch.Tensor, fast_accumulation: bool) -> torch.Tensor:
-    """`weight` [out, in] in float8 with one scale per row; F.linear with it quantizes its input per row too."""
-    from torchao.quantization import Float8MMConfig, Float8Tensor, PerRow
+def quantized(weight: torch.Tensor, fast_accumulation: bool, scaling: str = "rowwise") -> torch.Tensor:
+    """`weight` [out, in] in float8 with one scale per row (or per tensor); F.linear with it quantizes its input
+    the same way."""
+    from torchao.quantization import Float8MMConfig, Float8Tensor, PerRow, PerTensor
     from torchao.quantization.quantize_.workflows.float8.float8_tensor import (KernelPreference,
                                                                                QuantizeTensorToFloat8Kwargs)
 
+    granularity = {"rowwise": PerRow, "tensorwise": PerTensor}[scaling]()
     # The floor under each row's absolute maximum keeps all-zero rows (padding positions' gradients) at 0, not
     # 0 / 0 = NaN. KernelPreference.TORCH: torch._scaled_mm whatever else is installed, the op selective
     # checkpointing knows to keep.
-    per_row_input = QuantizeTensorToFloat8Kwargs(granularity=PerRow(), hp_value_lb=1e-12,
+    input_scaling = QuantizeTensorToFloat8Kwargs(granularity=granularity, hp_value_lb=1e-12,
                                                  kernel_preference=KernelPreference.TORCH)
-    return Float8Tensor.from_hp(weight.detach().to(torch.bfloat16).contiguous(), granularity=PerRow(),
+    return Float8Tensor.from_hp(weight.detach().to(torch.bfloat16).contiguous(), granularity=granularity,
                                 mm_config=Float8MMConfig(use_fast_accum=fast_accumulation),
-                                kernel_preference=KernelPreference.TORCH, act_quant_kwargs=per_row_input)
+                                kernel_preference=KernelPreference.TORCH, act_quant_kwargs=input_scaling)
 
 
 class _Float8FrozenMatmul(torch.autograd.Function):
@@ -78,13 +80,14 @@ class _Float8FrozenMatmul(torch.autograd.Function):
 class Float8FrozenLinear(nn.Module):
     """A frozen nn.Linear (or GPT-2's transposed Conv1D) with its weight in float8, both ways round."""
 
-    def __init__(self, layer: nn.Module):
+    def __init__(self, layer: nn.Module, scaling: str = "rowwise"):
         super().__init__()
         weight = layer.weight.t() if isinstance(layer, Conv1D) else layer.weight  # [out, in]
         self.out_features, self.in_features = weight.shape
         # Forward: fast accumulation, as in inference; backward: full accumulation for the gradient.
-        self.register_buffer("weight_fp8", quantized(weight, fast_accumulation=True), persistent=False)
-        self.register_buffer("weight_t_fp8", quantized(weight.t(), fast_accumulation=False), persistent=False)
+        self.scaling = scaling
+        self.register_buffer("weight_fp8", quantized(weight, True, scaling), persistent=False)
+        self.register_buffer("weight_t_fp8", quantized(weight.t(), False, scaling), persistent=False)
         bias = None if layer.bias is None else layer.bias.detach().to(torch.bfloat16)
         self.register_buffer("bias", bias, persistent=False)
 
@@ -93,10 +96,10 @@ class Float8FrozenLinear(nn.Module):
         return out if self.bias is None else out + self.bias.to(out.dtype)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, float8 e4m3 per row"
+        return f"in_features={self.in_features}, out_features={self.out_features}, float8 e4m3 {self.scaling}"
 
 
-def fp8_base(model: nn.Module, device: torch.device) -> int:
+def fp8_base(model: nn.Module, device: torch.device, scaling: str = "rowwise") -> int:
     """Replace every frozen linear layer of `model` (LoRA's own layers excepted) by its Float8FrozenLinear, in
     place, after checking that `device` can run it; returns how many. torch._scaled_mm needs both sizes to be
     multiples of 16: other layers stay as they are (none in Llama or GPT-2)."""
@@ -106,5 +109,5 @@ def fp8_base(model: nn.Module, device: torch.device) -> int:
               if not name.startswith("lora_") and isinstance(child, (nn.Linear, Conv1D))
               and not child.weight.requires_grad and all(size % 16 == 0 for size in child.weight.shape)]
     for parent, name in frozen:  # one layer at a time: each bf16 weight is freed as its float8 copies are made
-        setattr(parent, name, Float8FrozenLinear(getattr(parent, name)))
+        setattr(parent, name, Float8FrozenLinear(getattr(parent, name), scaling))
     return len(frozen)

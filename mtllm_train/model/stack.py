@@ -14,6 +14,7 @@ from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.pytorch_utils import Conv1D
 
@@ -49,10 +50,20 @@ class MTLLM(nn.Module):
         lora_train_mode(self.llm, mode)
         return self
 
+    def llm_hidden(self, inputs_embeds: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
+        """The LLM (adapters as they are set) on input embeddings [B, T, D]: last hidden states [B, T, D].
+
+        The attention mask is built here, always as a tensor: transformers leaves it out (None) for a batch without
+        padding, and a compiled layer then needs a second graph, compiled whenever such a batch first comes."""
+        attention_mask = create_causal_mask(config=self.llm.config, inputs_embeds=inputs_embeds,
+                                            attention_mask=padding_mask, past_key_values=None,
+                                            allow_is_causal_skip=False)
+        return self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask).last_hidden_state
+
     def teacher_hidden(self, llm_input_ids: torch.Tensor, llm_attention_mask: torch.Tensor) -> torch.Tensor:
         """The LLM without adapters on its own tokens: last hidden states [B, T, D]."""
         with torch.no_grad(), self.llm.disable_adapter():
-            return self.llm(input_ids=llm_input_ids, attention_mask=llm_attention_mask).last_hidden_state
+            return self.llm_hidden(self.llm.get_input_embeddings()(llm_input_ids), llm_attention_mask)
 
     def teacher_pooled(self, llm_input_ids: torch.Tensor, llm_attention_mask: torch.Tensor) -> torch.Tensor:
         return pool(self.teacher_hidden(llm_input_ids, llm_attention_mask), llm_attention_mask, self.pooling)
@@ -67,7 +78,7 @@ class MTLLM(nn.Module):
         """U, then the LLM with adapters: last hidden states [B, T, D]. Split from `mt_states` so that
         evaluation can encode a text set once and reuse the states for every checkpoint (E is frozen)."""
         inputs_embeds = self.projection(mt_states.to(self.projection.weight.dtype)).to(self.llm_input_dtype)
-        return self.llm(inputs_embeds=inputs_embeds, attention_mask=mt_attention_mask).last_hidden_state
+        return self.llm_hidden(inputs_embeds, mt_attention_mask)
 
     def student_hidden(self, mt_input_ids: torch.Tensor, mt_attention_mask: torch.Tensor) -> torch.Tensor:
         """The LLM's last hidden states [B, T, D] over the MT encoder's tokens."""
@@ -144,6 +155,9 @@ def enable_checkpointing(model: nn.Module, setting: str | bool, lora_rank: int) 
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, every_n_layers=every)
 
 
+AUTOCAST_DEVICES = ("cuda", "cpu")  # the devices the trainers run autocast on
+
+
 class AutocastLoraLinear(LoraLinear):
     """peft's LoRA linear layer, computed in the autocast dtype under autocast.
 
@@ -154,8 +168,9 @@ class AutocastLoraLinear(LoraLinear):
     """
 
     def _cast_input_dtype(self, x, dtype: torch.dtype):
-        device_type = None if x is None else x.device.type
-        if device_type and torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        # torch.is_autocast_enabled is constant-folded by dynamo; torch.amp.is_autocast_available is not on torch
+        # 2.11 (a graph break that made dynamo skip peft's whole LoRA forward, so every adapter ran eager).
+        if x is not None and x.device.type in AUTOCAST_DEVICES and torch.is_autocast_enabled(x.device.type):
             return x
         return super()._cast_input_dtype(x, dtype)
 

@@ -41,9 +41,10 @@ def set_source_language(tokenizer, lang: str | None) -> str | None:
     return lang
 
 
-def pad_right(sequences, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token id lists -> right-padded ids and attention mask [B, longest] (int64)."""
+def pad_right(sequences, pad: int, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists -> right-padded ids and attention mask [B, length] (int64; length: the longest by default)."""
     longest = max(len(sequence) for sequence in sequences)
+    longest = longest if length is None else max(length, longest)
     ids = np.full((len(sequences), longest), pad, dtype=np.int64)
     mask = np.zeros((len(sequences), longest), dtype=np.int64)
     for row, sequence in enumerate(sequences):

@@ -108,7 +108,7 @@ def train_task(cfg: Config, command: str) -> dict:
         check_fp8_support(device)  # before minutes of loading
     model_module = build_task_model(cfg, kind, device)
     if fp8:
-        fp8_base(model_module.backend_parts()[0], device)
+        fp8_base(model_module.backend_parts()[0], device, cfg.model.fp8_scaling)
     info = {"command": command, "kind": kind}
     if kind == "stack":
         info["init_from"] = str(load_stage1(model_module, cfg.task.init_from, cfg.task.init_step))
@@ -136,7 +136,7 @@ def train_task(cfg: Config, command: str) -> dict:
     if distill:
         teacher = load_teacher(cfg, info["teacher_step"], device)
         if fp8:
-            fp8_base(teacher.body, device)
+            fp8_base(teacher.body, device, cfg.model.fp8_scaling)
         if cfg.task.cache_teacher:
             digest = hashlib.sha256(json.dumps(examples, sort_keys=True).encode()).hexdigest()
             cached = cached_teacher(cfg, run_dir, dist_info.is_main, info["teacher_step"], digest, lambda: teacher_representations(
