@@ -6,7 +6,7 @@ memory, no compute), but a cpu device, so that CPU bf16 autocast casts as CUDA a
 (autocast acts per device and does nothing to plain meta tensors). For each variant it reports
 
 - TFLOP of the step (torch.utils.flop_counter.FlopCounterMode: matmuls and attention, recompute included), beside
-  the 6N-per-token estimate behind the logged MFU (mtllm_train.metrics.step_flops);
+  the formula behind the logged MFU and the GPU benchmark (mtllm_train.metrics.step_flops);
 - aten ops dispatched, forward and backward (views and reshapes excluded): about the kernels an eager GPU step
   launches;
 - saved activation bytes per student token: what autograd keeps for the backward pass, tensors shaped like
@@ -43,7 +43,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from gpu_throughput import LLAMA3_8B, NLLB_600M, TINY_ENCODER, TINY_LLM  # noqa: E402
 from mtllm_train.config import ModelConfig, from_dict  # noqa: E402
-from mtllm_train.metrics import parameter_count, step_flops  # noqa: E402
+from mtllm_train.metrics import flop_shape, step_flops  # noqa: E402
 from mtllm_train.model.loss import squared_error  # noqa: E402
 from mtllm_train.distributed import repeated_layers  # noqa: E402
 from mtllm_train.model.stack import build_stack, frozen_base_policy  # noqa: E402
@@ -169,7 +169,8 @@ def profile(cfg: ModelConfig, batch: int, seq: int) -> dict:
             loss.backward()
     return {
         "tflop": flops.get_total_flops() / 1e12,
-        "tflop_6n": step_flops(parameter_count(stack.llm), parameter_count(stack.mt_encoder), tokens, tokens) / 1e12,
+        "tflop_formula": step_flops(flop_shape(stack.llm), flop_shape(stack.mt_encoder), tokens, tokens * seq, tokens,
+                                    tokens * seq) / 1e12,
         "ops_forward": counter.ops["forward"], "ops_backward": counter.ops["backward"],
         "ops": sum(counter.ops.values()),
         "saved_bytes_per_token": sum(counter.saved.values()) / tokens,
@@ -178,10 +179,10 @@ def profile(cfg: ModelConfig, batch: int, seq: int) -> dict:
 
 
 def markdown(results: dict, batch: int, seq: int) -> str:
-    lines = [f"| variant (micro batch {batch} x {seq} tokens per view) | TFLOP (6N estimate) | aten ops fwd + bwd "
+    lines = [f"| variant (micro batch {batch} x {seq} tokens per view) | TFLOP (formula) | aten ops fwd + bwd "
              f"| saved activation KiB / token | activation-sized copies (MiB) |", "|---|---|---|---|---|"]
     for name, row in results.items():
-        lines.append(f"| {LABELS[name]} | {row['tflop']:.3g} ({row['tflop_6n']:.3g}) | {row['ops_forward']} + "
+        lines.append(f"| {LABELS[name]} | {row['tflop']:.3g} ({row['tflop_formula']:.3g}) | {row['ops_forward']} + "
                      f"{row['ops_backward']} = {row['ops']} | {row['saved_bytes_per_token'] / 1024:.1f} | "
                      f"{row['activation_copies']} ({row['activation_copy_mb']:.0f}) |")
     return "\n".join(lines)

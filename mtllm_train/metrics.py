@@ -35,19 +35,51 @@ def parameter_count(module: torch.nn.Module) -> int:
     return total
 
 
-def step_flops(llm_params: int, encoder_params: int, computed_llm_tokens: int, computed_mt_tokens: int) -> float:
-    """FLOPs of one step from 2*N per token for a forward pass (linear layers; attention scores ignored):
+@dataclass(frozen=True)
+class FlopShape:
+    """What a model's forward pass multiplies: its frozen matmul weights (the embedding tables are lookups, not
+    matmuls), its trainable ones (LoRA adapters, off in the teacher's pass), and its attention width summed over
+    layers (heads x head size x layers)."""
 
-        teacher forward (LLM on its own tokens)          2 * N_llm * T_llm
-        encoder forward (frozen, no backward)            2 * N_enc * T_mt
-        student LLM forward                              2 * N_llm * T_mt
-        student backward: activation gradients through
-        the frozen LLM (LoRA weight gradients negligible) 2 * N_llm * T_mt
+    frozen_params: int
+    adapter_params: int
+    attention_width: int
 
-    T are computed (padded) token counts, since padding costs compute too.
-    """
-    return 2 * llm_params * computed_llm_tokens + 2 * encoder_params * computed_mt_tokens \
-        + 4 * llm_params * computed_mt_tokens
+
+def flop_shape(model: torch.nn.Module) -> FlopShape:
+    config = model.config
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    embeddings = sum(parameter_count(m) for m in model.modules() if isinstance(m, torch.nn.Embedding))
+    adapters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return FlopShape(parameter_count(model) - embeddings - adapters, adapters,
+                     config.num_hidden_layers * heads * head_dim)
+
+
+def forward_flops(shape: FlopShape, tokens: float, attention_pairs: float, adapters: bool = True) -> float:
+    """2 FLOPs per matmul weight and token, and 4 per attention width and query-key pair (scores, then the
+    weighted sum); tokens and pairs as computed (padded): a [B, T] batch is B*T tokens and B*T*T pairs."""
+    weights = shape.frozen_params + (shape.adapter_params if adapters else 0)
+    return 2 * weights * tokens + 4 * shape.attention_width * attention_pairs
+
+
+def step_flops(llm: FlopShape, encoder: FlopShape, llm_tokens: float, llm_pairs: float, mt_tokens: float,
+               mt_pairs: float) -> float:
+    """FLOPs of one stage-1 step, the one formula behind the logged MFU, the GPU benchmark and the cost model:
+
+        teacher forward (the LLM, adapters off)          forward(llm without adapters, llm tokens)
+        encoder forward (frozen, no backward)            forward(encoder, mt tokens)
+        student forward (the LLM with adapters on U's    forward(llm, mt tokens)
+        output)
+        student backward: input gradients through the    2 N_llm T_mt + 8 A_llm pairs_mt (the four attention
+        LLM, weight gradients of its adapters            matmuls of the backward pass: twice the forward's)
+                                                         + 2 N_adapters T_mt
+
+    Not counted: U (a 1024 x 4096 matmul, 0.05% at the paper's shapes) and recomputation by activation
+    checkpointing (hardware FLOPs, not model FLOPs)."""
+    return forward_flops(llm, llm_tokens, llm_pairs, adapters=False) + forward_flops(encoder, mt_tokens, mt_pairs) \
+        + forward_flops(llm, mt_tokens, mt_pairs) + forward_flops(llm, mt_tokens, 2 * mt_pairs) \
+        + 2 * llm.adapter_params * mt_tokens
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -77,6 +109,8 @@ class StepTotals:
     norm_ratio_sum: float
     llm_computed: float  # tokens computed, padding included
     mt_computed: float
+    llm_pairs: float  # query-key pairs attention computed, padding included
+    mt_pairs: float
     bad_samples: float
     vectors: dict[str, torch.Tensor]  # per-dimension sums (and sums of squares) of pooled and span vectors
 
@@ -99,7 +133,7 @@ class StepStatistics:
 
     DEVICE_SUMS = ("error_sum", "llm_real", "mt_real", "span_error_sum", "spans", "contrastive_sum", "cosine_sum",
                    "norm_ratio_sum")
-    HOST_COUNTS = ("llm_computed", "mt_computed", "bad_samples")
+    HOST_COUNTS = ("llm_computed", "mt_computed", "llm_pairs", "mt_pairs", "bad_samples")
     VECTORS = ("teacher", "teacher_sq", "student", "student_sq", "span_teacher", "span_teacher_sq")
 
     def __init__(self, device: torch.device):
@@ -129,6 +163,8 @@ class StepStatistics:
         self._sum("norm_ratio_sum", (student.norm(dim=-1) / teacher.norm(dim=-1).clamp_min(1e-12)).sum())
         self.host_counts["llm_computed"] += llm_mask.numel()
         self.host_counts["mt_computed"] += mt_mask.numel()
+        self.host_counts["llm_pairs"] += llm_mask.numel() * llm_mask.shape[-1]  # query-key pairs attention computes
+        self.host_counts["mt_pairs"] += mt_mask.numel() * mt_mask.shape[-1]
         self.host_counts["bad_samples"] += bad_samples
 
     def add_spans(self, span_errors: torch.Tensor, teacher_spans: torch.Tensor) -> None:

@@ -22,8 +22,8 @@ from mtllm_train.data.tar_reader import ShardError
 from mtllm_train.distributed import all_reduce, compile_layers, gradient_sync, init_distributed, shutdown
 from mtllm_train.loop import (Preemption, accumulation_steps, autocast, backward, check_finite_loss, end_of_step,
                               new_summary, open_run_folder, optimizer_step, setup_backend)
-from mtllm_train.metrics import (MetricsLogger, StepStatistics, parameter_count, peak_flops, peak_memory_gb,
-                                 plot_loss_curve, step_flops)
+from mtllm_train.metrics import (MetricsLogger, StepStatistics, flop_shape, peak_flops, peak_memory_gb, plot_loss_curve,
+                                 step_flops)
 from mtllm_train.model.fp8 import check_fp8_support, fp8_base
 from mtllm_train.model.loss import contrastive_losses, span_count, span_squared_errors, squared_error
 from mtllm_train.model.projection_init import fit_projection
@@ -164,7 +164,7 @@ def train(cfg: Config) -> dict:
             # model.projection_init_samples in all: each rank reads its share
             per_rank = math.ceil(cfg.model.projection_init_samples / world_size)
             projection_fit = fit_projection(stack, iter(fit_reader), per_rank, device)
-    llm_params, encoder_params = parameter_count(stack.llm), parameter_count(stack.mt_encoder)
+    llm_flops, encoder_flops = flop_shape(stack.llm), flop_shape(stack.mt_encoder)
     model, optimizer, scheduler, trainable = setup_backend(stack, cfg, dist_info, accumulation, cfg.train.steps,
                                                            sharded=stack.llm, replicated=[stack.mt_encoder])
     if cfg.model.compile:
@@ -241,7 +241,8 @@ def train(cfg: Config) -> dict:
             if eval_reader and ((step + 1) % cfg.data.eval_every == 0 or step + 1 == cfg.train.steps):
                 record.update(evaluate_held_out(model, eval_reader, eval_batches, cfg, device))
             if flops_peak:
-                flops = step_flops(llm_params, encoder_params, totals.llm_computed, totals.mt_computed)
+                flops = step_flops(llm_flops, encoder_flops, totals.llm_computed, totals.llm_pairs, totals.mt_computed,
+                                   totals.mt_pairs)
                 record["mfu"] = flops / step_time / (flops_peak * world_size)
             logger.log(record)
             summary["losses"].append(losses["loss"])

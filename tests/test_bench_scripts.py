@@ -55,9 +55,28 @@ def test_gpu_throughput_script_refuses_full_shapes_without_a_gpu():
     assert done.returncode == 2 and "no GPU here" in done.stderr
 
 
-def test_step_flops_formula():
-    from mtllm_train.metrics import step_flops
+def test_the_step_flop_formula_counts_what_the_step_computes(tiny_cfg):
+    """The formula behind the logged MFU against torch's FLOP counter on a real step (eager attention, whose
+    matmuls the counter sees; U, which the formula leaves out, is the 64 x 64 difference)."""
+    from torch.utils.flop_counter import FlopCounterMode
 
-    # 2 N_llm T_llm + 2 N_enc T_mt + 4 N_llm T_mt
-    assert step_flops(llm_params=10, encoder_params=3, computed_llm_tokens=7, computed_mt_tokens=5) == \
-        2 * 10 * 7 + 2 * 3 * 5 + 4 * 10 * 5
+    from conftest import tokenize_views
+    from mtllm_train.metrics import flop_shape, step_flops
+    from mtllm_train.model.loss import squared_error
+    from mtllm_train.model.stack import build_stack
+
+    tiny_cfg.model.lora.dropout = 0.0
+    stack = build_stack(tiny_cfg.model)
+    for model in (stack.llm, stack.mt_encoder):
+        model.config._attn_implementation = "eager"
+    batch = tokenize_views(tiny_cfg)
+    with FlopCounterMode(display=False) as counter:
+        student_pooled, teacher_pooled = stack(**batch)[:2]
+        squared_error(student_pooled, teacher_pooled).sum().backward()
+    counts = {view: (batch[f"{view}_input_ids"].numel(), batch[f"{view}_input_ids"].numel()
+                     * batch[f"{view}_input_ids"].shape[1]) for view in ("llm", "mt")}
+    formula = step_flops(flop_shape(stack.llm), flop_shape(stack.mt_encoder), *counts["llm"], *counts["mt"])
+    projection = 2 * 2 * stack.projection.weight.numel() * counts["mt"][0]  # forward and weight gradient
+    assert formula + projection == pytest.approx(counter.get_total_flops(), rel=0.01)
+
+
