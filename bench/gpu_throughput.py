@@ -9,8 +9,9 @@ memory, build and first-step (compile) seconds, dynamo's graph breaks and graphs
 
     bare_*   the bare step: random ids filling both views, teacher + student forward, MSE, backward, AdamW
     loop_*   the real trainer (mtllm_train.train.train) at the bare step's settings over --loop-steps steps:
-             shards of the bundled sample cut to varied lengths, padded to a grid of 64 (data.pad_multiple), 2
-             loader workers, several epoch boundaries. MFU over the steps after the first 2 (compile), and in
+             shards of the bundled sample cut to varied lengths, padded to a grid of 64 (data.pad_multiple),
+             or (_full) filling every view as the bare step's random ids do; 2 loader workers, several epoch
+             boundaries. MFU over the steps after the first 2 (compile), and in
              which steps graphs were compiled; of_bare = its MFU / the bare step's in this process.
 
     MFU = mtllm_train.metrics.step_flops (the formula the trainer logs: matmuls without the embedding tables,
@@ -70,18 +71,20 @@ PAPER_HOURS = 22
 
 
 def variant(kind="bare", base="bf16", checkpointing="none", compile=True, micro=16, scaling="rowwise",
-            mask="tensor", cost=60):
+            mask="tensor", lengths="varied", cost=60):
     """mask: the attention mask as the stack passes it (a tensor always), or "skipped" where a batch has no
-    padding (transformers' default, which lets SDPA run its flash kernel). cost: seconds it takes on an H200
-    (build, compile, steps), for the deadline."""
+    padding (transformers' default, which lets SDPA run its flash kernel). lengths (loops): "varied" documents
+    padded to a grid of 64, or "full" ones that fill every view (the bare step's shape, static). cost: seconds
+    it takes on an H200 (build, compile, steps), for the deadline."""
     return {"kind": kind, "base": base, "checkpointing": checkpointing, "compile": compile, "micro": micro,
-            "scaling": scaling, "mask": mask, "cost": cost}
+            "scaling": scaling, "mask": mask, "lengths": lengths, "cost": cost}
 
 
 # In order of importance.
 VARIANTS = {
     "bare_bf16_compile": variant(cost=30),
     "loop_bf16_compile": variant(kind="loop", cost=100),
+    "loop_bf16_compile_full": variant(kind="loop", lengths="full", cost=70),
     "bare_fp8_rowwise_compile": variant(base="fp8", cost=40),
     "bare_fp8_tensorwise_compile": variant(base="fp8", scaling="tensorwise", cost=40),
     "bare_bf16_compile_mask_skipped": variant(mask="skipped", cost=30),
@@ -151,17 +154,20 @@ def bare_step(spec: dict, args, device: torch.device) -> dict:
             "mfu": flops / step_s / peak if peak else None, "samples_per_s": batch / step_s}
 
 
-def varied_shards(work: Path, seq: int) -> Path:
-    """Shards of the bundled sample's documents cut to 40-440 words (with the tiny tokenizers: 60 to over 512
-    tokens, so lengths vary and many documents fill the view, as FineWeb's do), 300 documents in shards of 10:
-    about 18 micro-batches of 16 an epoch."""
-    folder = work / "shards"
+def loop_shards(work: Path, seq: int, lengths: str) -> Path:
+    """300 documents of the bundled sample in shards of 10 (about 18 micro-batches of 16 an epoch): "varied" cuts
+    them to 40-440 words (with the tiny tokenizers 60 to over 512 tokens, so lengths vary and many documents
+    fill the view, as FineWeb's do); "full" joins 8 texts into each, so every view is cut at `seq`."""
+    folder = work / f"shards_{lengths}"
     if not (folder / "manifest.json").is_file():
         with open(ROOT / "shards/sample/enwiki_sample.jsonl", encoding="utf-8") as lines:
-            texts = [json.loads(line)["text"].split() for line in lines]
-        documents = work / "documents.jsonl"
-        documents.write_text("".join(json.dumps({"text": " ".join(texts[i % len(texts)][:40 + (53 * i) % 400])}) + "\n"
-                                     for i in range(300)), encoding="utf-8")
+            texts = [json.loads(line)["text"] for line in lines]
+        if lengths == "varied":
+            docs = [" ".join(texts[i % len(texts)].split()[:40 + (53 * i) % 400]) for i in range(300)]
+        else:
+            docs = [" ".join(texts[(i + k) % len(texts)] for k in range(8)) for i in range(300)]
+        documents = work / f"documents_{lengths}.jsonl"
+        documents.write_text("".join(json.dumps({"text": doc}) + "\n" for doc in docs), encoding="utf-8")
         build_shards([str(documents)], str(folder), str(ROOT / "configs/tiny/llm_tokenizer"),
                      str(ROOT / "configs/tiny/mt_tokenizer"), max_length=seq, shard_size=10, progress=False)
     return folder
@@ -169,7 +175,7 @@ def varied_shards(work: Path, seq: int) -> Path:
 
 def loop_run(spec: dict, args, device: torch.device, work: Path) -> dict:
     """The real trainer; which step each graph was compiled in (the backend is wrapped to note it)."""
-    shards = varied_shards(work, args.seq)
+    shards = loop_shards(work, args.seq, spec["lengths"])
     step, compiled_in = [0], []
     real_backend, real_step_batches, real_build = (distributed.COMPILE_BACKEND, train_module.step_batches,
                                                    train_module.build_stack)
@@ -195,7 +201,7 @@ def loop_run(spec: dict, args, device: torch.device, work: Path) -> dict:
             "model": {**model_settings(spec, args.tiny, device), "llm_tokenizer": str(ROOT / "configs/tiny/llm_tokenizer"),
                       "mt_tokenizer": str(ROOT / "configs/tiny/mt_tokenizer")},
             "data": {"shards": str(shards), "max_length": args.seq, "micro_batch_size": spec["micro"],
-                     "num_workers": 2, "pad_multiple": 64},
+                     "num_workers": 2, "pad_multiple": 64 if spec["lengths"] == "varied" else args.seq},
             "train": {"steps": args.loop_steps, "global_batch_size": spec["micro"]},
             "optim": {"lr": 1e-4}, "checkpoint": {"every": args.loop_steps},
             "distributed": {"mixed_precision": "bf16" if device.type == "cuda" else "none"},
