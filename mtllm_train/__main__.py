@@ -26,6 +26,7 @@ EXAMPLES = {
     "export": ["mtllm export --run runs/tiny --out exports/tiny", "mtllm export --run runs/tiny --out exports/tiny --force"],
     "predict": ['mtllm predict --model exports/tiny --lang deu_Latn "Ein Satz."',
                 "mtllm predict --model exports/nusax --lang jav_Latn --input texts.jsonl"],
+    "verify": ["mtllm verify exports/tiny"],
     "prepare-llm2vec": ["mtllm prepare-llm2vec --out models/llm2vec-llama3-8b"],
     "tiny-tokenizers": ["mtllm tiny-tokenizers"],
 }
@@ -142,6 +143,27 @@ def _predict(args: argparse.Namespace) -> None:
         print(json.dumps({"prediction": label, "probabilities": [round(value, 6) for value in row]}))
 
 
+def _verify(args: argparse.Namespace) -> int:
+    from transformers.utils import logging as transformers_logging
+
+    from mtllm_train.export import verify_export
+
+    transformers_logging.disable_progress_bar()
+    report = verify_export(args.model)
+    if report is None:
+        print(f"{args.model}: records no reference outputs (made before exports checked themselves): it cannot be "
+              f"verified; export the run again to add them", file=sys.stderr)
+        return 1
+    print(report.table())
+    print(report.versions_line())
+    if report.drifted:
+        probe, deviation = report.worst()
+        print(f"DRIFT: {probe['lang']} deviates by {deviation:.2e}, over the tolerance {report.tolerance:.0e}")
+        return 1
+    print("ok: every probe within the tolerance")
+    return 0
+
+
 def _prepare_llm2vec(args: argparse.Namespace) -> None:
     from mtllm_train.llm2vec import prepare_llm2vec
 
@@ -250,6 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "(text; premise + hypothesis; passage + question + answers)")
     predict.add_argument("texts", nargs="*", help="texts to read (single-text models: embedders, sentiment)")
     predict.set_defaults(func=_predict)
+
+    verify = command("verify", "check that an export computes what it recorded when exported (exit 1 if not)")
+    verify.add_argument("model", help="an export folder (mtllm export) or a hub id")
+    verify.set_defaults(func=_verify)
 
     from mtllm_train.llm2vec import BASE
 

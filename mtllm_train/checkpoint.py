@@ -5,7 +5,8 @@ runs/NAME/checkpoints/step_00000020/
     state/          torch.distributed.checkpoint: trainable parameters + optimizer (none/ddp/fsdp), or
     deepspeed/      DeepSpeed's own checkpoint with frozen parameters excluded (+ trainable.safetensors)
     rank_<r>.pt     RNG states (and the stage-1 data-reader position) of rank r (loaded with weights_only=True)
-    meta.json       step, world size, backend, scheduler state, W&B run id, sha256 of every file above
+    meta.json       step, world size, backend, scheduler state, W&B run id, library versions, sha256 of every
+                    file above
     COMPLETE        written last: a folder without it is an interrupted save and is ignored
 
 Every file is flushed to disk before COMPLETE is written. Loading checks the checksums first: a damaged newest
@@ -42,6 +43,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from mtllm_train.config import ConfigError
 from mtllm_train.distributed import Dist, all_reduce, barrier
 from mtllm_train.files import fsync_path, sha256_file, write_atomic
+from mtllm_train.portable.guard import TRAINING_LIBRARIES, library_versions
 
 COMMIT = "COMPLETE"
 DEEPSPEED_TAG = "deepspeed"
@@ -274,7 +276,7 @@ class Checkpoints:
         scheduler_state = self.scheduler.state_dict() if self.scheduler is not None else None
         write_atomic(path / "meta.json", json.dumps({
             **meta, "step": step, "world_size": self.dist_info.world_size, "backend": self.backend,
-            "scheduler": scheduler_state, "saved_at": time.time(),
+            "scheduler": scheduler_state, "saved_at": time.time(), "versions": library_versions(TRAINING_LIBRARIES),
             "files": {str(f.relative_to(path)): sha256_file(f) for f in files}}, indent=1))
         write_atomic(path / COMMIT, str(step))
 

@@ -14,6 +14,8 @@ DIR/
     projection.safetensors      U (the stack)          head.safetensors   the task head (task models)
     tokenizer files             the tokenizer the model reads; tokenizers/llm: the teacher's (the stack)
     modules.json, 1_Pooling/    sentence-transformers (embedders)
+    guard.safetensors           the outputs of a few probe texts, computed by the export itself once written;
+                                every load recomputes and compares them (portable/guard.py)
     README.md                   the model card
 
 Export never destroys what it did not write: a non-empty folder that is not an earlier export is refused,
@@ -31,6 +33,7 @@ import json
 import os
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -44,12 +47,11 @@ from mtllm_train.metrics import read_records
 from mtllm_train.model.loading import build_llm, load_model
 from mtllm_train.model.stack import MTLLM, build_stack
 from mtllm_train.model.tokenizers import view_tokenizer
-from mtllm_train.portable import configuration_mtllm
-from mtllm_train.portable.configuration_mtllm import MTLLMConfig
+from mtllm_train.portable import configuration_mtllm, guard
+from mtllm_train.portable.configuration_mtllm import FORMAT_VERSION, MTLLMConfig
 from mtllm_train.portable.modeling_mtllm import MTLLMModel
 from mtllm_train.portable.tokens import ENGLISH, language_codes
 
-EXPORT_FORMAT = 2
 PORTABLE_CODE = Path(configuration_mtllm.__file__).parent
 ST_POOLING = {"mean": "mean", "eos": "lasttoken", "bos": "cls"}  # our pooling -> sentence-transformers' mode
 
@@ -100,6 +102,8 @@ def _training_facts(run_dir: Path, cfg: Config, meta: dict, identity: dict | Non
     facts = {"run": run_dir.name, "step": meta["step"], "global_batch_size": cfg.train.global_batch_size,
              "sequences_seen": meta["step"] * cfg.train.global_batch_size, "backend": meta["backend"],
              "exported_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if "versions" in meta:
+        facts["trained_with"] = meta["versions"]
     if records:
         facts["final_loss"] = records[-1]["loss"]
         if "fvu" in records[-1]:
@@ -148,6 +152,8 @@ def export_run(run: str, out: str | None = None, step: int | None = None, force:
     partial.mkdir(parents=True)
     try:
         _write_export(partial, model, body, task, cfg, _training_facts(run_dir, cfg, meta, identity), merge)
+        del model  # the export is loaded back next: one copy of the model in memory at a time
+        _record_guard(partial)
         if out_dir.exists():  # an earlier export, with force: swap, then drop the old one
             old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
             out_dir.rename(old)
@@ -203,7 +209,8 @@ def _write_export(folder: Path, model, body: str, task: dict | None, cfg: Config
                          quant_storage_dtype=model_cfg.quant_storage_dtype)
     config.auto_map = {"AutoConfig": "configuration_mtllm.MTLLMConfig", "AutoModel": "modeling_mtllm.MTLLMModel"}
     config.languages = sorted(language_codes(tokenizer))
-    config.export_format = EXPORT_FORMAT
+    config.export_format = FORMAT_VERSION
+    config.versions = guard.library_versions(guard.loading_libraries(quantization))
     config.trained_from = {"mt_encoder": model_cfg.mt_encoder, "llm": model_cfg.llm}
     config.training = facts
     config.save_pretrained(str(folder))
@@ -212,7 +219,17 @@ def _write_export(folder: Path, model, body: str, task: dict | None, cfg: Config
             shutil.copy(code, folder / code.name)
     if task is None:
         _sentence_transformers_files(folder, model_cfg.pooling, max_length, body_module.llm.config.hidden_size)
-    (folder / "README.md").write_text(model_card(config), encoding="utf-8")
+
+
+def _record_guard(folder: Path) -> None:
+    """The written export, loaded back from its folder as its users load it, computes the probes its loads will
+    compare with (portable/guard.py); then the model card, which lists the versions."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", guard.ExportDriftWarning)  # nothing recorded yet, nothing to check
+        model = MTLLMModel.from_pretrained(folder, guard="off")
+    model.config.probe_record = guard.record(model, folder)
+    model.config.save_pretrained(str(folder))
+    (folder / "README.md").write_text(model_card(model.config), encoding="utf-8")
 
 
 def _merged_llm(adapted, model_cfg: ModelConfig):
@@ -257,6 +274,8 @@ def model_card(config: MTLLMConfig) -> str:
              "tags": ["mtllm", "model-stacking", "self-distillation", "multilingual"]
              + (["sentence-transformers", "feature-extraction"] if task is None else ["text-classification"]),
              "pipeline_tag": "feature-extraction" if task is None else "text-classification"}
+    if facts.get("scores"):
+        front["model-index"] = [{"name": facts["run"], "results": _index_results(task, facts["scores"])}]
     kind = ("an embedder (stage 1: self-distillation)" if task is None else
             f"a {task['name']} model (stage 2, {facts.get('command')}, body: {config.body})")
     lines = ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "",
@@ -279,6 +298,16 @@ def model_card(config: MTLLMConfig) -> str:
             lines += [f"{row}, S-DEV checkpoint (step {selection['s_dev']['step']}):", "",
                       "| language | score |", "|---|---|",
                       *[f"| {language} | {100 * score:.1f} |" for language, score in selection["s_dev"]["test"].items()], ""]
+    versions = getattr(config, "versions", None) or {}
+    if versions:
+        trained = facts.get("trained_with") or {}
+        lines += ["## Versions", "",
+                  "Every load recomputes a few probe texts and compares them with the outputs recorded at export "
+                  "(`guard.safetensors`): a library that changes what this model computes is reported by a warning "
+                  "(`guard=\"strict\"` or `MTLLM_GUARD=strict` makes it an error; `mtllm verify PATH` prints every "
+                  "probe).", "",
+                  "| library | exported with | trained with |", "|---|---|---|",
+                  *[f"| {name} | {version} | {trained.get(name, '-')} |" for name, version in versions.items()], ""]
     usage = ('model.encode(["Ein Satz."], lang="deu_Latn")' if task is None
              else 'model.predict(["Ein Satz."], lang="deu_Latn")')
     lines += ["## Use", "", "```python", "from transformers import AutoModel", "",
@@ -301,14 +330,39 @@ def model_card(config: MTLLMConfig) -> str:
     return "\n".join(lines)
 
 
+def _index_results(task: dict, scores: dict) -> list[dict]:
+    """The Hub's model-index results: per benchmark row, the S-DEV checkpoint's test score per language and
+    their average, in percent."""
+    results = []
+    for row, selection in scores.items():
+        per_language = selection["s_dev"]["test"]
+        metrics = [{"type": task["metric"], "name": f"{task['metric']} ({language})", "value": round(100 * score, 2)}
+                   for language, score in per_language.items()]
+        metrics.append({"type": task["metric"], "name": f"{task['metric']} (average)",
+                        "value": round(100 * sum(per_language.values()) / len(per_language), 2)})
+        results.append({"task": {"type": "text-classification", "name": task["name"]},
+                        "dataset": {"name": row, "type": row.split(":")[0]}, "metrics": metrics})
+    return results
+
+
 def load_mtllm(path_or_hub_id: str | Path, device: str | torch.device | None = None,
-               dtype: torch.dtype | str | None = None) -> MTLLMModel:
+               dtype: torch.dtype | str | None = None, guard: str | None = None) -> MTLLMModel:
     """An exported MT-LLM (local folder or hub id), frozen, in eval mode: `encode(texts, lang=...)` for an
-    embedder, `predict(inputs, lang=...)` / `predict_proba` for a task model. Inputs follow its device."""
+    embedder, `predict(inputs, lang=...)` / `predict_proba` for a task model. Inputs follow its device.
+    guard: warn, strict or off: what a load does when the export computes other outputs than it recorded
+    (default: MTLLM_GUARD, else warn)."""
     if Path(path_or_hub_id).exists() and not _is_export(Path(path_or_hub_id)):
         raise ConfigError(f"{path_or_hub_id}: not an exported MT-LLM (no config.json of model_type mtllm); create "
                           f"one with `mtllm export`")
-    return MTLLMModel.from_pretrained(path_or_hub_id, device=device, dtype=dtype)
+    return MTLLMModel.from_pretrained(path_or_hub_id, device=device, dtype=dtype, guard=guard)
+
+
+def verify_export(path_or_hub_id: str | Path) -> guard.Report | None:
+    """`mtllm verify`: the export's probes recomputed against the recorded ones (None: it recorded none)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", guard.ExportDriftWarning)
+        model = load_mtllm(path_or_hub_id, guard="off")
+    return guard.compare(model, model.export_folder)
 
 
 def read_inputs(path: str | None, texts: list[str], model: MTLLMModel) -> list:

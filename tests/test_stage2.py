@@ -325,9 +325,19 @@ def test_exported_task_model_predicts_what_evaluate_scored(runs, tmp_path, capsy
     with torch.no_grad():
         _, logits, _ = reference.eval()(**inputs)
     assert predicted == [cfg.task.labels[k] for k in logits.argmax(-1).tolist()]
-    reported = json.loads((run / "results" / f"{'llm' if body == 'llm' else 'stack_s1_ft'}.json").read_text())
+    row = "llm" if body == "llm" else "stack_s1_ft"
+    reported = json.loads((run / "results" / f"{row}.json").read_text())
     accuracy = sum(p == cfg.task.labels[e["label"]] for p, e in zip(predicted, examples)) / len(examples)
     assert accuracy == pytest.approx(reported["selection"]["s_dev"]["test"]["nusax:ind"])
+    # The model card carries the evaluated numbers as the Hub's model-index (per language and the average).
+    import yaml
+
+    front = yaml.safe_load((tmp_path / "export" / "README.md").read_text().split("---")[1])
+    scores = reported["selection"]["s_dev"]["test"]
+    metrics = {metric["name"]: metric["value"] for result in front["model-index"][0]["results"]
+               if result["dataset"]["name"] == row for metric in result["metrics"]}
+    assert metrics[f"{cfg.task.metric} (nusax:ind)"] == round(100 * scores["nusax:ind"], 2)
+    assert metrics[f"{cfg.task.metric} (average)"] == round(100 * sum(scores.values()) / len(scores), 2)
     # The command line gives the same predictions, with probabilities.
     capsys.readouterr()
     assert main(["predict", "--model", str(tmp_path / "export"), "--lang", language.mt_code,

@@ -5,6 +5,11 @@ from __future__ import annotations
 from transformers import PretrainedConfig
 
 
+# The export format this code writes and reads: 3 added the load check (portable/guard.py: guard.safetensors, the
+# config's probe_record and versions); 2 and 1 load without it.
+FORMAT_VERSION = 3
+
+
 class MTLLMConfig(PretrainedConfig):
     """body: "stack" (MT encoder -> projection -> LLM + LoRA: the MT-LLM), "llm" (the LLM + LoRA on its own
     tokens) or "mt_encoder" (the MT encoder + LoRA).

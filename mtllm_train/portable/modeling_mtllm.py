@@ -17,8 +17,9 @@ from torch import nn
 from transformers import AutoModel, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutput
 
-from .configuration_mtllm import MTLLMConfig
+from .configuration_mtllm import FORMAT_VERSION, MTLLMConfig
 from .encoding import collate, encode_examples
+from .guard import check, guard_mode
 from .heads import ClassificationHead, MultipleChoiceHead, choice_pool
 from .pooling import pool
 from .tokens import InputError, pad_id, pad_right, set_source_language
@@ -76,11 +77,19 @@ class MTLLMModel(PreTrainedModel):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, config: MTLLMConfig | None = None,
                         device: str | torch.device | None = None, dtype: torch.dtype | str | None = None,
-                        **kwargs) -> MTLLMModel:
+                        guard: str | None = None, **kwargs) -> MTLLMModel:
         """Rebuild an exported MT-LLM (a local folder or a hub id), frozen, in eval mode, on `device` in `dtype`
-        (default: the dtype it was trained with). Other keyword arguments of transformers' loaders are ignored."""
+        (default: the dtype it was trained with), and check that it computes what it recorded at export
+        (guard: warn, strict or off; default: MTLLM_GUARD, else warn; see guard.py). Other keyword arguments
+        of transformers' loaders are ignored."""
+        mode = guard_mode(guard)
         folder = _local_folder(pretrained_model_name_or_path)
         config = config if isinstance(config, MTLLMConfig) else MTLLMConfig.from_pretrained(folder)
+        export_format = getattr(config, "export_format", 1)
+        if not isinstance(export_format, int) or export_format > FORMAT_VERSION:
+            raise InputError(f"{pretrained_model_name_or_path}: export format {export_format!r} is not one this code "
+                             f"reads (1 to {FORMAT_VERSION}); update mtllm-train, or load it with its own code: "
+                             f"AutoModel.from_pretrained(..., trust_remote_code=True)")
         frozen_dtype = DTYPES[config.frozen_dtype]
         mt_encoder = llm = projection = head = teacher_tokenizer = None
         if config.body in ("stack", "mt_encoder"):
@@ -116,7 +125,10 @@ class MTLLMModel(PreTrainedModel):
         tokenizer = AutoTokenizer.from_pretrained(str(folder), config=config)
         model = cls(config, mt_encoder, llm, projection, head, tokenizer, teacher_tokenizer)
         model.requires_grad_(False)
-        return model.to(device=device, dtype=DTYPES.get(dtype, dtype)).eval()
+        model = model.to(device=device, dtype=DTYPES.get(dtype, dtype)).eval()
+        model.export_folder = folder
+        check(model, folder, f"MT-LLM {pretrained_model_name_or_path}", mode)
+        return model
 
     @property
     def view(self) -> str:
@@ -205,20 +217,23 @@ class MTLLMModel(PreTrainedModel):
         return [{**example, "label": 0} for example in examples], single
 
     @torch.no_grad()
-    def predict_proba(self, inputs, lang: str | None = None, batch_size: int = 32) -> torch.Tensor:
-        """Class (or answer) probabilities [N, C] of a task model; one input gives [C]."""
+    def logits(self, inputs, lang: str | None = None, batch_size: int = 32) -> torch.Tensor:
+        """Class (or answer) logits [N, C] of a task model, float32; one input gives [C]."""
         if self.head is None:
             raise InputError("predict needs a task model (a stage-2 export); this export is an embedder: use encode")
         examples, single = self._examples(inputs)
         set_source_language(self.tokenizer, lang or self.config.source_language)
         items = encode_examples(examples, self.config.task["name"], self.tokenizer, self.config.view_max_length[self.view])
-        probabilities = []
+        logits = []
         for start in range(0, len(items), batch_size):
             batch, _ = collate(items[start:start + batch_size], pad_id(self.tokenizer))
-            logits = self.head(self.representation(**{k: v.to(self.device) for k, v in batch.items()}))
-            probabilities.append(logits.float().softmax(-1))
-        probabilities = torch.cat(probabilities)
-        return probabilities[0] if single else probabilities
+            logits.append(self.head(self.representation(**{k: v.to(self.device) for k, v in batch.items()})).float())
+        logits = torch.cat(logits)
+        return logits[0] if single else logits
+
+    def predict_proba(self, inputs, lang: str | None = None, batch_size: int = 32) -> torch.Tensor:
+        """Class (or answer) probabilities [N, C] of a task model; one input gives [C]."""
+        return self.logits(inputs, lang, batch_size).softmax(-1)
 
     def predict(self, inputs, lang: str | None = None, batch_size: int = 32):
         """Predicted label names (for multiple choice: the index of the answer), one per input."""
