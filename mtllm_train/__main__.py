@@ -27,6 +27,7 @@ EXAMPLES = {
     "predict": ['mtllm predict --model exports/tiny --lang deu_Latn "Ein Satz."',
                 "mtllm predict --model exports/nusax --lang jav_Latn --input texts.jsonl"],
     "verify": ["mtllm verify exports/tiny"],
+    "probe-set": ["mtllm probe-set --flores data/flores200_dataset --out data/flores200_dev_probe.jsonl"],
     "prepare-llm2vec": ["mtllm prepare-llm2vec --out models/llm2vec-llama3-8b"],
     "tiny-tokenizers": ["mtllm tiny-tokenizers"],
 }
@@ -106,6 +107,11 @@ def _train(args: argparse.Namespace) -> int:
             steps += f" ({summary['passes']:.2f} passes over the training data)"
         print(f"{steps}: loss {summary['losses'][0]:.4g} -> {summary['losses'][-1]:.4g}; run in {summary['run_dir']}"
               + (f" (then: mtllm evaluate --run {summary['run_dir']})" if stage2 else ""))
+        if "probe_best" in summary:
+            best = summary["probe_best"]
+            print(f"probe: best mean R@1 ({best['space']}) {best['value']:.3f} at step {best['step']}"
+                  + (f"; stopped early at step {summary['early_stopped']}" if "early_stopped" in summary else "")
+                  + f" (mtllm export --run {summary['run_dir']} --best)")
     return 0
 
 
@@ -117,9 +123,16 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
-    from mtllm_train.export import export_run
+    from pathlib import Path
 
-    out = export_run(args.run, args.out, args.step, args.force, args.merge)
+    from mtllm_train.config import ConfigError
+    from mtllm_train.export import export_run
+    from mtllm_train.probe import best_step
+
+    if args.best and args.step is not None:
+        raise ConfigError("mtllm export: give --step or --best, not both")
+    step = best_step(Path(args.run)) if args.best else args.step
+    out = export_run(args.run, args.out, step, args.force, args.merge)
     print(f"exported to {out}; load it with mtllm_train.export.load_mtllm({str(out)!r}), transformers' AutoModel "
           f"(trust_remote_code=True), or try it: mtllm predict --model {out} TEXT")
 
@@ -162,6 +175,14 @@ def _verify(args: argparse.Namespace) -> int:
         return 1
     print("ok: every probe within the tolerance")
     return 0
+
+
+def _probe_set(args: argparse.Namespace) -> None:
+    from mtllm_train.probe import FLORES_PROBE_LANGUAGES, flores_probe_set
+
+    languages = tuple(args.langs.split(",")) if args.langs else FLORES_PROBE_LANGUAGES
+    written = flores_probe_set(args.flores, args.out, languages, args.split, args.sentences)
+    print(f"wrote {written} sentence pairs to {args.out} (set probe.sets: [{args.out}])")
 
 
 def _prepare_llm2vec(args: argparse.Namespace) -> None:
@@ -261,6 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--step", type=int, default=None,
                         help="checkpoint step (default: the newest; a stage-2 run: its S-DEV checkpoint)")
     export.add_argument("--out", default=None, help="a new or empty folder (default: RUN/export)")
+    export.add_argument("--best", action="store_true", help="the checkpoint the multilingual probe found best "
+                                                            "(stage 1 with probe.every)")
     export.add_argument("--force", action="store_true", help="replace an earlier export in --out (nothing else)")
     export.add_argument("--merge", action="store_true", help="merge the LoRA into the LLM (bfloat16; no peft needed)")
     export.set_defaults(func=_export)
@@ -272,6 +295,15 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "(text; premise + hypothesis; passage + question + answers)")
     predict.add_argument("texts", nargs="*", help="texts to read (single-text models: embedders, sentiment)")
     predict.set_defaults(func=_predict)
+
+    probe_set = command("probe-set", "a multilingual probe set (probe.sets) from a FLORES-200 release folder")
+    probe_set.add_argument("--flores", required=True, help="the FLORES-200 folder (holding dev/ and devtest/)")
+    probe_set.add_argument("--out", required=True, help="the jsonl to write")
+    probe_set.add_argument("--langs", default=None, help="comma-separated FLORES-200 codes (default: 24 languages "
+                                                         "across scripts and resource levels)")
+    probe_set.add_argument("--split", default="dev", help="dev (default) or devtest")
+    probe_set.add_argument("--sentences", type=int, default=200, help="sentences per language (default 200)")
+    probe_set.set_defaults(func=_probe_set)
 
     verify = command("verify", "check that an export computes what it recorded when exported (exit 1 if not)")
     verify.add_argument("model", help="an export folder (mtllm export) or a hub id")

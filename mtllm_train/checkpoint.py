@@ -234,9 +234,10 @@ class Checkpoints:
         return not all_reduce(flag, torch.distributed.ReduceOp.MAX).item()
 
     def save(self, step: int, *, meta: dict, keep_last: int, keep_steps: set[int] | None = None,
-             reader_state: dict | None = None) -> Path:
-        """Save, commit, then prune: keep the newest `keep_last` complete checkpoints or, when `keep_steps` is
-        given (stage 2 keeps what checkpoint selection needs), those steps and the newest."""
+             reader_state: dict | None = None, keep_best: int | None = None) -> Path:
+        """Save, commit, then prune: keep the newest `keep_last` complete checkpoints (and step `keep_best`: the
+        stage-1 probe's best) or, when `keep_steps` is given (stage 2 keeps what checkpoint selection needs),
+        those steps and the newest."""
         dist_info = self.dist_info
         path = self._step_dir(step)
         if dist_info.is_main and path.exists():
@@ -256,7 +257,7 @@ class Checkpoints:
                 failure = err
         self._agree_on_write(failure, step, path)  # also the barrier before any rank reads what was saved
         if dist_info.is_main:
-            self._prune(step, path, keep_last, keep_steps)
+            self._prune(step, path, keep_last, keep_steps, keep_best)
         return path
 
     def _agree_on_write(self, failure: BaseException | None, step: int, path: Path) -> None:
@@ -280,7 +281,8 @@ class Checkpoints:
             "files": {str(f.relative_to(path)): sha256_file(f) for f in files}}, indent=1))
         write_atomic(path / COMMIT, str(step))
 
-    def _prune(self, step: int, path: Path, keep_last: int, keep_steps: set[int] | None) -> None:
+    def _prune(self, step: int, path: Path, keep_last: int, keep_steps: set[int] | None,
+               keep_best: int | None = None) -> None:
         """Keep the newest `keep_last` complete checkpoints up to `step` (or, with `keep_steps`, those steps and the
         newest). Checkpoints after `step` go first: the run went back past them (they were damaged), so they belong
         to a trajectory it left, and must not take the places of the sound ones."""
@@ -288,7 +290,7 @@ class Checkpoints:
         current = [(s, p) for s, p in complete if s <= step]
         abandoned = [(s, p) for s, p in complete if s > step]
         if keep_steps is None:
-            pruned = current[:-keep_last]
+            pruned = [(s, p) for s, p in current[:-keep_last] if s != keep_best]
         else:
             pruned = [(s, p) for s, p in current[:-1] if s not in keep_steps]
         for _, old in abandoned + pruned:

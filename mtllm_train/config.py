@@ -143,6 +143,18 @@ class DistributedConfig:
 
 
 @dataclass
+class ProbeConfig:
+    sets: list = option([], "bitext files for the multilingual probe (jsonl / tsv / parquet: lang, text, english; "
+                            "lang a FLORES-200 code), e.g. shards/sample/bitext_probe.jsonl")
+    every: int = option(0, "run the probe every N steps and after the last: X <-> English retrieval R@1 per "
+                           "language; 0: never")
+    select: str = option("stack", "the mean R@1 that picks the best checkpoint (kept through pruning; mtllm export "
+                                  "--best): stack (X and English both read by the stack: the exported embedder) or "
+                                  "teacher (English read by the teacher: what stage 1 trains)")
+    patience: int = option(0, "stop early when the probe has not improved for this many probes; 0: never")
+
+
+@dataclass
 class CheckpointConfig:
     every: int = option(1000, "checkpoint every N steps (and at the end, and on preemption)")
     keep_last: int = option(2, "complete checkpoints kept (at least 2)")
@@ -200,6 +212,7 @@ class Config:
     data: DataConfig = option(DataConfig, "")
     train: TrainConfig = option(TrainConfig, "")
     loss: LossConfig = option(LossConfig, "")
+    probe: ProbeConfig = option(ProbeConfig, "")
     optim: OptimConfig = option(OptimConfig, "")
     distributed: DistributedConfig = option(DistributedConfig, "")
     checkpoint: CheckpointConfig = option(CheckpointConfig, "")
@@ -218,6 +231,7 @@ def stored_quantization(model: ModelConfig) -> str:
 CHOICES = {
     "model.quantization": ("none", *FOUR_BIT, "fp8"),
     "model.fp8_scaling": ("rowwise", "tensorwise"),
+    "probe.select": ("stack", "teacher"),
     "model.pooling": POOLINGS,
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.quant_compute_dtype": ("float32", "bfloat16", "float16"),
@@ -339,7 +353,8 @@ def validate(cfg: Config) -> Config:
     non_negative = {"data.num_workers": cfg.data.num_workers, "optim.weight_decay": cfg.optim.weight_decay,
                     "train.grad_clip": cfg.train.grad_clip, "data.eval_every": cfg.data.eval_every,
                     "data.eval_batches": cfg.data.eval_batches, "loss.sequence_weight": cfg.loss.sequence_weight,
-                    "loss.span_weight": cfg.loss.span_weight, "loss.contrastive_weight": cfg.loss.contrastive_weight}
+                    "loss.span_weight": cfg.loss.span_weight, "loss.contrastive_weight": cfg.loss.contrastive_weight,
+                    "probe.every": cfg.probe.every, "probe.patience": cfg.probe.patience}
     for key, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"{key}: expected a value >= 0, got {value!r}")
@@ -352,6 +367,9 @@ def validate(cfg: Config) -> Config:
     if cfg.loss.contrastive_weight and cfg.data.micro_batch_size < 2:
         raise ConfigError(f"loss.contrastive_weight: in-batch negatives need data.micro_batch_size >= 2, got "
                           f"{cfg.data.micro_batch_size}")
+    if cfg.probe.every and not cfg.probe.sets:
+        raise ConfigError(f"probe.every: {cfg.probe.every} but probe.sets is empty; expected bitext files (e.g. "
+                          f"shards/sample/bitext_probe.jsonl)")
     if cfg.data.eval_every and not cfg.data.eval_shards:
         raise ConfigError(f"data.eval_every: {cfg.data.eval_every} but data.eval_shards is empty; expected a held-out "
                           f"shard folder")
@@ -437,7 +455,7 @@ INLINE_MODEL_KEYS = ("mt_encoder", "llm", "translator")
 # against the file's folder, in an override against the current folder. Run folders (run.dir, task.init_from,
 # task.teacher, task.cache_dir) are where the user works, so they stay relative to the current folder.
 INPUT_PATH_KEYS = ("data.shards", "data.eval_shards", "distributed.deepspeed_config", "task.train", "task.source_dev",
-                   "task.eval.dev", "task.eval.test")
+                   "task.eval.dev", "task.eval.test", "probe.sets")
 # A model or tokenizer is also a hub id: it is a path when it starts with ./ or ../ or exists there (or, from a
 # config file, in the current folder, where the paper configs' `models/...` folders are made).
 MODEL_PATH_KEYS = ("model.mt_encoder", "model.llm", "model.mt_tokenizer", "model.llm_tokenizer", "task.translator",
@@ -446,7 +464,9 @@ MODEL_PATH_KEYS = ("model.mt_encoder", "model.llm", "model.mt_tokenizer", "model
 
 def resolve_input_path(key: str, value: Any, folder: Path) -> Any:
     """`value` of option `key` as an absolute path when it is a relative input path (URLs, pipe: commands, hub
-    ids, inline configs and absolute paths are returned as they are)."""
+    ids, inline configs and absolute paths are returned as they are); a list of them (probe.sets) item by item."""
+    if isinstance(value, list) and key in INPUT_PATH_KEYS:
+        return [resolve_input_path(key, item, folder) for item in value]
     if key not in INPUT_PATH_KEYS + MODEL_PATH_KEYS or not isinstance(value, str) or not value:
         return value
     if "://" in value or value.startswith("pipe:") or Path(value).is_absolute():

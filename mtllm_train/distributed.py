@@ -84,6 +84,21 @@ def all_reduce(tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
     return tensor
 
 
+def stop_together(work, device: torch.device, what: str):
+    """work()'s result; when it fails with a ConfigError on any rank, every rank stops (the failing one with its
+    error, the others with one line), so none waits in a collective for a rank that is gone."""
+    try:
+        result, error = work(), None
+    except ConfigError as err:
+        result, error = None, err
+    failed = int(all_reduce(torch.tensor([float(error is not None)], device=device)).item())
+    if error is not None:
+        raise error
+    if failed:
+        raise ConfigError(f"{failed} other rank(s) could not {what} (their error names the cause); stopping")
+    return result
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

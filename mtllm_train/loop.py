@@ -44,7 +44,7 @@ _held_locks: dict[Path, int] = {}  # run folder -> the open lock file of this pr
 # Settings a resumed run may change: how it logs, checkpoints and waits, and how fast it computes; every other
 # setting shapes the trajectory the checkpoints belong to.
 MAY_CHANGE_ON_RESUME = ("run.dir", "logging.", "checkpoint.every", "checkpoint.keep_last", "distributed.timeout_minutes",
-                        "model.compile", "model.activation_checkpointing", "data.skip_bad_samples", "data.pad_multiple", "data.eval_", "task.cache_dir",
+                        "model.compile", "model.activation_checkpointing", "data.skip_bad_samples", "data.pad_multiple", "data.eval_", "probe.", "task.cache_dir",
                         "task.cache_teacher", "task.eval_batch_size")
 
 
@@ -187,7 +187,8 @@ def setup_backend(module: nn.Module, cfg: Config, dist_info: Dist, accumulation:
 
 def end_of_step(step: int, save_due: bool, *, preemption: Preemption, checkpoints: Checkpoints,
                 logger: MetricsLogger, summary: dict, device: torch.device, keep_last: int,
-                keep_steps: set[int] | None = None, reader_state: dict | None = None) -> bool:
+                keep_steps: set[int] | None = None, reader_state: dict | None = None,
+                keep_best: int | None = None) -> bool:
     """After optimizer step `step`: the ranks agree on preemption, save when due or preempted, and on
     preemption clear the STOP file and say so. Returns True when the loop must stop."""
     preempted = preemption.agreed(device)
@@ -196,7 +197,7 @@ def end_of_step(step: int, save_due: bool, *, preemption: Preemption, checkpoint
                              f"not saved: a rerun resumes from the newest checkpoint")
     if save_due or preempted:
         checkpoints.save(step, meta={"wandb_id": logger.wandb_id}, keep_last=keep_last, keep_steps=keep_steps,
-                         reader_state=reader_state)
+                         reader_state=reader_state, keep_best=keep_best)
     if preempted:
         preemption.served()
         logger.message(f"preempted: saved step {step}; rerun the same command to resume")

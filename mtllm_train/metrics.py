@@ -236,11 +236,12 @@ class MetricsLogger:
             record = {**record, "resumed": True}
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{record['loss']:.4g}", lr=f"{record['lr']:.2e}")
-        if self.plain_every and (record["step"] % self.plain_every == 0 or record["step"] == self.total_steps):
+        if (self.plain_every and (record["step"] % self.plain_every == 0 or record["step"] == self.total_steps)) \
+                or "probe_stack_mean" in record:  # a probe's result is always shown
             self.bar.write(self._progress_line(record), file=sys.stderr)
         # Evaluations, the last step and a resume's first step (the plot marks it) are written whatever the grid.
-        if record["step"] % self.cfg.every and "eval_fvu" not in record and "resumed" not in record \
-                and record["step"] != self.total_steps:
+        if record["step"] % self.cfg.every and "eval_fvu" not in record and "probe_stack_mean" not in record \
+                and "resumed" not in record and record["step"] != self.total_steps:
             return
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
@@ -253,6 +254,8 @@ class MetricsLogger:
         parts = [f"step {record['step']}/{self.total_steps}", f"loss {record['loss']:.4g}"]
         parts += [f"fvu {record['fvu']:.3f}"] if "fvu" in record else []
         parts += [f"lr {record['lr']:.2e}"]
+        parts += [f"probe R@1 {record['probe_stack_mean']:.3f} (teacher {record['probe_teacher_mean']:.3f})"] \
+            if "probe_stack_mean" in record else []
         if "llm_tokens_per_s" in record:
             parts += [f"tokens/s {record['llm_tokens_per_s'] + record['mt_tokens_per_s']:.0f}"]
         return "  ".join(parts + [f"eta {time.strftime('%H:%M:%S', time.gmtime(eta))}"])
@@ -283,7 +286,8 @@ def loss_figure(records: list[dict], title: str):
     resumed_at = [r["step"] - 1 for r in records if r.get("resumed")]
     panels = [("loss", "loss", "log"), ("fvu", "FVU", "linear"), ("lr", "learning rate", "linear"),
               ("grad_norm", "gradient norm", "log")]
-    figure, axes = plt.subplots(1, 4, figsize=(16, 3.6))
+    probed = [r for r in records if "probe_stack_mean" in r]
+    figure, axes = plt.subplots(1, 5 if probed else 4, figsize=(20 if probed else 16, 3.6))
     for axis, (key, label, scale) in zip(axes, panels):
         axis.plot(steps, [r.get(key, float("nan")) for r in records], color="tab:blue",
                   label="training (sequence)" if key == "fvu" else None)
@@ -300,9 +304,26 @@ def loss_figure(records: list[dict], title: str):
                      marker="o", label="held-out")
     axes[1].axhline(1.0, color="tab:red", linestyle="--", label="FVU = 1 (the teacher's mean)")
     axes[1].legend(fontsize=8)
+    if probed:
+        probe_panel(axes[4], probed)
     figure.suptitle(title)
     figure.tight_layout()
     return figure
+
+
+def probe_panel(axis, records: list[dict]) -> None:
+    """The multilingual probe: R@1 per language in the stack space (both directions' mean), and the means."""
+    steps = [r["step"] for r in records]
+    languages = sorted({key.removeprefix("probe_stack_x2en_") for key in records[-1] if key.startswith("probe_stack_x2en_")})
+    for language in languages:
+        axis.plot(steps, [(r[f"probe_stack_x2en_{language}"] + r[f"probe_stack_en2x_{language}"]) / 2 for r in records],
+                  linewidth=1, alpha=0.7, label=language)
+    axis.plot(steps, [r["probe_stack_mean"] for r in records], color="black", linewidth=2.5, marker="o", label="mean")
+    axis.plot(steps, [r["probe_teacher_mean"] for r in records], color="black", linestyle="--", linewidth=1.5,
+              label="mean, English by the teacher")
+    axis.set(xlabel="step", ylabel="R@1", ylim=(0, 1.02), title="probe: X <-> English retrieval")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7, ncol=2)
 
 
 def plot_loss_curve(run_dir: Path) -> Path:

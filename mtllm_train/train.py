@@ -19,7 +19,8 @@ from mtllm_train.config import Config, ConfigError, LossConfig, to_dict
 from mtllm_train.data.manifest import check_tokenizers, require_word_spans
 from mtllm_train.data.reader import BatchReader
 from mtllm_train.data.tar_reader import ShardError
-from mtllm_train.distributed import all_reduce, compile_layers, gradient_sync, init_distributed, shutdown
+from mtllm_train.distributed import (all_reduce, compile_layers, gradient_sync, init_distributed, shutdown,
+                                     stop_together)
 from mtllm_train.loop import (Preemption, accumulation_steps, autocast, backward, check_finite_loss, end_of_step,
                               new_summary, open_run_folder, optimizer_step, setup_backend)
 from mtllm_train.metrics import (MetricsLogger, StepStatistics, flop_shape, peak_flops, peak_memory_gb, plot_loss_curve,
@@ -29,6 +30,7 @@ from mtllm_train.model.loss import contrastive_losses, span_count, span_squared_
 from mtllm_train.model.projection_init import fit_projection
 from mtllm_train.model.stack import StackOutput, build_stack
 from mtllm_train.model.tokenizers import fingerprint, tokenizer_spec, view_tokenizer
+from mtllm_train.probe import BitextProbe, probe_due
 
 VIEWS = ("mt_input_ids", "mt_attention_mask", "llm_input_ids", "llm_attention_mask")
 WORD_IDS = ("mt_word_ids", "llm_word_ids")  # each token's word span (-1: none), in shards built with spans
@@ -150,6 +152,8 @@ def train(cfg: Config) -> dict:
         require_word_spans(reader.manifest, cfg.data.shards, "model.projection_init=least_squares")
     eval_reader = shard_reader(cfg.data.eval_shards, 0) if cfg.data.eval_every else None
     eval_batches = min(cfg.data.eval_batches or 10**9, eval_reader.epoch_batches(0)) if eval_reader else 0
+    probe = stop_together(lambda: BitextProbe(cfg, dist_info, run_dir), device, "read the probe sets") \
+        if cfg.probe.every else None
 
     # The stack (U fit first when asked, unless a checkpoint will replace it), its backend wrapper, optimizer and
     # schedule.
@@ -240,6 +244,10 @@ def train(cfg: Config) -> dict:
             }
             if eval_reader and ((step + 1) % cfg.data.eval_every == 0 or step + 1 == cfg.train.steps):
                 record.update(evaluate_held_out(model, eval_reader, eval_batches, cfg, device))
+            probe_best = False
+            if probe and probe_due(cfg.probe, step + 1, cfg.train.steps):
+                record.update(probe.run(model, device, lambda: autocast(cfg, device)))
+                probe_best = probe.update_best(step + 1, record)  # saved below, and kept through pruning
             if flops_peak:
                 flops = step_flops(llm_flops, encoder_flops, totals.llm_computed, totals.llm_pairs, totals.mt_computed,
                                    totals.mt_pairs)
@@ -249,11 +257,21 @@ def train(cfg: Config) -> dict:
             summary["end_step"] = step + 1
             summary["passes"] = (step + 1) * cfg.train.global_batch_size / reader.manifest["totals"]["samples"]
 
-            save_due = (step + 1) % cfg.checkpoint.every == 0 or step + 1 == cfg.train.steps
+            stop_early = probe is not None and probe.should_stop() and step + 1 < cfg.train.steps
+            save_due = (step + 1) % cfg.checkpoint.every == 0 or step + 1 == cfg.train.steps or probe_best or stop_early
             if end_of_step(step + 1, save_due, preemption=preemption, checkpoints=checkpoints, logger=logger,
                            summary=summary, device=device, keep_last=cfg.checkpoint.keep_last,
-                           reader_state=reader.state_dict()):
+                           reader_state=reader.state_dict(), keep_best=probe.best_step if probe else None):
                 break
+            if stop_early:
+                best = probe.best
+                logger.message(f"early stop at step {step + 1}: the probe's mean R@1 ({best['space']}) has not "
+                               f"improved on step {best['step']}'s {best['value']:.3f} for {best['probes_since']} "
+                               f"probes; {cfg.train.steps - step - 1} steps not run")
+                summary["early_stopped"] = step + 1
+                break
+    if probe is not None and probe.best is not None:
+        summary["probe_best"] = probe.best
     if dist_info.is_main and summary["losses"]:
         plot_loss_curve(run_dir)
     shutdown()

@@ -16,9 +16,11 @@ from mtllm_train.train import train
 
 STEPS = 40
 # No LoRA dropout: 1 process and 2 ranks then compute the same function (dropout streams are per rank). Every
-# loss term (sequence, word-span, in-batch contrastive) and a held-out evaluation, so each is tested across ranks.
+# loss term (sequence, word-span, in-batch contrastive), a held-out evaluation and the multilingual probe, so
+# each is tested across ranks.
 COMMON = {"train.steps": STEPS, "checkpoint.every": 10, "model.lora.dropout": 0.0, "loss.span_weight": 0.5,
-          "loss.contrastive_weight": 0.1, "data.eval_every": 20}
+          "loss.contrastive_weight": 0.1, "data.eval_every": 20, "probe.every": 20,
+          "probe.sets": "[shards/sample/bitext_probe.jsonl]"}
 
 
 def _torchrun(run_dir, shards, name, backend, entry=("-m", "mtllm_train"), **overrides):
@@ -51,7 +53,7 @@ def reference(tmp_path_factory, train_shards):
     run_dir = tmp_path_factory.mktemp("reference")
     train(load_config("configs/tiny.yaml", train_overrides(run_dir, train_shards, **{
         **COMMON, "run.name": "one", "data.num_workers": 2, "data.eval_shards": str(train_shards)})))
-    return [m["loss"] for m in read_metrics(run_dir / "one")]
+    return read_metrics(run_dir / "one")
 
 
 @pytest.mark.parametrize("backend", ["ddp", "fsdp", "deepspeed"])
@@ -67,7 +69,12 @@ def test_two_ranks_train_match_one_process_and_resume(tmp_path, train_shards, re
     assert output.count("steps 0 -> 40") == 1, "only rank 0 reports"
     # Same samples in every global batch; only the order of float sums differs (ddp measured exact, fsdp and
     # deepspeed within 1e-7 relative on this machine).
-    torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor([m["loss"] for m in reference]), rtol=1e-5, atol=1e-7)
+    # The probe: each rank encodes its share; the gathered vectors give the one-process numbers.
+    probed = [{k: v for k, v in m.items() if k.startswith("probe_")} for m in records if "probe_stack_mean" in m]
+    expected = [{k: v for k, v in m.items() if k.startswith("probe_")} for m in reference if "probe_stack_mean" in m]
+    assert len(probed) == len(expected) == 2 and len(probed[0]) == 2 * 2 * 5 + 2  # spaces x directions x languages
+    assert all(ours == pytest.approx(theirs, abs=1e-6) for ours, theirs in zip(probed, expected))
 
     stopped = _run_preempted(tmp_path, train_shards, "preempted", backend)
     assert 1 <= stopped < STEPS

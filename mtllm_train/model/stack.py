@@ -87,12 +87,14 @@ class MTLLM(nn.Module):
     def student_pooled(self, mt_input_ids: torch.Tensor, mt_attention_mask: torch.Tensor) -> torch.Tensor:
         return pool(self.student_hidden(mt_input_ids, mt_attention_mask), mt_attention_mask, self.pooling)
 
-    def forward(self, mt_input_ids, mt_attention_mask, llm_input_ids, llm_attention_mask):
-        """One call for both views, so DDP / FSDP / DeepSpeed wrappers see a single forward."""
-        teacher_hidden = self.teacher_hidden(llm_input_ids, llm_attention_mask)
-        student_hidden = self.student_hidden(mt_input_ids, mt_attention_mask)
-        return StackOutput(pool(student_hidden, mt_attention_mask, self.pooling),
-                           pool(teacher_hidden, llm_attention_mask, self.pooling), student_hidden, teacher_hidden)
+    def forward(self, mt_input_ids=None, mt_attention_mask=None, llm_input_ids=None, llm_attention_mask=None):
+        """One call for both views, so DDP / FSDP / DeepSpeed wrappers see a single forward. A view left out is
+        not computed (its fields are None): the probe encodes one side at a time."""
+        teacher_hidden = None if llm_input_ids is None else self.teacher_hidden(llm_input_ids, llm_attention_mask)
+        student_hidden = None if mt_input_ids is None else self.student_hidden(mt_input_ids, mt_attention_mask)
+        return StackOutput(None if student_hidden is None else pool(student_hidden, mt_attention_mask, self.pooling),
+                           None if teacher_hidden is None else pool(teacher_hidden, llm_attention_mask, self.pooling),
+                           student_hidden, teacher_hidden)
 
 
 def lora_train_mode(model: nn.Module, mode: bool) -> None:

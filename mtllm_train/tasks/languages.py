@@ -33,7 +33,7 @@ def resolve(code: str, benchmark: str, mt_codes: set[str], fallbacks: dict[str, 
     lacks to a code it has (say so in the config: e.g. {"nij": "ind_Latn"}).
     """
     fallbacks = fallbacks or {}
-    if benchmark == "belebele":
+    if benchmark in ("belebele", "flores"):  # FLORES-200 codes already (flores: stage 1's probe sets)
         table = {c: c for c in mt_codes}
     elif benchmark in BENCHMARKS:
         table = BENCHMARKS[benchmark]
