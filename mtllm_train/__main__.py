@@ -10,6 +10,7 @@ import difflib
 import re
 import sys
 import textwrap
+import warnings
 from importlib.metadata import PackageNotFoundError, version
 
 EXAMPLES = {
@@ -27,6 +28,8 @@ EXAMPLES = {
     "predict": ['mtllm predict --model exports/tiny --lang deu_Latn "Ein Satz."',
                 "mtllm predict --model exports/nusax --lang jav_Latn --input texts.jsonl"],
     "verify": ["mtllm verify exports/tiny"],
+    "evaluate-embedder": ["mtllm evaluate-embedder --model exports/tiny --bitext shards/sample/bitext_probe.jsonl "
+                          "--out exports/tiny_bitext"],
     "probe-set": ["mtllm probe-set --flores data/flores200_dataset --out data/flores200_dev_probe.jsonl"],
     "prepare-llm2vec": ["mtllm prepare-llm2vec --out models/llm2vec-llama3-8b"],
     "tiny-tokenizers": ["mtllm tiny-tokenizers"],
@@ -185,6 +188,17 @@ def _probe_set(args: argparse.Namespace) -> None:
     print(f"wrote {written} sentence pairs to {args.out} (set probe.sets: [{args.out}])")
 
 
+def _evaluate_embedder(args: argparse.Namespace) -> None:
+    from transformers.utils import logging as transformers_logging
+
+    from mtllm_train.probe import evaluate_embedder
+
+    transformers_logging.disable_progress_bar()
+    evaluate_embedder(args.model, args.bitext, args.out)
+    print(open(f"{args.out}.md", encoding="utf-8").read(), end="")
+    print(f"(written to {args.out}.json and {args.out}.md)")
+
+
 def _prepare_llm2vec(args: argparse.Namespace) -> None:
     from mtllm_train.llm2vec import prepare_llm2vec
 
@@ -305,6 +319,14 @@ def build_parser() -> argparse.ArgumentParser:
     probe_set.add_argument("--sentences", type=int, default=200, help="sentences per language (default 200)")
     probe_set.set_defaults(func=_probe_set)
 
+    embedder = command("evaluate-embedder", "bitext retrieval per language of a stage-1 export, beside the LLM alone "
+                                            "and the MT encoder alone")
+    embedder.add_argument("--model", required=True, help="a stage-1 export folder (mtllm export) or a hub id")
+    embedder.add_argument("--bitext", required=True, action="append",
+                          help="a bitext set (jsonl / tsv / parquet: lang, text, english); repeat for more")
+    embedder.add_argument("--out", default="embedder_eval", help="OUT.json and OUT.md (default embedder_eval)")
+    embedder.set_defaults(func=_evaluate_embedder)
+
     verify = command("verify", "check that an export computes what it recorded when exported (exit 1 if not)")
     verify.add_argument("model", help="an export folder (mtllm export) or a hub id")
     verify.set_defaults(func=_verify)
@@ -332,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     from mtllm_train.portable.tokens import InputError
 
     args = build_parser().parse_args(argv)
+    # A warning (an export's load check, a library's notice) is one line on the console, like an error.
+    warnings.formatwarning = lambda message, category, *_: f"mtllm: warning: {message}\n"
     try:
         return args.func(args) or 0
     except (ConfigError, InputError) as err:

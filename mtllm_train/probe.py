@@ -114,6 +114,27 @@ def recall_at_1(queries: torch.Tensor, candidates: torch.Tensor, targets: torch.
     return (similarity.argmax(-1) == targets).float().mean().item()
 
 
+def by_language(bitext: Bitext) -> dict[str, list[int]]:
+    """Each language's pair indices, in file order."""
+    rows: dict[str, list[int]] = {}
+    for index, lang in enumerate(bitext.langs):
+        rows.setdefault(lang, []).append(index)
+    return rows
+
+
+def retrieval_scores(bitext: Bitext, translated: dict[str, torch.Tensor], english: torch.Tensor) -> dict[str, float]:
+    """R@1 both ways for each language of `translated` (its sentences' vectors, in file order) against the set's
+    English vectors: {"x2en_<lang>": X -> English among all the set's English sentences, "en2x_<lang>": each of
+    the English sentences it translates -> X among the language's sentences}."""
+    scores = {}
+    for lang, rows in by_language(bitext).items():
+        vectors = translated[lang]
+        targets = torch.tensor([bitext.english_index[k] for k in rows], device=vectors.device)
+        scores[f"x2en_{lang}"] = recall_at_1(vectors, english, targets)
+        scores[f"en2x_{lang}"] = recall_at_1(english[targets], vectors, torch.arange(len(rows), device=vectors.device))
+    return scores
+
+
 class BitextProbe:
     def __init__(self, cfg: Config, dist_info: Dist, run_dir: Path):
         self.cfg, self.dist_info, self.run_dir = cfg, dist_info, run_dir
@@ -177,16 +198,12 @@ class BitextProbe:
                                                                  device, autocast)
             english = {"teacher": self.teacher_english[bitext.name],
                        "stack": self._stack_texts(model, bitext.english, ENGLISH, device, autocast)}
-            for lang in dict.fromkeys(bitext.langs):
-                rows = [k for k, code in enumerate(bitext.langs) if code == lang]
-                targets = torch.tensor([bitext.english_index[k] for k in rows], device=device)
-                translated = self._stack_texts(model, [bitext.texts[k] for k in rows], lang, device, autocast)
-                key = self._language_key(bitext, lang)
-                for space in SPACES:
-                    record[f"probe_{space}_x2en_{key}"] = recall_at_1(translated, english[space], targets)
-                    own = english[space][targets]  # the English sentences this language translates
-                    record[f"probe_{space}_en2x_{key}"] = recall_at_1(
-                        own, translated, torch.arange(len(rows), device=device))
+            translated = {lang: self._stack_texts(model, [bitext.texts[k] for k in rows], lang, device, autocast)
+                          for lang, rows in by_language(bitext).items()}
+            for space in SPACES:
+                for name, value in retrieval_scores(bitext, translated, english[space]).items():
+                    direction, lang = name.split("_", 1)
+                    record[f"probe_{space}_{direction}_{self._language_key(bitext, lang)}"] = value
         model.train()
         for space in SPACES:
             values = [value for name, value in record.items() if name.startswith(f"probe_{space}_")]
@@ -242,6 +259,65 @@ def flores_probe_set(flores_dir: str, out: str, languages: tuple[str, ...] = FLO
             for code in languages for text, source in zip(lines(code), english)]
     write_atomic(Path(out), "\n".join(rows) + "\n")
     return len(rows)
+
+
+# evaluate_embedder's rows: (name, how X is read, how English is read); stack = the export, teacher = the LLM
+# alone on its own tokens, mt = the MT encoder alone (mean-pooled).
+EMBEDDER_ROWS = (("MT-LLM (X and English by the stack)", "stack", "stack"),
+                 ("MT-LLM X against the teacher's English", "stack", "teacher"),
+                 ("the LLM alone reading X (baseline)", "teacher", "teacher"),
+                 ("the MT encoder alone, mean-pooled (baseline)", "mt", "mt"))
+
+
+def evaluate_embedder(export: str, sets: list[str], out: str) -> dict:
+    """`mtllm evaluate-embedder`: per-language bitext mining of a stage-1 export against the two baselines;
+    OUT.json and OUT.md. R@1 per language is the mean of both directions."""
+    from mtllm_train.export import load_mtllm
+
+    model = load_mtllm(export)
+    if model.config.body != "stack" or model.head is not None:
+        raise ConfigError(f"--model {export}: evaluate-embedder reads a stage-1 embedder export (an MT-LLM stack "
+                          f"without a task head); this one is a {model.config.body} "
+                          f"{'task model' if model.head is not None else 'model'}")
+    teacher = model.teacher_tokenizer is not None and not model.config.merged
+
+    def read(texts: list[str], lang: str, how: str) -> torch.Tensor:
+        if how == "stack":
+            return model.encode(texts, lang=lang)
+        if how == "teacher":
+            return model.encode_teacher(texts)
+        return model.encode_mt_encoder(texts, lang=lang)
+
+    codes = set(model.config.languages) or {ENGLISH}
+    table = {}
+    for path in sets:
+        bitext = read_bitext(path, codes)
+        for name, x_side, english_side in EMBEDDER_ROWS:
+            if "teacher" in (x_side, english_side) and not teacher:
+                continue
+            english = read(bitext.english, ENGLISH, english_side)
+            translated = {lang: read([bitext.texts[k] for k in rows], lang, x_side)
+                          for lang, rows in by_language(bitext).items()}
+            scores = retrieval_scores(bitext, translated, english)
+            row = table.setdefault(name, {})
+            for lang in translated:
+                row[f"{bitext.name}.{lang}" if len(sets) > 1 else lang] = {
+                    "x2en": scores[f"x2en_{lang}"], "en2x": scores[f"en2x_{lang}"]}
+    for row in table.values():
+        row["mean"] = sum((v["x2en"] + v["en2x"]) / 2 for v in row.values()) / len(row)
+    result = {"model": str(export), "sets": list(sets), "rows": table}
+    languages = [key for key in next(iter(table.values())) if key != "mean"]
+    names = list(table)
+    lines = ["| language | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for lang in languages:
+        lines.append(f"| {lang} | " + " | ".join(f"{(table[n][lang]['x2en'] + table[n][lang]['en2x']) / 2:.3f}"
+                                              for n in names) + " |")
+    lines.append("| mean | " + " | ".join(f"{table[n]['mean']:.3f}" for n in names) + " |")
+    markdown = (f"Bitext retrieval R@1 (mean of X -> English and English -> X) of {export} on "
+                f"{', '.join(sets)}\n\n" + "\n".join(lines) + "\n")
+    write_atomic(Path(f"{out}.json"), json.dumps(result, indent=1))
+    write_atomic(Path(f"{out}.md"), markdown)
+    return result
 
 
 def best_step(run_dir: Path) -> int:

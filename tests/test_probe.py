@@ -84,6 +84,18 @@ def test_the_probe_logs_per_language_keeps_and_exports_its_best_checkpoint_and_s
     assert best["step"] in steps and steps[-2:] == [20, 24] and len(steps) <= 3  # keep_last 2 + the best
     assert main(["export", "--run", str(tmp_path / "probed"), "--best", "--out", str(tmp_path / "best")]) == 0
     assert json.loads((tmp_path / "best" / "config.json").read_text())["training"]["step"] == best["step"]
+    # The export's own bitext evaluation: the stack's row is what the probe measured at that step; the baselines
+    # (the LLM alone, the MT encoder alone) are rows beside it.
+    assert main(["evaluate-embedder", "--model", str(tmp_path / "best"), "--bitext", BITEXT,
+                 "--out", str(tmp_path / "eval")]) == 0
+    rows = json.loads((tmp_path / "eval.json").read_text())["rows"]
+    at_best = next(r for r in probed if r["step"] == best["step"])
+    stack_row = rows["MT-LLM (X and English by the stack)"]
+    assert {lang: scores["x2en"] for lang, scores in stack_row.items() if lang != "mean"} == \
+        {key.removeprefix("probe_stack_x2en_"): value for key, value in at_best.items()
+         if key.startswith("probe_stack_x2en_")}
+    assert len(rows) == 4 and all(0 <= row["mean"] <= 1 for row in rows.values())
+    assert "| mean |" in (tmp_path / "eval.md").read_text()
     assert (tmp_path / "probed" / "loss_curve.png").stat().st_size > 10_000
     # The tiny stack stays at chance on this bitext: a patience of 2 probes stops the run, saved, with a line.
     capsys.readouterr()

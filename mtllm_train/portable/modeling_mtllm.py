@@ -195,6 +195,18 @@ class MTLLMModel(PreTrainedModel):
         vectors = torch.cat(vectors)
         return vectors[0] if single else vectors
 
+    @torch.no_grad()
+    def encode_mt_encoder(self, texts: str | list[str], lang: str | None = None, batch_size: int = 32) -> torch.Tensor:
+        """The MT encoder alone, mean-pooled over its tokens: the baseline the stack is compared with."""
+        if self.mt_encoder is None:
+            raise InputError("encode_mt_encoder needs an export with an MT encoder (a stack)")
+        single = isinstance(texts, str)
+        texts = [texts] if single else list(texts)
+        set_source_language(self.tokenizer, lang or self.config.source_language)
+        vectors = torch.cat([pool(self.mt_encoder(input_ids=ids, attention_mask=mask).last_hidden_state, mask, "mean")
+                             for ids, mask in self._batches(self.tokenizer, texts, batch_size, "mt")])
+        return vectors[0] if single else vectors
+
     def _examples(self, inputs) -> tuple[list[dict], bool]:
         """Task inputs as examples: texts (sentiment), (premise, hypothesis) pairs (nli), or dicts with the
         task's fields (any task, e.g. passage / question / answers for belebele)."""
