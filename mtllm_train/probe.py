@@ -32,7 +32,8 @@ from mtllm_train.data.reader import padded_length
 from mtllm_train.distributed import Dist, all_reduce
 from mtllm_train.files import write_atomic
 from mtllm_train.model.tokenizers import view_tokenizer
-from mtllm_train.portable.tokens import ENGLISH, language_codes, pad_id, pad_right, set_source_language
+from mtllm_train.portable.tokens import (ENGLISH, is_language_code, language_codes, pad_id, pad_right,
+                                         set_source_language)
 from mtllm_train.tasks.languages import resolve
 
 BEST_FILE = "probe_best.json"
@@ -54,7 +55,8 @@ class Bitext:
 def read_bitext(path: str, mt_codes: set[str]) -> Bitext:
     """A probe set from jsonl ({"lang", "text", "english"} per line), tsv (lang, text, english) or parquet (those
     columns). Every problem is one line naming the file (and line); languages are FLORES-200 codes the MT
-    tokenizer knows (stage 2's table)."""
+    tokenizer knows (stage 2's table), or, for an MT tokenizer without language codes (which reads every
+    language alike, e.g. e5's), any well-formed one."""
     file = Path(path)
     if not file.is_file():
         raise ConfigError(f"probe.sets: {path!r} does not exist")
@@ -91,9 +93,12 @@ def read_bitext(path: str, mt_codes: set[str]) -> Bitext:
             raise ConfigError(f"probe.sets: {path}:{number}: expected a language code, a text and its English "
                               f"translation (fields lang, text, english: non-empty strings)")
         try:
-            lang = resolve(record["lang"], "flores", mt_codes)
+            lang = resolve(record["lang"], "flores", mt_codes) if mt_codes else record["lang"]
         except ConfigError as err:
             raise ConfigError(f"probe.sets: {path}:{number}: {err}") from None
+        if not is_language_code(lang):
+            raise ConfigError(f"probe.sets: {path}:{number}: language {lang!r} is not a FLORES-200 code "
+                              f"(e.g. deu_Latn)")
         bitext.langs.append(lang)
         bitext.texts.append(record["text"].strip())
         bitext.english_index.append(english.setdefault(record["english"].strip(), len(english)))
@@ -140,7 +145,7 @@ class BitextProbe:
         self.cfg, self.dist_info, self.run_dir = cfg, dist_info, run_dir
         self.mt_tokenizer = view_tokenizer(cfg.model, "mt")
         self.llm_tokenizer = view_tokenizer(cfg.model, "llm")
-        mt_codes = language_codes(self.mt_tokenizer) or {ENGLISH}
+        mt_codes = language_codes(self.mt_tokenizer)
         self.sets = [read_bitext(path, mt_codes) for path in cfg.probe.sets]
         names = [bitext.name for bitext in self.sets]
         if len(set(names)) != len(names):
@@ -288,7 +293,7 @@ def evaluate_embedder(export: str, sets: list[str], out: str) -> dict:
             return model.encode_teacher(texts)
         return model.encode_mt_encoder(texts, lang=lang)
 
-    codes = set(model.config.languages) or {ENGLISH}
+    codes = set(model.config.languages)
     table = {}
     for path in sets:
         bitext = read_bitext(path, codes)

@@ -56,6 +56,11 @@ def test_the_bitext_reader_takes_three_formats_and_names_bad_lines(tmp_path):
     (tmp_path / "twice.jsonl").write_text("".join(json.dumps({**rows[0], "text": t}) + "\n" for t in ("A.", "B.")))
     with pytest.raises(ConfigError, match=r"deu_Latn translates one English sentence twice"):
         read_bitext(str(tmp_path / "twice.jsonl"), CODES)
+    # An MT tokenizer without language codes (e5's) reads every language alike: any well-formed code passes.
+    assert read_bitext(str(tmp_path / "set.tsv"), set()).langs == [r["lang"] for r in rows]
+    (tmp_path / "bad.jsonl").write_text(json.dumps({**rows[0], "lang": "de"}) + "\n")
+    with pytest.raises(ConfigError, match=r"bad.jsonl:1: language 'de' is not a FLORES-200 code"):
+        read_bitext(str(tmp_path / "bad.jsonl"), set())
     with pytest.raises(ConfigError, match=r"expected a \.jsonl, \.tsv or \.parquet file"):
         read_bitext("README.md", CODES)
 

@@ -20,6 +20,7 @@ it prints one line saying it is skipped, and exits 0.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -57,6 +58,36 @@ def retrieval_sets(unpacked: Path, pairs: int) -> dict[str, list[tuple[str, str]
             print(f"  {name}: only {len(found)} pairs on this machine; left out")
             del sets[name]
     return {name: sample(found, pairs) for name, found in sets.items()}
+
+
+PROBE_CODES = {"German (Ding)": "deu_Latn", "French (gettext)": "fra_Latn"}
+
+
+def probe_file(sets: dict[str, list[tuple[str, str]]], path: Path) -> Path:
+    """The retrieval pairs as a probe set (probe.sets): one line per pair, an English sentence once a language."""
+    lines = []
+    for name, pairs in sets.items():
+        seen = set()
+        for text, english in pairs:
+            if english not in seen:
+                seen.add(english)
+                lines.append(json.dumps({"lang": PROBE_CODES[name], "text": text, "english": english},
+                                        ensure_ascii=False))
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def print_probe(records: list[dict]) -> None:
+    """The probe's R@1 while stage 1 trained (both directions' mean per language), as metrics.jsonl has it."""
+    probed = [r for r in records if "probe_stack_mean" in r]
+    languages = sorted(k.removeprefix("probe_stack_x2en_") for k in probed[-1] if k.startswith("probe_stack_x2en_"))
+    print("  the multilingual probe (R@1, X <-> English; stack: both sides read by the stack, teacher: English by "
+          "MiniLM):")
+    print("  step  " + "  ".join(f"{f'{space} {lang}':>18s}" for space in ("stack", "teacher") for lang in languages))
+    for r in probed:
+        print(f"  {r['step']:4d}  " + "  ".join(
+            f"{(r[f'probe_{space}_x2en_{lang}'] + r[f'probe_{space}_en2x_{lang}']) / 2:18.3f}"
+            for space in ("stack", "teacher") for lang in languages))
 
 
 @torch.no_grad()
@@ -144,18 +175,22 @@ def main() -> None:
 
     run_dir = out / "stage1"
     shutil.rmtree(run_dir, ignore_errors=True)  # the demo starts from step 0 every time
+    sets = retrieval_sets(unpacked, args.pairs)
+    bitext = probe_file(sets, out / "probe_bitext.jsonl")
     print(f"[real 2/4] stage 1: {args.steps} steps of 32 English texts, U fit by least squares first "
-          f"({MINILM_CONFIG.relative_to(ROOT)} + model.projection_init=least_squares)", flush=True)
+          f"({MINILM_CONFIG.relative_to(ROOT)} + model.projection_init=least_squares); the multilingual probe "
+          f"every {args.steps // 4} steps on {bitext.name}", flush=True)
     mtllm("train", "--config", str(MINILM_CONFIG), f"run.dir={out}", "run.name=stage1", f"data.shards={shards}",
           f"model.mt_encoder={paths['e5']}", f"model.llm={paths['minilm']}", "model.projection_init=least_squares",
-          f"train.steps={args.steps}", f"checkpoint.every={args.steps}", "checkpoint.keep_last=2")
+          f"train.steps={args.steps}", f"checkpoint.every={args.steps}", "checkpoint.keep_last=2",
+          f"probe.every={args.steps // 4}", f"probe.sets=[{bitext}]")
     records = read_records(run_dir / "metrics.jsonl")
     first, last = (sum(r["fvu"] for r in part) / len(part) for part in (records[:10], records[-10:]))
     print(f"[real 2/4] done {took()}: FVU (training batches, mean of 10 steps) {first:.2f} at the start -> "
           f"{last:.2f} at the end (with the paper's random U it stays near 1.0 for ~250 steps)", flush=True)
+    print_probe(records)
 
     print(f"[real 3/4] retrieval: X among {args.pairs} English candidates", flush=True)
-    sets = retrieval_sets(unpacked, args.pairs)
     trained, model_cfg, meta = load_trained_stack(run_dir)
     mt_tokenizer, llm_tokenizer = view_tokenizer(model_cfg, "mt"), view_tokenizer(model_cfg, "llm")
     with torch.no_grad():

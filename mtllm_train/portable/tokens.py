@@ -23,6 +23,11 @@ def pad_id(tokenizer) -> int:
     return 0
 
 
+def is_language_code(code: str) -> bool:
+    """Whether `code` has the form of a FLORES-200 / NLLB code (xxx_Xxxx)."""
+    return bool(_LANGUAGE_CODE.fullmatch(code))
+
+
 def language_codes(tokenizer) -> set[str]:
     """The xxx_Xxxx language tokens a (NLLB-style) tokenizer knows."""
     return {token for token in tokenizer.get_vocab() if _LANGUAGE_CODE.fullmatch(token)}
