@@ -361,6 +361,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, InputError) as err:
         print(f"mtllm: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("mtllm: interrupted; a training run resumes from its newest checkpoint when the same command runs "
+              "again", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import math
 import os
 import signal
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -127,9 +128,11 @@ def new_summary(run_dir: Path, dist_info: Dist, start_step: int, total_steps: in
 class Preemption:
     """SIGTERM / SIGUSR1, or a STOP file in the run folder, only set a flag; the ranks act on it together at
     the next step boundary. (The file is for schedulers that cannot signal the trainer processes themselves:
-    launch/slurm_multinode.sbatch touches it shortly before the time limit.)"""
+    launch/slurm_multinode.sbatch touches it shortly before the time limit.) The first Ctrl-C (SIGINT) is the
+    same request, said in one line; a second one stops at once (KeyboardInterrupt: the CLI says so in one line,
+    and the newest checkpoint is where a rerun resumes)."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __init__(self, stop_file: Path, is_main: bool):
         self.stop_file, self.is_main = stop_file, is_main
@@ -144,6 +147,12 @@ class Preemption:
             signal.signal(signum, handler)
 
     def _request(self, signum, frame) -> None:
+        if signum == signal.SIGINT:
+            if self.requested:
+                raise KeyboardInterrupt
+            if self.is_main:
+                print("Ctrl-C: the run saves a checkpoint at the end of this step and stops (Ctrl-C again: stop now, "
+                      "losing the steps since the newest checkpoint)", file=sys.stderr, flush=True)
         self.requested = True
 
     def agreed(self, device: torch.device) -> bool:

@@ -237,7 +237,7 @@ class MetricsLogger:
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{record['loss']:.4g}", lr=f"{record['lr']:.2e}")
         if (self.plain_every and (record["step"] % self.plain_every == 0 or record["step"] == self.total_steps)) \
-                or "probe_stack_mean" in record:  # a probe's result is always shown
+                or "probe_stack_mean" in record or "eval_fvu" in record:  # evaluations are always shown
             self.bar.write(self._progress_line(record), file=sys.stderr)
         # Evaluations, the last step and a resume's first step (the plot marks it) are written whatever the grid.
         if record["step"] % self.cfg.every and "eval_fvu" not in record and "probe_stack_mean" not in record \
@@ -254,6 +254,7 @@ class MetricsLogger:
         parts = [f"step {record['step']}/{self.total_steps}", f"loss {record['loss']:.4g}"]
         parts += [f"fvu {record['fvu']:.3f}"] if "fvu" in record else []
         parts += [f"lr {record['lr']:.2e}"]
+        parts += [f"held-out mse {record['eval_mse']:.4g} fvu {record['eval_fvu']:.3f}"] if "eval_fvu" in record else []
         parts += [f"probe R@1 {record['probe_stack_mean']:.3f} (teacher {record['probe_teacher_mean']:.3f})"] \
             if "probe_stack_mean" in record else []
         if "llm_tokens_per_s" in record:

@@ -392,6 +392,9 @@ def test_full_disk_during_a_checkpoint_keeps_the_earlier_ones(tmp_path, train_sh
 
 # The table of fault cases: (test, what goes wrong, what must happen).
 FAULTS = [
+    ("test_ctrl_c_checkpoints_and_a_second_one_stops_at_once", "Ctrl-C (SIGINT to the process group, 2 loader "
+     "workers), once and twice", "once: one line, a checkpoint at the step's end, exit 0, nothing lost; twice: "
+     "stops at once with one line, exit 130, no traceback"),
     ("test_unreadable_shard_stops_at_once", "a shard unreadable mid-tar, data.num_workers 0 / 1 / 2",
      "exit 2 in seconds, one line naming shard and sample; no worker left behind"),
     ("test_one_rank_with_bad_data_stops_both", "one of 2 ranks (torchrun, ddp) reads a broken shard",
@@ -430,6 +433,38 @@ FAULTS = [
      "the two newest checkpoints damaged, keep_last 2, a preemption just after resuming from an older one",
      "the damaged later ones are removed, the one just saved and the sound one kept; the run ends bit-identical"),
 ]
+
+
+# --- 10. Ctrl-C ------------------------------------------------------------------------------------------------
+
+def test_ctrl_c_checkpoints_and_a_second_one_stops_at_once(tmp_path, train_shards):
+    """As a terminal sends it: SIGINT to the trainer's whole process group (its loader workers too)."""
+    import os
+    import signal
+
+    def start(name):
+        process = subprocess.Popen([sys.executable, "-m", "mtllm_train", *map(str, _train_args(
+            tmp_path, train_shards, name, **{"train.steps": 400, "checkpoint.every": 200, "data.num_workers": 2}))],
+            cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            start_new_session=True)
+        deadline = time.time() + 60
+        while not (tmp_path / name / "metrics.jsonl").is_file() and time.time() < deadline:
+            time.sleep(0.05)
+        return process
+
+    once = start("once")
+    os.killpg(once.pid, signal.SIGINT)
+    out, err = once.communicate(timeout=120)
+    assert once.returncode == 0 and "Traceback" not in err, err[-2000:]
+    assert "Ctrl-C: the run saves a checkpoint at the end of this step" in err and "preempted: saved step" in out + err
+    saved = Checkpoints(tmp_path / "once").steps()
+    assert len(saved) == 1 and saved[0] == len(read_metrics(tmp_path / "once"))  # nothing lost
+    twice = start("twice")
+    os.killpg(twice.pid, signal.SIGINT)
+    os.killpg(twice.pid, signal.SIGINT)
+    _, err = twice.communicate(timeout=120)
+    assert twice.returncode == 130 and "Traceback" not in err, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith("mtllm: interrupted; a training run resumes from its newest")
 
 
 def test_the_table_lists_every_fault_case():

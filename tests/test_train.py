@@ -172,7 +172,7 @@ def test_stop_file_checkpoints_and_stops_then_the_rerun_continues(tmp_path, trai
 def test_log_lines_without_a_terminal_and_the_plot_marks_resumes(tmp_path, train_shards, monkeypatch, capsys):
     from mtllm_train.metrics import loss_figure
 
-    extra = {"train.steps": 20, "logging.progress_bar": True}
+    extra = {"train.steps": 20, "logging.progress_bar": True, "data.eval_every": 10, "data.eval_shards": str(train_shards)}
     with monkeypatch.context() as patch:
         preempt_at(patch, 8)
         train(_cfg(tmp_path, train_shards, "log", **extra))
@@ -181,6 +181,8 @@ def test_log_lines_without_a_terminal_and_the_plot_marks_resumes(tmp_path, train
     # Not a terminal (pytest captures stderr): one plain line every 5% of the run, no bar frames.
     assert [line.split()[1] for line in lines] == [f"{step}/20" for step in range(1, 21)]
     assert all(" loss " in line and " fvu " in line and " eta " in line for line in lines)
+    # Held-out evaluations are on the console too, when they happen.
+    assert [line.split()[1] for line in lines if " held-out mse " in line] == ["10/20", "20/20"]
     records = read_metrics(tmp_path / "log")
     assert [r["step"] for r in records] == list(range(1, 21))
     assert [r["step"] for r in records if r.get("resumed")] == [9]

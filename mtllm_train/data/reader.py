@@ -82,9 +82,11 @@ def batches_per_reader(assignment: list[list[dict]], batch_size: int) -> int:
     return min(sum(s["samples"] for s in shards) // batch_size for shards in assignment)
 
 
-def _ignore_sigterm(_worker_id: int) -> None:
-    # Preemption is handled by the training processes at a step boundary; workers must not die first.
+def _ignore_stop_signals(_worker_id: int) -> None:
+    # Preemption (SIGTERM, or Ctrl-C's SIGINT to the terminal's whole process group) is handled by the training
+    # processes at a step boundary; workers must not die first.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class _RankStream(IterableDataset):
@@ -274,7 +276,7 @@ class BatchReader:
         # training's dropout stream depending on when the loader was created.
         loader = DataLoader(_RankStream(self, self.epoch, self.batches), batch_size=None,
                             num_workers=self.num_workers, generator=torch.Generator().manual_seed(self.seed),
-                            worker_init_fn=_ignore_sigterm if self.num_workers else None,
+                            worker_init_fn=_ignore_stop_signals if self.num_workers else None,
                             prefetch_factor=4 if self.num_workers else None)
         batches = iter(loader)
         try:
