@@ -193,3 +193,7 @@ def test_a_4bit_run_resumes_bit_identically_and_exports_with_its_own_quantizatio
     assert (model.config.quant_double, model.config.quant_compute_dtype) == (False, "float32")
     torch.testing.assert_close(model.encode(TEXTS), _in_run_vectors(tmp_path / "resumed", model.tokenizer),
                                rtol=1e-5, atol=1e-6)
+    from mtllm_train.portable.tokens import InputError
+
+    with pytest.raises(InputError, match=r"a nf4 export computes in its compute dtype \(float32\); load it without"):
+        load_mtllm(tmp_path / "export", dtype=torch.bfloat16)  # casting 4-bit weights broke with a raw error

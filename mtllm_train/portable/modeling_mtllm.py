@@ -85,6 +85,9 @@ class MTLLMModel(PreTrainedModel):
         mode = guard_mode(guard)
         folder = _local_folder(pretrained_model_name_or_path)
         config = config if isinstance(config, MTLLMConfig) else MTLLMConfig.from_pretrained(folder)
+        if dtype is not None and config.quantization != "none":
+            raise InputError(f"{pretrained_model_name_or_path}: a {config.quantization} export computes in its compute "
+                             f"dtype ({config.quant_compute_dtype}); load it without dtype=")
         export_format = getattr(config, "export_format", 1)
         if not isinstance(export_format, int) or export_format > FORMAT_VERSION:
             raise InputError(f"{pretrained_model_name_or_path}: export format {export_format!r} is not one this code "
