@@ -151,6 +151,9 @@ def test_predict_prints_vectors_and_user_errors_are_one_line(exported, tmp_path,
     (tmp_path / "no_text.jsonl").write_text('{"txt": "Ein Satz."}\n')
     for model, args, message in (
             (exported, ["--lang", "xyz_Latn", "x"], "language code 'xyz_Latn' is not in the MT tokenizer"),
+            # A vocabulary piece is not a language: "de" was accepted and started every text with the word "de".
+            (exported, ["--lang", "de", "x"], "language code 'de' is not in the MT tokenizer '"),
+            (exported, ["--lang", "deu_latn", "x"], "did you mean deu_Latn?"),
             (exported, [], "give texts or --input FILE.jsonl"),
             (exported, ["--input", str(tmp_path / "empty.jsonl")], "no inputs (one JSON object per line)"),
             (exported, ["--input", str(tmp_path / "list.jsonl")], "list.jsonl:1: expected a JSON object"),

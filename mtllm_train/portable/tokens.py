@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import re
 
 import numpy as np
@@ -38,10 +39,14 @@ def set_source_language(tokenizer, lang: str | None) -> str | None:
     An unknown code raises InputError naming it."""
     if lang is None or not hasattr(tokenizer, "src_lang"):
         return None
-    if tokenizer.convert_tokens_to_ids(lang) in (None, tokenizer.unk_token_id):
-        known = language_codes(tokenizer)
-        raise InputError(f"language code {lang!r} is not in the MT tokenizer {tokenizer.name_or_path!r} "
-                         f"(it knows {len(known)} codes, e.g. {', '.join(sorted(known)[:4])})")
+    known = language_codes(tokenizer)
+    # A language code, not any vocabulary piece: "de" is a token too, and would start every text with it.
+    if lang not in known if known else tokenizer.convert_tokens_to_ids(lang) in (None, tokenizer.unk_token_id):
+        suggestions = sorted(code for code in known if code.lower().startswith(lang.lower()))[:3] \
+            or difflib.get_close_matches(lang, sorted(known), n=3)
+        hint = f"did you mean {' or '.join(suggestions)}? " if suggestions else ""
+        raise InputError(f"language code {lang!r} is not in the MT tokenizer {tokenizer.name_or_path!r}: {hint}"
+                         f"(it knows {len(known)} FLORES-200 codes, e.g. {', '.join(sorted(known)[:4])})")
     tokenizer.src_lang = lang
     return lang
 
