@@ -119,6 +119,14 @@ def autocast(cfg: Config, device: torch.device):
                           enabled=device.type == "cuda" and cfg.distributed.mixed_precision == "bf16")
 
 
+def resume_line(checkpoint: Path, step: int, total_steps: int) -> str:
+    """What a resumed run says: where it goes on, or that it had finished (rerunning a finished run trains
+    nothing)."""
+    if step >= total_steps:
+        return f"already finished: the run trained its {total_steps} steps (checkpoint {checkpoint}); nothing to do"
+    return f"resumed from {checkpoint} at step {step}"
+
+
 def new_summary(run_dir: Path, dist_info: Dist, start_step: int, total_steps: int) -> dict:
     """What a loop returns: its steps, losses and whether it was preempted (the CLI prints it)."""
     return {"start_step": start_step, "end_step": start_step, "total_steps": total_steps, "losses": [],

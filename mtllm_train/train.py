@@ -22,7 +22,7 @@ from mtllm_train.data.tar_reader import ShardError
 from mtllm_train.distributed import (all_reduce, compile_layers, gradient_sync, init_distributed, shutdown,
                                      stop_together)
 from mtllm_train.loop import (Preemption, accumulation_steps, autocast, backward, check_finite_loss, end_of_step,
-                              new_summary, open_run_folder, optimizer_step, setup_backend)
+                              new_summary, open_run_folder, optimizer_step, resume_line, setup_backend)
 from mtllm_train.metrics import (MetricsLogger, StepStatistics, flop_shape, peak_flops, peak_memory_gb, plot_loss_curve,
                                  step_flops)
 from mtllm_train.model.fp8 import check_fp8_support, fp8_base
@@ -185,7 +185,7 @@ def train(cfg: Config) -> dict:
     logger = MetricsLogger(run_dir, cfg.logging, dist_info.is_main, start_step, cfg.train.steps,
                            resumed.meta.get("wandb_id") if resumed else None, to_dict(cfg))
     if resumed:
-        logger.message(f"resumed from {resumed.path} at step {start_step}")
+        logger.message(resume_line(resumed.path, start_step, cfg.train.steps))
     if projection_fit:
         logger.message(f"U fit by least squares on {projection_fit['spans']} word spans: it leaves "
                        f"{projection_fit['fvu']:.1%} of the variance of the LLM's input embeddings unexplained")

@@ -73,6 +73,15 @@ def test_preempted_and_resumed_run_is_bit_identical(tmp_path, train_shards, monk
     assert [m["loss"] for m in read_metrics(tmp_path / "straight")] == [m["loss"] for m in read_metrics(tmp_path / "preempted")]
 
 
+def test_rerunning_a_finished_run_says_so_and_trains_nothing(tmp_path, train_shards, capsys):
+    train(_cfg(tmp_path, train_shards, "done", **{"train.steps": 4}))
+    capsys.readouterr()
+    summary = train(_cfg(tmp_path, train_shards, "done", **{"train.steps": 4}))
+    out = capsys.readouterr().out
+    assert "already finished: the run trained its 4 steps" in out and "resumed from" not in out
+    assert summary["losses"] == [] and len(read_metrics(tmp_path / "done")) == 4
+
+
 def test_checkpoint_without_commit_marker_is_skipped(tmp_path, train_shards, monkeypatch):
     with monkeypatch.context() as patch:
         preempt_at(patch, 8)

@@ -26,7 +26,7 @@ from mtllm_train.config import Config, ConfigError, to_dict
 from mtllm_train.distributed import all_reduce, barrier, gradient_sync, init_distributed, shutdown
 from mtllm_train.files import atomic_path
 from mtllm_train.loop import (Preemption, accumulation_steps, autocast, backward, check_finite_loss, end_of_step,
-                              new_summary, open_run_folder, optimizer_step, setup_backend)
+                              new_summary, open_run_folder, optimizer_step, resume_line, setup_backend)
 from mtllm_train.metrics import MetricsLogger
 from mtllm_train.model.fp8 import check_fp8_support, fp8_base
 from mtllm_train.model.loss import squared_error
@@ -156,7 +156,7 @@ def train_task(cfg: Config, command: str) -> dict:
     logger = MetricsLogger(run_dir, cfg.logging, dist_info.is_main, start_step, total_steps,
                            resumed.meta.get("wandb_id") if resumed else None, to_dict(cfg))
     if resumed:
-        logger.message(f"resumed from {resumed.path} at step {start_step}")
+        logger.message(resume_line(resumed.path, start_step, total_steps))
     model.train()
     per_rank = cfg.train.global_batch_size // world_size
     student_view = model_module.view
