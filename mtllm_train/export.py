@@ -54,6 +54,12 @@ from mtllm_train.portable.tokens import ENGLISH, language_codes
 
 PORTABLE_CODE = Path(configuration_mtllm.__file__).parent
 ST_POOLING = {"mean": "mean", "eos": "lasttoken", "bos": "cls"}  # our pooling -> sentence-transformers' mode
+ADAPTER_README = """# The LoRA adapter of an MT-LLM export
+
+This folder is one part of the MT-LLM exported one level up: load that whole folder (its README.md says how).
+It rebuilds the frozen parts around this adapter (the MT encoder, the projection, bidirectional attention where the
+run trained with it); peft loading this adapter alone onto the base LLM gives neither.
+"""
 
 
 def load_trained_stack(run_dir: Path, step: int | None = None) -> tuple[MTLLM, ModelConfig, dict]:
@@ -187,6 +193,7 @@ def _write_export(folder: Path, model, body: str, task: dict | None, cfg: Config
         adapted.save_pretrained(str(folder / "adapter"))
         _name_the_base(folder / "adapter" / "adapter_config.json",
                        sources["mt_encoder" if body == "mt_encoder" else "llm"], task)
+        (folder / "adapter" / "README.md").write_text(ADAPTER_README, encoding="utf-8")  # not peft's blank template
     if body == "stack":
         save_file({"weight": body_module.projection.weight.detach().contiguous(),
                    "bias": body_module.projection.bias.detach().contiguous()}, str(folder / "projection.safetensors"))

@@ -9,9 +9,9 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from helpers import ROOT  # noqa: E402,F401  (one home for the repository's root; tests import it from here too)
 from mtllm_train.config import load_config  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY_CONFIG = ROOT / "configs" / "tiny.yaml"
 
 # A GPT-2 the size of the tiny Llama, sharing its tokenizer (the paper's GPT-2 setting, scaled down).
@@ -86,9 +86,10 @@ def trained_weights(run_dir, step=None):
 
 
 def read_metrics(run_dir):
-    import json
+    """A run's metrics.jsonl as the project reads it (metrics.read_records)."""
+    from mtllm_train.metrics import read_records
 
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return read_records(Path(run_dir) / "metrics.jsonl")
 
 
 def preempt_at(monkeypatch, step):

@@ -93,6 +93,7 @@ def test_manifest_and_model_card_say_how_to_rebuild_and_what_was_trained(run_dir
     assert "64 sequences seen" in card and "trust_remote_code=True" in card
     adapter = json.loads((exported / "adapter" / "adapter_config.json").read_text())
     assert adapter["base_model_name_or_path"] == "./frozen/llm" and adapter["task_type"] == "FEATURE_EXTRACTION"
+    assert "load that whole folder" in (exported / "adapter" / "README.md").read_text()  # not peft's template
 
 
 def test_export_refuses_a_foreign_folder_and_replaces_only_an_earlier_export(run_dir, tmp_path, capsys):

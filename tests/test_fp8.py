@@ -2,7 +2,6 @@
 training path are checked here with the hardware check bypassed; the check itself is tested with the GPU's
 answers stood in."""
 
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ from torch._dynamo.utils import counters
 import mtllm_train.distributed as distributed
 import mtllm_train.model.fp8 as fp8
 from conftest import read_metrics, tokenize_views, train_overrides
+from helpers import ROOT
 from mtllm_train.__main__ import main
 from mtllm_train.config import ConfigError, load_config
 from mtllm_train.export import export_run
@@ -21,8 +21,6 @@ from mtllm_train.distributed import compile_layers
 from mtllm_train.model.loss import squared_error
 from mtllm_train.model.stack import build_stack, trainable_parameters
 from mtllm_train.train import train
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_fp8_layer_is_close_to_bf16_saves_no_activation_and_computes_only_the_input_gradient():

@@ -4,12 +4,12 @@ collapse diagnostics, held-out evaluation; and where a config's paths resolve.""
 import json
 import math
 import os
-from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import read_metrics, train_overrides
+from helpers import ROOT
 from mtllm_train.config import ConfigError, LossConfig, load_config
 from mtllm_train.data.reader import BatchReader
 from mtllm_train.export import load_trained_stack
@@ -17,8 +17,6 @@ from mtllm_train.model.loss import contrastive_losses, span_count, span_squared_
 from mtllm_train.metrics import StepStatistics
 from mtllm_train.model.stack import build_stack
 from mtllm_train.train import VIEWS, distillation_loss, train
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _cfg(tmp_path, shards, name, **extra):

@@ -5,7 +5,6 @@ import io
 import json
 import shutil
 import tarfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,8 +18,8 @@ from mtllm_train.data.shard_writer import build_shards
 from mtllm_train.data.tar_reader import ShardError, iter_samples
 from mtllm_train.data.views import ViewTokenizer, word_spans
 from mtllm_train.files import sha256_file
+from helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 LLM_TOK, MT_TOK = "configs/tiny/llm_tokenizer", "configs/tiny/mt_tokenizer"
 SAMPLE = ROOT / "shards/sample/enwiki_sample.jsonl"
 # Where bench/mini_repro/assets.py puts the mini reproduction's tokenizers (configs/mini_repro_*.yaml).
