@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import json
+import netrc
+import os
 import resource
+import socket
 import sys
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from tqdm import tqdm
 
-from mtllm_train.config import LoggingConfig
+from mtllm_train.config import ConfigError, LoggingConfig
 from mtllm_train.distributed import all_reduce
 from mtllm_train.files import write_atomic
 from mtllm_train.model.fp8 import Float8FrozenLinear
@@ -187,6 +191,43 @@ class StepStatistics:
         scalars = len(self.DEVICE_SUMS) + len(self.HOST_COUNTS)
         sums = dict(zip(self.DEVICE_SUMS + self.HOST_COUNTS, totals[:scalars].tolist()))
         return StepTotals(**sums, vectors=dict(zip(self.VECTORS, totals[scalars:].chunk(len(self.VECTORS)))))
+
+
+WANDB_MODES = ("online", "offline", "disabled")
+
+
+def _wandb_api_key(host: str) -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def wandb_mode(cfg: LoggingConfig) -> tuple[str, str | None]:
+    """The W&B mode a run logs in, decided before anything loads, and a line when it is not logging.wandb:
+    WANDB_MODE in the environment wins (the usual practice on cluster nodes without internet); online needs an
+    API key and a server that answers within 5 seconds, else the run logs offline into RUN/wandb (`wandb sync`
+    uploads it later) rather than failing after the set-up or waiting two minutes for a timeout."""
+    environment = os.environ.get("WANDB_MODE")
+    if environment:
+        if environment not in WANDB_MODES:
+            raise ConfigError(f"WANDB_MODE={environment!r} in the environment: expected one of {', '.join(WANDB_MODES)}")
+        note = None if environment == cfg.wandb else f"W&B: WANDB_MODE={environment} from the environment " \
+                                                       f"(logging.wandb: {cfg.wandb})"
+        return environment, note
+    if cfg.wandb != "online":
+        return cfg.wandb, None
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    offline = "logging offline into the run folder's wandb/ (`wandb sync` uploads it later)"
+    if not _wandb_api_key(host):
+        return "offline", f"W&B: logging.wandb is online but there is no API key (WANDB_API_KEY or `wandb login`); {offline}"
+    try:
+        socket.create_connection((host, 443), timeout=5).close()
+    except OSError as err:
+        return "offline", f"W&B: {host} does not answer ({err}); {offline}"
+    return "online", None
 
 
 def read_records(path: Path) -> list[dict]:

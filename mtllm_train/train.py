@@ -24,7 +24,7 @@ from mtllm_train.distributed import (all_reduce, compile_layers, gradient_sync, 
 from mtllm_train.loop import (Preemption, accumulation_steps, autocast, backward, check_finite_loss, end_of_step,
                               new_summary, open_run_folder, optimizer_step, resume_line, setup_backend)
 from mtllm_train.metrics import (MetricsLogger, StepStatistics, flop_shape, peak_flops, peak_memory_gb, plot_loss_curve,
-                                 step_flops)
+                                 step_flops, wandb_mode)
 from mtllm_train.model.fp8 import check_fp8_support, fp8_base
 from mtllm_train.model.loss import contrastive_losses, span_count, span_squared_errors, squared_error
 from mtllm_train.model.projection_init import fit_projection
@@ -135,6 +135,8 @@ def train(cfg: Config) -> dict:
     if cfg.model.quantization == "fp8":
         check_fp8_support(device)  # before minutes of loading
     run_dir = open_run_folder(cfg, dist_info)
+    # W&B decided now (its key and server), not after minutes of loading; only rank 0 logs.
+    cfg.logging.wandb, wandb_note = wandb_mode(cfg.logging) if dist_info.is_main else ("disabled", None)
 
     # Data: this rank's share of the shards, checked against the run's tokenizers.
     def shard_reader(shards: str, num_workers: int) -> BatchReader:
@@ -186,6 +188,8 @@ def train(cfg: Config) -> dict:
                            resumed.meta.get("wandb_id") if resumed else None, to_dict(cfg))
     if resumed:
         logger.message(resume_line(resumed.path, start_step, cfg.train.steps))
+    if wandb_note:
+        logger.message(wandb_note)
     if projection_fit:
         logger.message(f"U fit by least squares on {projection_fit['spans']} word spans: it leaves "
                        f"{projection_fit['fvu']:.1%} of the variance of the LLM's input embeddings unexplained")

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import time
 
 import pytest
 import torch
@@ -147,6 +148,29 @@ def test_wandb_offline_run_continues_with_the_same_id_after_resume(tmp_path, tra
     runs = sorted(p.name for p in (tmp_path / "wb" / "wandb").glob("offline-run-*"))
     assert first_id and final_id == first_id
     assert len(runs) == 2 and all(name.endswith(first_id) for name in runs)
+
+
+def test_wandb_online_without_a_key_or_a_server_logs_offline_with_one_line_and_wandb_mode_wins(
+        tmp_path, train_shards, monkeypatch, capsys):
+    from mtllm_train.config import LoggingConfig
+    from mtllm_train.metrics import wandb_mode
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    started = time.perf_counter()
+    train(_cfg(tmp_path, train_shards, "wb_online", **{"logging.wandb": "online", "train.steps": 2}))
+    assert time.perf_counter() - started < 60
+    out = capsys.readouterr().out
+    assert out.count("W&B: logging.wandb is online but there is no API key") == 1
+    assert list((tmp_path / "wb_online" / "wandb").glob("offline-run-*"))  # logged offline, nothing lost
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", "https://nowhere.invalid")  # a server that does not answer
+    mode, note = wandb_mode(LoggingConfig(wandb="online"))
+    assert mode == "offline" and "nowhere.invalid does not answer" in note
+    monkeypatch.setenv("WANDB_MODE", "offline")  # exported in a cluster job: it wins over the config
+    assert wandb_mode(LoggingConfig(wandb="online")) == ("offline", "W&B: WANDB_MODE=offline from the environment "
+                                                                    "(logging.wandb: online)")
 
 
 def test_activation_checkpointing_recomputes_and_gives_the_same_losses(tmp_path, train_shards, monkeypatch):

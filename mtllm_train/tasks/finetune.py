@@ -27,7 +27,7 @@ from mtllm_train.distributed import all_reduce, barrier, gradient_sync, init_dis
 from mtllm_train.files import atomic_path
 from mtllm_train.loop import (Preemption, accumulation_steps, autocast, backward, check_finite_loss, end_of_step,
                               new_summary, open_run_folder, optimizer_step, resume_line, setup_backend)
-from mtllm_train.metrics import MetricsLogger
+from mtllm_train.metrics import MetricsLogger, wandb_mode
 from mtllm_train.model.fp8 import check_fp8_support, fp8_base
 from mtllm_train.model.loss import squared_error
 from mtllm_train.tasks.encode import TaskData
@@ -116,6 +116,8 @@ def train_task(cfg: Config, command: str) -> dict:
         info["teacher_step"] = source_best_step(Path(cfg.task.teacher))
         load_head(model_module.head, cfg.task.teacher, info["teacher_step"])  # predictions use the teacher's head
     run_dir = open_run_folder(cfg, dist_info, info)
+    # W&B decided now (its key and server), not after minutes of loading; only rank 0 logs.
+    cfg.logging.wandb, wandb_note = wandb_mode(cfg.logging) if dist_info.is_main else ("disabled", None)
     if kind == "stack" and dist_info.is_main:
         keep_projection(model_module, run_dir)
 
@@ -157,6 +159,8 @@ def train_task(cfg: Config, command: str) -> dict:
                            resumed.meta.get("wandb_id") if resumed else None, to_dict(cfg))
     if resumed:
         logger.message(resume_line(resumed.path, start_step, total_steps))
+    if wandb_note:
+        logger.message(wandb_note)
     model.train()
     per_rank = cfg.train.global_batch_size // world_size
     student_view = model_module.view
