@@ -84,6 +84,9 @@ def _is_export(folder: Path) -> bool:
 
 
 def _check_destination(out_dir: Path, force: bool) -> None:
+    if out_dir.is_symlink():
+        raise ConfigError(f"--out {out_dir}: a symbolic link; give the folder it points to ({out_dir.resolve()}): "
+                          f"an export replaces folders it wrote, not links")
     if not out_dir.exists() or (out_dir.is_dir() and not any(out_dir.iterdir())):
         return
     if not out_dir.is_dir() or not _is_export(out_dir):
@@ -91,6 +94,30 @@ def _check_destination(out_dir: Path, force: bool) -> None:
                           f"empty folder (it never deletes what it did not write)")
     if not force:
         raise ConfigError(f"--out {out_dir}: holds an earlier export; add --force to replace it")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _recover_interrupted_exports(out_dir: Path) -> None:
+    """What an export killed mid-way left beside --out (hidden folders named by its pid, now gone): a partial
+    export is removed; an earlier export moved aside by --force goes back into place if nothing took it (the
+    kill came between the two renames), else it is removed."""
+    for stale in sorted(out_dir.parent.glob(f".{out_dir.name}.*-*")):
+        kind, _, pid = stale.name.removeprefix(f".{out_dir.name}.").rpartition("-")
+        if kind not in ("partial", "old") or not pid.isdigit() or _pid_alive(int(pid)):
+            continue
+        if kind == "old" and not out_dir.exists():
+            stale.rename(out_dir)
+        else:
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def _frozen_source(spec: str | dict, name: str, module_fn, folder: Path) -> str:
@@ -150,6 +177,7 @@ def export_run(run: str, out: str | None = None, step: int | None = None, force:
     run_dir = Path(run)
     out_dir = Path(out) if out else run_dir / "export"
     cfg = _run_config(run_dir)
+    _recover_interrupted_exports(out_dir)
     _check_destination(out_dir, force)
     identity = run_identity(run_dir)
     model, body, task, meta = _trained_model(run_dir, cfg, identity, step)

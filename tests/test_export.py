@@ -126,6 +126,29 @@ def test_an_interrupted_export_leaves_nothing(run_dir, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_an_export_killed_mid_way_is_cleaned_up_by_the_next_and_a_symlinked_out_is_one_line(run_dir, exported,
+                                                                                            tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # the pid of an export the OOM killer ended
+    (tmp_path / f".model.partial-{dead.pid}" / "llm").mkdir(parents=True)  # its half-written export
+    shutil.copytree(exported, tmp_path / f".other.old-{dead.pid}")  # --force killed between its two renames
+    (tmp_path / ".model.partial-notmine").mkdir()  # not a name an export gives: left alone
+    export_run(str(run_dir), str(tmp_path / "model"))
+    assert not (tmp_path / f".model.partial-{dead.pid}").exists()
+    # The earlier export that --force had moved aside is back in place, so a plain export refuses to replace it.
+    with pytest.raises(ConfigError, match=r"other: holds an earlier export; add --force"):
+        export_run(str(run_dir), str(tmp_path / "other"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".model.partial-notmine", "model", "other"]
+    (tmp_path / "link").symlink_to(tmp_path / "model")
+    with pytest.raises(ConfigError, match=r"link: a symbolic link; give the folder it points to"):
+        export_run(str(run_dir), str(tmp_path / "link"), force=True)
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "model" / "config.json").is_file()
+
+
 def test_merged_export_needs_no_peft_and_gives_the_same_vectors(run_dir, exported, tmp_path):
     merged = export_run(str(run_dir), str(tmp_path / "merged"), merge=True)
     assert not (merged / "adapter").exists() and json.loads((merged / "config.json").read_text())["merged"]
