@@ -119,6 +119,11 @@ def autocast(cfg: Config, device: torch.device):
                           enabled=device.type == "cuda" and cfg.distributed.mixed_precision == "bf16")
 
 
+def due(every: int, step: int, total_steps: int) -> bool:
+    """Whether something done every `every` steps and after the last (0: never) is due after step `step`."""
+    return bool(every) and (step % every == 0 or step == total_steps)
+
+
 def resume_line(checkpoint: Path, step: int, total_steps: int) -> str:
     """What a resumed run says: where it goes on, or that it had finished (rerunning a finished run trains
     nothing)."""

@@ -17,7 +17,7 @@ from urllib.parse import urlparse
 import torch
 from tqdm import tqdm
 
-from mtllm_train.config import ConfigError, LoggingConfig
+from mtllm_train.config import CHOICES, ConfigError, LoggingConfig
 from mtllm_train.distributed import all_reduce
 from mtllm_train.files import write_atomic
 from mtllm_train.model.fp8 import Float8FrozenLinear
@@ -193,9 +193,6 @@ class StepStatistics:
         return StepTotals(**sums, vectors=dict(zip(self.VECTORS, totals[scalars:].chunk(len(self.VECTORS)))))
 
 
-WANDB_MODES = ("online", "offline", "disabled")
-
-
 def _wandb_api_key(host: str) -> bool:
     if os.environ.get("WANDB_API_KEY"):
         return True
@@ -212,8 +209,9 @@ def wandb_mode(cfg: LoggingConfig) -> tuple[str, str | None]:
     uploads it later) rather than failing after the set-up or waiting two minutes for a timeout."""
     environment = os.environ.get("WANDB_MODE")
     if environment:
-        if environment not in WANDB_MODES:
-            raise ConfigError(f"WANDB_MODE={environment!r} in the environment: expected one of {', '.join(WANDB_MODES)}")
+        if environment not in CHOICES["logging.wandb"]:  # the modes logging.wandb takes
+            raise ConfigError(f"WANDB_MODE={environment!r} in the environment: expected one of "
+                              f"{', '.join(CHOICES['logging.wandb'])}")
         note = None if environment == cfg.wandb else f"W&B: WANDB_MODE={environment} from the environment " \
                                                        f"(logging.wandb: {cfg.wandb})"
         return environment, note

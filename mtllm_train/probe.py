@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mtllm_train.config import Config, ConfigError, ProbeConfig
+from mtllm_train.config import Config, ConfigError
 from mtllm_train.data.reader import padded_length
 from mtllm_train.distributed import Dist, all_reduce
 from mtllm_train.files import write_atomic
@@ -38,7 +38,6 @@ from mtllm_train.tasks.languages import resolve
 
 BEST_FILE = "probe_best.json"
 SPACES = ("teacher", "stack")
-DIRECTIONS = ("x2en", "en2x")
 
 
 @dataclass
@@ -183,9 +182,8 @@ class BitextProbe:
             pooled = (out.student_pooled if view == "mt" else out.teacher_pooled).float()
             if vectors is None:
                 vectors = torch.zeros(len(texts), pooled.shape[-1], device=device)
-            for row, vector in zip(batch["rows"], pooled):
-                if row < len(texts):  # repeats fill the last batch; each row is encoded by one rank
-                    vectors[row] = vector
+            rows = [row for row in batch["rows"] if row < len(texts)]  # repeats fill the last batch
+            vectors[rows] = pooled[:len(rows)]  # each row is encoded by one rank; the all-reduce gathers them
         return all_reduce(vectors)
 
     def _stack_texts(self, model, texts: list[str], lang: str, device, autocast) -> torch.Tensor:
@@ -332,7 +330,3 @@ def best_step(run_dir: Path) -> int:
         raise ConfigError(f"--best: {run_dir} has no probe record ({BEST_FILE}): the run trained without the "
                           f"multilingual probe (probe.every 0); give --step instead")
     return json.loads(path.read_text())["step"]
-
-
-def probe_due(cfg: ProbeConfig, step: int, total_steps: int) -> bool:
-    return bool(cfg.every) and (step % cfg.every == 0 or step == total_steps)

@@ -21,8 +21,8 @@ from mtllm_train.data.reader import BatchReader
 from mtllm_train.data.tar_reader import ShardError
 from mtllm_train.distributed import (all_reduce, compile_layers, gradient_sync, init_distributed, shutdown,
                                      stop_together)
-from mtllm_train.loop import (Preemption, accumulation_steps, autocast, backward, check_finite_loss, end_of_step,
-                              new_summary, open_run_folder, optimizer_step, resume_line, setup_backend)
+from mtllm_train.loop import (Preemption, accumulation_steps, autocast, backward, check_finite_loss, due,
+                              end_of_step, new_summary, open_run_folder, optimizer_step, resume_line, setup_backend)
 from mtllm_train.metrics import (MetricsLogger, StepStatistics, flop_shape, peak_flops, peak_memory_gb, plot_loss_curve,
                                  step_flops, wandb_mode)
 from mtllm_train.model.fp8 import check_fp8_support, fp8_base
@@ -30,7 +30,7 @@ from mtllm_train.model.loss import contrastive_losses, span_count, span_squared_
 from mtllm_train.model.projection_init import fit_projection
 from mtllm_train.model.stack import StackOutput, build_stack
 from mtllm_train.model.tokenizers import fingerprint, tokenizer_spec, view_tokenizer
-from mtllm_train.probe import BitextProbe, probe_due
+from mtllm_train.probe import BitextProbe
 
 VIEWS = ("mt_input_ids", "mt_attention_mask", "llm_input_ids", "llm_attention_mask")
 WORD_IDS = ("mt_word_ids", "llm_word_ids")  # each token's word span (-1: none), in shards built with spans
@@ -246,10 +246,10 @@ def train(cfg: Config) -> dict:
                 "bad_samples": int(totals.bad_samples),
                 "epoch": reader.epoch,
             }
-            if eval_reader and ((step + 1) % cfg.data.eval_every == 0 or step + 1 == cfg.train.steps):
+            if eval_reader and due(cfg.data.eval_every, step + 1, cfg.train.steps):
                 record.update(evaluate_held_out(model, eval_reader, eval_batches, cfg, device))
             probe_best = False
-            if probe and probe_due(cfg.probe, step + 1, cfg.train.steps):
+            if probe and due(cfg.probe.every, step + 1, cfg.train.steps):
                 record.update(probe.run(model, device, lambda: autocast(cfg, device)))
                 probe_best = probe.update_best(step + 1, record)  # saved below, and kept through pruning
             if flops_peak:
@@ -262,7 +262,7 @@ def train(cfg: Config) -> dict:
             summary["passes"] = (step + 1) * cfg.train.global_batch_size / reader.manifest["totals"]["samples"]
 
             stop_early = probe is not None and probe.should_stop() and step + 1 < cfg.train.steps
-            save_due = (step + 1) % cfg.checkpoint.every == 0 or step + 1 == cfg.train.steps or probe_best or stop_early
+            save_due = due(cfg.checkpoint.every, step + 1, cfg.train.steps) or probe_best or stop_early
             if end_of_step(step + 1, save_due, preemption=preemption, checkpoints=checkpoints, logger=logger,
                            summary=summary, device=device, keep_last=cfg.checkpoint.keep_last,
                            reader_state=reader.state_dict(), keep_best=probe.best_step if probe else None):

@@ -179,3 +179,17 @@ def test_fp8_layers_under_checkpointing_recompute_exactly_and_selective_keeps_th
     layers = tiny_cfg.model.llm["num_hidden_layers"]
     assert backward_matmuls["selective"] == backward_matmuls["none"] > 0
     assert backward_matmuls["full"] == backward_matmuls["none"] + 7 * layers
+
+
+def test_fp8_scaling_gives_one_scale_per_row_or_per_tensor_to_weights_and_inputs():
+    layer = nn.Linear(32, 64)
+    rowwise, tensorwise = Float8FrozenLinear(layer, "rowwise"), Float8FrozenLinear(layer, "tensorwise")
+    assert rowwise.weight_fp8.scale.shape == (64, 1) and rowwise.weight_t_fp8.scale.shape == (32, 1)
+    assert tensorwise.weight_fp8.scale.numel() == tensorwise.weight_t_fp8.scale.numel() == 1
+    assert type(tensorwise.weight_fp8.act_quant_kwargs.granularity).__name__ == "PerTensor"
+    inputs = torch.randn(3, 32)
+    with torch.no_grad():  # both close to the bf16 layer, by different roundings
+        reference = layer(inputs)
+        for fp8_layer in (rowwise, tensorwise):
+            torch.testing.assert_close(fp8_layer(inputs).float(), reference, rtol=0.15, atol=0.1)
+        assert not torch.equal(rowwise(inputs), tensorwise(inputs))

@@ -105,11 +105,14 @@ def test_the_probe_logs_per_language_keeps_and_exports_its_best_checkpoint_and_s
     # The tiny stack stays at chance on this bitext: a patience of 2 probes stops the run, saved, with a line.
     capsys.readouterr()
     summary = train(_cfg(tmp_path, train_shards, "stopped", **{"train.steps": 40, "probe.every": 2,
-                                                               "probe.patience": 2, "checkpoint.every": 100}))
+                                                               "probe.patience": 2, "checkpoint.every": 100,
+                                                               "probe.select": "teacher"}))
     stop = summary["early_stopped"]
+    teacher_means = [r["probe_teacher_mean"] for r in read_metrics(tmp_path / "stopped") if "probe_teacher_mean" in r]
+    assert summary["probe_best"]["space"] == "teacher" and summary["probe_best"]["value"] == max(teacher_means)
     assert stop < 40 and summary["end_step"] == stop and Checkpoints(tmp_path / "stopped").steps()[-1] == stop
     captured = capsys.readouterr()
-    assert f"early stop at step {stop}: the probe's mean R@1 (stack) has not improved" in captured.out + captured.err
+    assert f"early stop at step {stop}: the probe's mean R@1 (teacher) has not improved" in captured.out + captured.err
     assert main(["export", "--run", str(tmp_path / "stopped"), "--best", "--step", "4"]) == 2
     assert "give --step or --best, not both" in capsys.readouterr().err
 

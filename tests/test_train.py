@@ -168,6 +168,9 @@ def test_wandb_online_without_a_key_or_a_server_logs_offline_with_one_line_and_w
     monkeypatch.setenv("WANDB_BASE_URL", "https://nowhere.invalid")  # a server that does not answer
     mode, note = wandb_mode(LoggingConfig(wandb="online"))
     assert mode == "offline" and "nowhere.invalid does not answer" in note
+    monkeypatch.setenv("WANDB_MODE", "loud")
+    with pytest.raises(ConfigError, match=r"WANDB_MODE='loud' in the environment: expected one of"):
+        wandb_mode(LoggingConfig(wandb="online"))
     monkeypatch.setenv("WANDB_MODE", "offline")  # exported in a cluster job: it wins over the config
     assert wandb_mode(LoggingConfig(wandb="online")) == ("offline", "W&B: WANDB_MODE=offline from the environment "
                                                                     "(logging.wandb: online)")
