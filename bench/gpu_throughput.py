@@ -48,8 +48,9 @@ import mtllm_train.distributed as distributed  # noqa: E402
 import mtllm_train.model.stack as stack_module  # noqa: E402
 import mtllm_train.train as train_module  # noqa: E402
 from mtllm_train.config import Config, ConfigError, ModelConfig, OptimConfig, from_dict, validate  # noqa: E402
+from mtllm_train.run_folder import RunFolder  # noqa: E402
 from mtllm_train.data.shard_writer import build_shards  # noqa: E402
-from mtllm_train.metrics import PEAK_BF16_FLOPS, flop_shape, peak_flops, read_records, step_flops  # noqa: E402
+from mtllm_train.metrics import PEAK_BF16_FLOPS, flop_shape, peak_flops, step_flops  # noqa: E402
 from mtllm_train.model.fp8 import fp8_base  # noqa: E402
 from mtllm_train.model.loss import squared_error  # noqa: E402
 from mtllm_train.model.stack import build_stack, trainable_parameters  # noqa: E402
@@ -210,7 +211,7 @@ def loop_run(spec: dict, args, device: torch.device, work: Path) -> dict:
     finally:
         distributed.COMPILE_BACKEND, train_module.step_batches = real_backend, real_step_batches
         train_module.build_stack = real_build
-    records = read_records(work / name / "metrics.jsonl")
+    records = RunFolder(work / name).metrics()
     seconds = [spec["micro"] / r["seqs_per_s"] for r in records]
     warm, warm_s = records[2:], seconds[2:]
     median = sorted(warm_s)[len(warm_s) // 2]

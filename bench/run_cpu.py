@@ -38,6 +38,7 @@ os.chdir(ROOT)
 
 from mtllm_train import metrics as metrics_module  # noqa: E402
 from mtllm_train.checkpoint import Checkpoints  # noqa: E402
+from mtllm_train.run_folder import RunFolder  # noqa: E402
 from mtllm_train.config import load_config  # noqa: E402
 from mtllm_train.data.inspect_shards import padding_efficiency  # noqa: E402
 from mtllm_train.data.reader import BatchReader  # noqa: E402
@@ -276,7 +277,7 @@ def bench_checkpoints(workdir: Path, repeats: int) -> list[str]:
 
 
 def _median_rate(run_dir: Path) -> float:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = RunFolder(run_dir).metrics()
     return statistics.median(r["seqs_per_s"] for r in records[3:])
 
 

@@ -126,15 +126,14 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
     from mtllm_train.config import ConfigError
     from mtllm_train.export import export_run
     from mtllm_train.probe import best_step
+    from mtllm_train.run_folder import RunFolder
 
     if args.best and args.step is not None:
         raise ConfigError("mtllm export: give --step or --best, not both")
-    step = best_step(Path(args.run)) if args.best else args.step
+    step = best_step(RunFolder(args.run)) if args.best else args.step
     out = export_run(args.run, args.out, step, args.force, args.merge)
     print(f"exported to {out}; load it with mtllm_train.export.load_mtllm({str(out)!r}), transformers' AutoModel "
           f"(trust_remote_code=True), or try it: mtllm predict --model {out} TEXT")
@@ -145,7 +144,8 @@ def _predict(args: argparse.Namespace) -> None:
 
     from transformers.utils import logging as transformers_logging
 
-    from mtllm_train.export import load_mtllm, read_inputs
+    from mtllm_train.export import load_mtllm
+    from mtllm_train.predict import read_inputs
 
     transformers_logging.disable_progress_bar()  # stdout and stderr carry results and errors only
     model = load_mtllm(args.model)

@@ -5,11 +5,12 @@ runs/NAME/checkpoints/step_00000020/
     state/          torch.distributed.checkpoint: trainable parameters + optimizer (none/ddp/fsdp), or
     deepspeed/      DeepSpeed's own checkpoint with frozen parameters excluded (+ trainable.safetensors)
     rank_<r>.pt     RNG states (and the stage-1 data-reader position) of rank r (loaded with weights_only=True)
-    meta.json       step, world size, backend, scheduler state, W&B run id, library versions, sha256 of every
-                    file above
+    meta.json       step, world size, backend, scheduler state, W&B run id, library versions, the run's settings
+                    (what a resume compares with, and what export rebuilds from), size and sha256 of every file above
     COMPLETE        written last: a folder without it is an interrupted save and is ignored
 
-Every file is flushed to disk before COMPLETE is written. Loading checks the checksums first: a damaged newest
+Every file is flushed to disk before COMPLETE is written. Loading checks sizes, then checksums (a size that
+differs is found without reading the file, so a crafted meta.json cannot make hashing run for ever): a damaged newest
 checkpoint is reported and the previous one resumed; export and evaluation refuse a damaged one. Nothing is
 unpickled beyond what a checkpoint is made of: the distributed checkpoint's metadata goes through an unpickler
 that knows only its own classes, its stored values load with weights_only, rank files with weights_only.
@@ -176,9 +177,10 @@ class Checkpoints:
     """
 
     def __init__(self, run_dir: str | Path, *, model=None, optimizer=None, scheduler=None, backend: str = "none",
-                 dist_info: Dist | None = None):
+                 dist_info: Dist | None = None, settings: dict | None = None):
         self.run_dir, self.folder = Path(run_dir), Path(run_dir) / "checkpoints"
         self.model, self.optimizer, self.scheduler, self.backend = model, optimizer, scheduler, backend
+        self.settings = settings  # the run's config (to_dict), recorded in every checkpoint it saves
         self.dist_info = dist_info or Dist(0, 1, 0, torch.device("cpu"))
 
     def _step_dir(self, step: int) -> Path:
@@ -214,13 +216,15 @@ class Checkpoints:
         does not match), or None. Checkpoints written before checksums were recorded are taken as they are."""
         try:
             meta = json.loads((path / "meta.json").read_text())
-            files = meta.get("files", {})
+            files, sizes = meta.get("files", {}), meta.get("sizes", {})
         except (OSError, ValueError, AttributeError) as err:
             return f"meta.json is unreadable ({err})"
         for name, digest in files.items():
             file = path / name
             if not file.is_file():
                 return f"{name} is missing"
+            if name in sizes and file.stat().st_size != sizes[name]:
+                return f"{name} has {file.stat().st_size} bytes, meta.json records {sizes[name]}"
             if sha256_file(file) != digest:
                 return f"{name} does not match its checksum"
         return None
@@ -278,6 +282,8 @@ class Checkpoints:
         write_atomic(path / "meta.json", json.dumps({
             **meta, "step": step, "world_size": self.dist_info.world_size, "backend": self.backend,
             "scheduler": scheduler_state, "saved_at": time.time(), "versions": library_versions(TRAINING_LIBRARIES),
+            **({"config": self.settings} if self.settings is not None else {}),
+            "sizes": {str(f.relative_to(path)): f.stat().st_size for f in files},
             "files": {str(f.relative_to(path)): sha256_file(f) for f in files}}, indent=1))
         write_atomic(path / COMMIT, str(step))
 

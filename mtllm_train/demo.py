@@ -28,6 +28,7 @@ from mtllm_train.config import load_config
 from mtllm_train.data.manifest import MANIFEST
 from mtllm_train.data.shard_writer import build_shards
 from mtllm_train.portable.tokens import ENGLISH, pad_id, pad_right
+from mtllm_train.run_folder import RunFolder
 
 # The demo's files live in the repository, so it runs from any folder.
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,8 +56,8 @@ def run_demo(workdir: str) -> None:
                      cfg.data.max_length, shard_size=50, workers=1)
 
     overrides = [f"run.dir={workdir}", f"data.shards={shards}", "distributed.backend=fsdp"]
-    run_dir = Path(workdir) / cfg.run.name
-    metrics = run_dir / "metrics.jsonl"
+    run = RunFolder(Path(workdir) / cfg.run.name)
+    run_dir, metrics = run.path, run.metrics_file
     shutil.rmtree(run_dir, ignore_errors=True)  # the demo starts from step 0 every time
     print(f"[2/5] stage 1 on 2 processes (FSDP2, gloo): {cfg.train.steps} steps of {cfg.train.global_batch_size} sequences")
     launcher = _launch(overrides)
@@ -64,7 +65,7 @@ def run_demo(workdir: str) -> None:
         time.sleep(0.05)
     if launcher.poll() is None:
         print("[3/5] preemption (the scheduler's STOP file): both trainers agree, checkpoint and exit 0")
-        (run_dir / "STOP").touch()
+        run.stop_file.touch()
     if launcher.wait() != 0:
         raise SystemExit("the first training launch failed; see its output above")
     print("[3/5] rerunning the same command: resume from the newest complete checkpoint")
@@ -78,7 +79,7 @@ def run_demo(workdir: str) -> None:
     from mtllm_train.export import export_run, load_mtllm
     from mtllm_train.model.stack import build_stack
 
-    export_dir = export_run(str(run_dir), str(run_dir / "export"))
+    export_dir = export_run(str(run_dir), str(run.export_dir))
     model = load_mtllm(export_dir)
     teacher = model.encode_teacher(held_out)
     trained = model.encode(held_out, lang=ENGLISH)
@@ -91,7 +92,7 @@ def run_demo(workdir: str) -> None:
     with torch.no_grad():
         untrained = build_stack(cfg.model).eval().student_pooled(ids, mask)
 
-    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    records = run.metrics()
     print("[5/5] summary")
     # Completed optimizer steps, as everywhere: the first record is the state after step 1.
     print(f"  steps            {records[0]['step'] - 1} -> {records[-1]['step']} (resumed once)")
@@ -109,5 +110,5 @@ def run_demo(workdir: str) -> None:
     for route, vectors in routes.items():
         print(f"  export loaded by {route:20s} max |difference| to load_mtllm {(vectors - trained).abs().max().item():.1e}")
     print(f"  run folder       {run_dir}  (config.yaml, metrics.jsonl, checkpoints/, export/ with its README.md)")
-    print(f"  loss curve       {run_dir / 'loss_curve.png'}")
+    print(f"  loss curve       {run.plot_file}")
     print(f"  total time       {time.perf_counter() - start:.0f}s")

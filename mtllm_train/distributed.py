@@ -6,9 +6,12 @@ Every rank builds the same stack (same files, same init seed), so nothing is bro
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
+import signal
 import socket
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -18,8 +21,8 @@ import torch.distributed as dist
 from torch import nn
 from transformers.utils import logging as transformers_logging
 
-from mtllm_train.config import Config, ConfigError
-from mtllm_train.model.loading import DTYPES
+from mtllm_train.config import Config, ConfigError, DistributedConfig
+from mtllm_train.portable.format import DTYPES
 
 
 @dataclass
@@ -34,25 +37,38 @@ class Dist:
         return self.rank == 0
 
 
+def die_with_parent(signum: int, parent: int | None = None) -> None:
+    """Have Linux send `signum` to this process when its parent ends (prctl PR_SET_PDEATHSIG): a trainer whose
+    launcher was killed, or a loader worker whose trainer was, does not run on unattended. `parent`: the pid the
+    parent must have, for a parent that may have ended before this call (then `signum` is raised at once)."""
+    if sys.platform != "linux":
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(1, signum, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    if parent is not None and os.getppid() != parent:
+        signal.raise_signal(signum)
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
-def init_distributed(cfg: Config) -> Dist:
+def init_distributed(cfg: DistributedConfig) -> Dist:
     """Read torchrun / deepspeed-launcher variables; a lone process gets a 1-rank group when a backend needs one."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    backend = cfg.distributed.backend
+    backend = cfg.backend
     if backend == "none" and world_size > 1:
         raise ConfigError(f"distributed.backend: 'none' cannot run on {world_size} processes; use ddp, fsdp or deepspeed")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if "LOCAL_RANK" in os.environ:  # started by a launcher (torchrun, deepspeed): when it is gone, preempt and stop
+        die_with_parent(signal.SIGTERM)
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    if device.type == "cpu" and backend == "deepspeed" and cfg.distributed.mixed_precision == "bf16":
+    if device.type == "cpu" and backend == "deepspeed" and cfg.mixed_precision == "bf16":
         # DeepSpeed casts every parameter, the frozen ones too, to bf16; on CPU (no autocast) they then meet fp32
         # activations and the first layer norm stops with a raw error.
         raise ConfigError("distributed.mixed_precision: bf16 with DeepSpeed needs GPUs (this process runs on cpu); "
@@ -64,7 +80,7 @@ def init_distributed(cfg: Config) -> Dist:
             if "MASTER_PORT" not in os.environ:
                 os.environ["MASTER_PORT"] = str(_free_port())
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                timeout=timedelta(minutes=cfg.distributed.timeout_minutes))
+                                timeout=timedelta(minutes=cfg.timeout_minutes))
     rank = dist.get_rank() if dist.is_initialized() else 0
     quiet_other_ranks(rank)
     return Dist(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
@@ -84,18 +100,26 @@ def all_reduce(tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
     return tensor
 
 
+def agree_or_stop(values: list[float], error: ConfigError | None, device: torch.device, what: str) -> list[float]:
+    """`values` summed over ranks, with whether a rank failed (`error`) in the same all-reduce: when one did, every
+    rank stops (the failing one with its error, the others with one line), so none waits in a later collective
+    for a rank that is gone."""
+    *totals, failed = all_reduce(torch.tensor([*values, float(error is not None)], device=device,
+                                              dtype=torch.float64)).tolist()
+    if error is not None:
+        raise error
+    if failed:
+        raise ConfigError(f"{int(failed)} other rank(s) could not {what} (their error names the cause); stopping")
+    return totals
+
+
 def stop_together(work, device: torch.device, what: str):
-    """work()'s result; when it fails with a ConfigError on any rank, every rank stops (the failing one with its
-    error, the others with one line), so none waits in a collective for a rank that is gone."""
+    """work()'s result; when it fails with a ConfigError on any rank, every rank stops (see agree_or_stop)."""
     try:
         result, error = work(), None
     except ConfigError as err:
         result, error = None, err
-    failed = int(all_reduce(torch.tensor([float(error is not None)], device=device)).item())
-    if error is not None:
-        raise error
-    if failed:
-        raise ConfigError(f"{failed} other rank(s) could not {what} (their error names the cause); stopping")
+    agree_or_stop([], error, device, what)
     return result
 
 
@@ -139,11 +163,11 @@ def compile_layers(module: nn.Module, dynamic_lengths: bool) -> None:
         layer.forward = torch.compile(layer.forward, backend=COMPILE_BACKEND, dynamic=True if dynamic_lengths else None)
 
 
-def wrap_model(module: nn.Module, cfg: Config, dist_info: Dist, sharded: nn.Module,
+def wrap_model(module: nn.Module, cfg: DistributedConfig, dist_info: Dist, sharded: nn.Module,
                replicated: list[nn.Module]) -> nn.Module:
     """DDP or FSDP2 around `module` (DeepSpeed wraps in deepspeed_engine). FSDP shards every layer of `sharded`;
     the parameters of the `replicated` modules (frozen encoder, frozen teacher) stay whole on every rank."""
-    backend = cfg.distributed.backend
+    backend = cfg.backend
     if backend == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -152,9 +176,9 @@ def wrap_model(module: nn.Module, cfg: Config, dist_info: Dist, sharded: nn.Modu
     if backend == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        bf16 = cfg.distributed.mixed_precision == "bf16"
+        bf16 = cfg.mixed_precision == "bf16"
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
-                                      reduce_dtype=DTYPES[cfg.distributed.fsdp_reduce_dtype] if bf16 else None)
+                                      reduce_dtype=DTYPES[cfg.fsdp_reduce_dtype] if bf16 else None)
         for layer in repeated_layers(sharded):
             fully_shard(layer, mp_policy=policy)
         ignored = {p for frozen in replicated for p in frozen.parameters()}

@@ -37,20 +37,22 @@ import warnings
 from pathlib import Path
 
 import torch
-import yaml
 from safetensors.torch import save_file
 
 from mtllm_train.checkpoint import Checkpoints
-from mtllm_train.config import Config, ConfigError, ModelConfig, load_config, stored_quantization
-from mtllm_train.loop import run_identity
-from mtllm_train.metrics import read_records
+from mtllm_train.config import Config, ConfigError, ModelConfig, stored_quantization
+from mtllm_train.model_card import model_card
 from mtllm_train.model.loading import build_llm, load_model
 from mtllm_train.model.stack import MTLLM, build_stack
 from mtllm_train.model.tokenizers import view_tokenizer
 from mtllm_train.portable import configuration_mtllm, guard
+from mtllm_train.files import pid_alive
 from mtllm_train.portable.configuration_mtllm import FORMAT_VERSION, MTLLMConfig
+from mtllm_train.portable.format import (ADAPTER_DIR, FROZEN_DIR, HEAD_FILE, MERGED_LLM_DIR, PROJECTION_FILE,
+                                         TEACHER_TOKENIZER_DIR)
 from mtllm_train.portable.modeling_mtllm import MTLLMModel
 from mtllm_train.portable.tokens import ENGLISH, language_codes
+from mtllm_train.run_folder import RunFolder
 
 PORTABLE_CODE = Path(configuration_mtllm.__file__).parent
 ST_POOLING = {"mean": "mean", "eos": "lasttoken", "bos": "cls"}  # our pooling -> sentence-transformers' mode
@@ -64,16 +66,10 @@ run trained with it); peft loading this adapter alone onto the base LLM gives ne
 
 def load_trained_stack(run_dir: Path, step: int | None = None) -> tuple[MTLLM, ModelConfig, dict]:
     """A stage-1 run's stack with the trainable weights of a checkpoint, in this (single) process."""
-    cfg = _run_config(run_dir)
+    cfg = RunFolder(run_dir).settings()
     stack = build_stack(cfg.model)
     meta = Checkpoints(run_dir).load_trainable(stack, step)
     return stack.eval(), cfg.model, meta
-
-
-def _run_config(run_dir: Path) -> Config:
-    if not (run_dir / "config.yaml").is_file():
-        raise ConfigError(f"--run {run_dir}: not a run folder (no config.yaml)")
-    return load_config(run_dir / "config.yaml")
 
 
 def _is_export(folder: Path) -> bool:
@@ -96,23 +92,13 @@ def _check_destination(out_dir: Path, force: bool) -> None:
         raise ConfigError(f"--out {out_dir}: holds an earlier export; add --force to replace it")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
 def _recover_interrupted_exports(out_dir: Path) -> None:
     """What an export killed mid-way left beside --out (hidden folders named by its pid, now gone): a partial
     export is removed; an earlier export moved aside by --force goes back into place if nothing took it (the
     kill came between the two renames), else it is removed."""
     for stale in sorted(out_dir.parent.glob(f".{out_dir.name}.*-*")):
         kind, _, pid = stale.name.removeprefix(f".{out_dir.name}.").rpartition("-")
-        if kind not in ("partial", "old") or not pid.isdigit() or _pid_alive(int(pid)):
+        if kind not in ("partial", "old") or not pid.isdigit() or pid_alive(int(pid)):
             continue
         if kind == "old" and not out_dir.exists():
             stale.rename(out_dir)
@@ -125,14 +111,13 @@ def _frozen_source(spec: str | dict, name: str, module_fn, folder: Path) -> str:
     built from an inline config, its weights saved into the export (nothing else could rebuild them)."""
     if isinstance(spec, str):
         return spec
-    module_fn().save_pretrained(str(folder / "frozen" / name))
-    return f"./frozen/{name}"
+    module_fn().save_pretrained(str(folder / FROZEN_DIR / name))
+    return f"./{FROZEN_DIR}/{name}"
 
 
-def _training_facts(run_dir: Path, cfg: Config, meta: dict, identity: dict | None) -> dict:
-    records = [r for r in read_records(run_dir / "metrics.jsonl") if r["step"] <= meta["step"]] \
-        if (run_dir / "metrics.jsonl").is_file() else []
-    facts = {"run": run_dir.name, "step": meta["step"], "global_batch_size": cfg.train.global_batch_size,
+def _training_facts(run: RunFolder, cfg: Config, meta: dict, identity: dict | None) -> dict:
+    records = run.metrics(up_to_step=meta["step"])
+    facts = {"run": run.name, "step": meta["step"], "global_batch_size": cfg.train.global_batch_size,
              "sequences_seen": meta["step"] * cfg.train.global_batch_size, "backend": meta["backend"],
              "exported_at": time.strftime("%Y-%m-%d %H:%M:%S")}
     if "versions" in meta:
@@ -144,48 +129,44 @@ def _training_facts(run_dir: Path, cfg: Config, meta: dict, identity: dict | Non
     if identity is not None:
         facts["stage"] = 2
         facts["command"] = identity["command"]
-        results = {path.stem: json.loads(path.read_text())["selection"]
-                   for path in sorted((run_dir / "results").glob("*.json"))} if (run_dir / "results").is_dir() else {}
-        if results:
-            facts["scores"] = results
+        scores = {row: result["selection"] for row, result in run.results().items()}
+        if scores:
+            facts["scores"] = scores
     else:
         facts["stage"] = 1
     return facts
 
 
-def _trained_model(run_dir: Path, cfg: Config, identity: dict | None, step: int | None):
-    """(the trained module, its body, its task section or None, checkpoint meta) of a run."""
-    if identity is None:
+def _trained_model(run: RunFolder, step: int | None):
+    """(the trained module, its body, its task section or None, checkpoint meta, the run's settings and identity)."""
+    if run.identity() is None:
+        cfg = run.settings()
         stack = build_stack(cfg.model)
-        return stack, "stack", None, Checkpoints(run_dir).load_trainable(stack, step)
-    from mtllm_train.tasks.data import NLI_LABELS
-    from mtllm_train.tasks.models import build_task_model, load_head, load_projection
+        return stack, "stack", None, Checkpoints(run).load_trainable(stack, step), cfg, None
+    from mtllm_train.tasks.data import label_names
+    from mtllm_train.tasks.models import load_task_run
     from mtllm_train.tasks.selection import source_best_step
 
-    model = build_task_model(cfg, identity["kind"])
-    if identity["command"] == "task-distill":  # first: the teacher's head is frozen, not in this run's checkpoints
-        load_head(model.head, cfg.task.teacher, identity["teacher_step"])
-    step = source_best_step(run_dir) if step is None else step  # S-DEV's checkpoint: one model for every language
-    meta = Checkpoints(run_dir).load_trainable(model, step)
-    load_projection(model, run_dir)
-    labels = list(cfg.task.labels) or (list(NLI_LABELS) if cfg.task.name == "nli" else [])
-    return model, identity["kind"], {"name": cfg.task.name, "labels": labels, "metric": cfg.task.metric}, meta
+    model, identity, cfg = load_task_run(run)
+    step = source_best_step(run) if step is None else step  # S-DEV's checkpoint: one model for every language
+    meta = Checkpoints(run).load_trainable(model, step)
+    task = {"name": cfg.task.name, "labels": list(label_names(cfg.task)), "metric": cfg.task.metric}
+    return model, identity["kind"], task, meta, cfg, identity
 
 
 def export_run(run: str, out: str | None = None, step: int | None = None, force: bool = False,
                merge: bool = False) -> Path:
-    run_dir = Path(run)
-    out_dir = Path(out) if out else run_dir / "export"
-    cfg = _run_config(run_dir)
+    run_folder = RunFolder(run)
+    out_dir = Path(out) if out else run_folder.export_dir
+    run_folder.settings()  # a folder that is no run is refused before anything is written
     _recover_interrupted_exports(out_dir)
     _check_destination(out_dir, force)
-    identity = run_identity(run_dir)
-    model, body, task, meta = _trained_model(run_dir, cfg, identity, step)
+    model, body, task, meta, cfg, identity = _trained_model(run_folder, step)
     partial = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     try:
-        _write_export(partial, model, body, task, cfg, _training_facts(run_dir, cfg, meta, identity), merge)
+        _write_export(partial, model, body, task, cfg, _training_facts(run_folder, cfg, meta, identity), merge)
         del model  # the export is loaded back next: one copy of the model in memory at a time
         _record_guard(partial)
         if out_dir.exists():  # an earlier export, with force: swap, then drop the old one
@@ -215,24 +196,24 @@ def _write_export(folder: Path, model, body: str, task: dict | None, cfg: Config
     if merge:
         if body == "mt_encoder":
             raise ConfigError("--merge: only an LLM body (stage 1, or stage-2 stack / llm models) is merged")
-        _merged_llm(adapted, model_cfg).save_pretrained(str(folder / "llm"))
-        sources["llm"] = "./llm"
+        _merged_llm(adapted, model_cfg).save_pretrained(str(folder / MERGED_LLM_DIR))
+        sources["llm"] = f"./{MERGED_LLM_DIR}"
     else:
-        adapted.save_pretrained(str(folder / "adapter"))
-        _name_the_base(folder / "adapter" / "adapter_config.json",
+        adapted.save_pretrained(str(folder / ADAPTER_DIR))
+        _name_the_base(folder / ADAPTER_DIR / "adapter_config.json",
                        sources["mt_encoder" if body == "mt_encoder" else "llm"], task)
-        (folder / "adapter" / "README.md").write_text(ADAPTER_README, encoding="utf-8")  # not peft's blank template
+        (folder / ADAPTER_DIR / "README.md").write_text(ADAPTER_README, encoding="utf-8")  # not peft's blank template
     if body == "stack":
         save_file({"weight": body_module.projection.weight.detach().contiguous(),
-                   "bias": body_module.projection.bias.detach().contiguous()}, str(folder / "projection.safetensors"))
+                   "bias": body_module.projection.bias.detach().contiguous()}, str(folder / PROJECTION_FILE))
     if task is not None:
         save_file({name: tensor.detach().contiguous() for name, tensor in model.head.state_dict().items()},
-                  str(folder / "head.safetensors"))
+                  str(folder / HEAD_FILE))
     view = "llm" if body == "llm" else "mt"
     tokenizer = view_tokenizer(model_cfg, view)
     tokenizer.save_pretrained(str(folder))
     if body == "stack":
-        view_tokenizer(model_cfg, "llm").save_pretrained(str(folder / "tokenizers" / "llm"))
+        view_tokenizer(model_cfg, "llm").save_pretrained(str(folder / TEACHER_TOKENIZER_DIR))
     max_length = cfg.task.max_length if task is not None else cfg.data.max_length
     quantization = "none" if merge else stored_quantization(model_cfg)
     config = MTLLMConfig(body=body, mt_encoder=sources.get("mt_encoder", ""), llm=sources.get("llm", ""),
@@ -299,87 +280,6 @@ def _sentence_transformers_files(folder: Path, pooling: str, max_length: int, hi
         {"word_embedding_dimension": hidden, "pooling_mode": ST_POOLING[pooling]}, indent=2))
 
 
-def model_card(config: MTLLMConfig) -> str:
-    """README.md with the Hub's YAML front matter, from the export's config."""
-    facts, task = config.training, config.task
-    bases = [source for source in (config.trained_from["mt_encoder"], config.trained_from["llm"])
-             if isinstance(source, str) and source and not source.startswith(("/", "./"))]
-    languages = sorted({code.split("_")[0] for code in config.languages}) or ["en"]
-    front = {"library_name": "transformers", **({"base_model": bases} if bases else {}), "language": languages,
-             "tags": ["mtllm", "model-stacking", "self-distillation", "multilingual"]
-             + (["sentence-transformers", "feature-extraction"] if task is None else ["text-classification"]),
-             "pipeline_tag": "feature-extraction" if task is None else "text-classification"}
-    if facts.get("scores"):
-        front["model-index"] = [{"name": facts["run"], "results": _index_results(task, facts["scores"])}]
-    kind = ("an embedder (stage 1: self-distillation)" if task is None else
-            f"a {task['name']} model (stage 2, {facts.get('command')}, body: {config.body})")
-    lines = ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "",
-             f"# MT-LLM: {facts['run']}", "",
-             f"An MT encoder stacked under an English LLM, exported by mtllm-train: {kind}. It reads text in "
-             f"{len(config.languages) or 1} languages through the MT encoder"
-             + (" and answers in the LLM's representation space." if task is None else "."), "",
-             "## Training", "",
-             f"- frozen MT encoder: `{config.trained_from['mt_encoder'] if isinstance(config.trained_from['mt_encoder'], str) else 'inline config'}`; "
-             f"frozen LLM: `{config.trained_from['llm'] if isinstance(config.trained_from['llm'], str) else 'inline config'}`"
-             f" ({'bidirectional' if config.bidirectional else 'causal'} attention, {config.pooling} pooling, "
-             f"{config.quantization} quantization)",
-             f"- {facts['step']} optimizer steps of {facts['global_batch_size']} sequences "
-             f"({facts['sequences_seen']} sequences seen), max length {config.view_max_length['mt']} tokens per view",
-             *([f"- final loss {facts['final_loss']:.4g}" + (f", FVU {facts['final_fvu']:.3f}" if "final_fvu" in facts else "")]
-               if "final_loss" in facts else []), ""]
-    if facts.get("scores"):
-        lines += ["## Evaluation (zero-shot cross-lingual transfer)", ""]
-        for row, selection in facts["scores"].items():
-            lines += [f"{row}, S-DEV checkpoint (step {selection['s_dev']['step']}):", "",
-                      "| language | score |", "|---|---|",
-                      *[f"| {language} | {100 * score:.1f} |" for language, score in selection["s_dev"]["test"].items()], ""]
-    versions = getattr(config, "versions", None) or {}
-    if versions:
-        trained = facts.get("trained_with") or {}
-        lines += ["## Versions", "",
-                  "Every load recomputes a few probe texts and compares them with the outputs recorded at export "
-                  "(`guard.safetensors`): a library that changes what this model computes is reported by a warning "
-                  "(`guard=\"strict\"` or `MTLLM_GUARD=strict` makes it an error; `mtllm verify PATH` prints every "
-                  "probe).", "",
-                  "| library | exported with | trained with |", "|---|---|---|",
-                  *[f"| {name} | {version} | {trained.get(name, '-')} |" for name, version in versions.items()], ""]
-    usage = ('model.encode(["Ein Satz."], lang="deu_Latn")' if task is None
-             else 'model.predict(["Ein Satz."], lang="deu_Latn")')
-    lines += ["## Use", "", "```python", "from transformers import AutoModel", "",
-              'model = AutoModel.from_pretrained("PATH_OR_HUB_ID", trust_remote_code=True)', usage, "```", ""]
-    if task is None:
-        lines += ["```python", "from sentence_transformers import SentenceTransformer", "",
-                  'model = SentenceTransformer("PATH_OR_HUB_ID", trust_remote_code=True)',
-                  'model.tokenizer.src_lang = "deu_Latn"  # the language of the texts (FLORES-200 code)',
-                  'vectors = model.encode(["Ein Satz."])', "```", ""]
-    lines += ["With mtllm-train installed: `mtllm_train.export.load_mtllm(PATH_OR_HUB_ID, device=..., dtype=...)`, "
-              "or `mtllm predict --model PATH --lang deu_Latn TEXT ...`.", "",
-              "## Limits", "",
-              "- The text's language must be given (a FLORES-200 code such as `deu_Latn`); the MT encoder is told "
-              "the source language, it does not detect it.",
-              "- Languages the MT encoder reads poorly are read poorly here; the LLM knows only what it learned in "
-              "English.",
-              "- The frozen parts are rebuilt from their sources above; a bidirectional LLM must be rebuilt "
-              "bidirectional (this code does it; loading the adapter onto a plain causal base with peft does not).",
-              ""]
-    return "\n".join(lines)
-
-
-def _index_results(task: dict, scores: dict) -> list[dict]:
-    """The Hub's model-index results: per benchmark row, the S-DEV checkpoint's test score per language and
-    their average, in percent."""
-    results = []
-    for row, selection in scores.items():
-        per_language = selection["s_dev"]["test"]
-        metrics = [{"type": task["metric"], "name": f"{task['metric']} ({language})", "value": round(100 * score, 2)}
-                   for language, score in per_language.items()]
-        metrics.append({"type": task["metric"], "name": f"{task['metric']} (average)",
-                        "value": round(100 * sum(per_language.values()) / len(per_language), 2)})
-        results.append({"task": {"type": "text-classification", "name": task["name"]},
-                        "dataset": {"name": row, "type": row.split(":")[0]}, "metrics": metrics})
-    return results
-
-
 def load_mtllm(path_or_hub_id: str | Path, device: str | torch.device | None = None,
                dtype: torch.dtype | str | None = None, guard: str | None = None) -> MTLLMModel:
     """An exported MT-LLM (local folder or hub id), frozen, in eval mode: `encode(texts, lang=...)` for an
@@ -398,32 +298,3 @@ def verify_export(path_or_hub_id: str | Path) -> guard.Report | None:
         warnings.simplefilter("ignore", guard.ExportDriftWarning)
         model = load_mtllm(path_or_hub_id, guard="off")
     return guard.compare(model, model.export_folder)
-
-
-def read_inputs(path: str | None, texts: list[str], model: MTLLMModel) -> list:
-    """`mtllm predict`'s inputs: texts from the command line, or one JSON object per line of a file."""
-    if bool(path) == bool(texts):
-        raise ConfigError("mtllm predict: give texts or --input FILE.jsonl (one of them)")
-    if texts:
-        if model.config.task is not None and model.config.task["name"] != "sentiment":
-            raise ConfigError(f"mtllm predict: a {model.config.task['name']} model reads several fields per input; "
-                              f"give them in --input FILE.jsonl")
-        return texts
-    if not Path(path).is_file():
-        raise ConfigError(f"--input {path}: no such file")
-    records = []
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                record = json.loads(line)
-            except ValueError as err:
-                raise ConfigError(f"{path}:{number}: not valid JSON ({err})") from None
-            if not isinstance(record, dict):
-                raise ConfigError(f"{path}:{number}: expected a JSON object (e.g. {{\"text\": ...}}), got "
-                                  f"{type(record).__name__}")
-            if model.config.task is None and "text" not in record:
-                raise ConfigError(f"{path}:{number}: no 'text' field to embed")
-            records.append(record if model.config.task is not None else record["text"])
-    if not records:
-        raise ConfigError(f"--input {path}: no inputs (one JSON object per line)")
-    return records

@@ -1,27 +1,21 @@
-"""The pieces both training loops use, stage 1 (train.py) and stage 2 (tasks/finetune.py): the run folder,
-batch geometry, backend set-up with optimizer and schedule, autocast, backward, the optimizer step with its
-non-finite check, preemption, and the end-of-step block (agree -> checkpoint -> stop). Each loop's own step
-stays in its own file."""
+"""The step mechanics both training loops use, stage 1 (train.py) and stage 2 (tasks/finetune.py): batch
+geometry, backend set-up with optimizer and schedule, autocast, backward, the optimizer step with its non-finite
+check, preemption, and the end-of-step block (agree -> checkpoint -> stop). The run folder is run_folder.py's;
+each loop's own step stays in its own file."""
 
 from __future__ import annotations
 
-import fcntl
-import json
 import math
-import os
 import signal
-import socket
 import sys
-import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from mtllm_train.checkpoint import Checkpoints
-from mtllm_train.config import Config, ConfigError, dump_config, flat_settings, load_config
+from mtllm_train.config import Config, ConfigError, DistributedConfig
 from mtllm_train.distributed import Dist, all_reduce, deepspeed_engine, wrap_model
-from mtllm_train.files import write_atomic
 from mtllm_train.metrics import MetricsLogger
 from mtllm_train.model.stack import trainable_parameters
 from mtllm_train.optim import build_optimizer, build_scheduler
@@ -31,92 +25,9 @@ class NonFiniteError(RuntimeError):
     """A non-finite loss or gradient norm: the step was not applied and the run stops."""
 
 
-TASK_FILE = "task.json"  # what a stage-2 run is: command, kind of model (and where it started from)
-
-
-def run_identity(run_dir: Path) -> dict | None:
-    """The identity a stage-2 run folder records (None for a stage-1 run or an empty folder)."""
-    path = run_dir / TASK_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-LOCK_FILE = ".lock"
-_held_locks: dict[Path, int] = {}  # run folder -> the open lock file of this process (released when it exits)
-# Settings a resumed run may change: how it logs, checkpoints and waits, and how fast it computes; every other
-# setting shapes the trajectory the checkpoints belong to.
-MAY_CHANGE_ON_RESUME = ("run.dir", "logging.", "checkpoint.every", "checkpoint.keep_last", "distributed.timeout_minutes",
-                        "model.compile", "model.activation_checkpointing", "data.skip_bad_samples", "data.pad_multiple", "data.eval_", "probe.", "task.cache_dir",
-                        "task.cache_teacher", "task.eval_batch_size")
-
-
-def check_resume_settings(cfg: Config, run_dir: Path) -> None:
-    """A run folder with checkpoints resumes them: refuse settings that differ from the ones they were trained
-    with (config.yaml), except MAY_CHANGE_ON_RESUME."""
-    if not (run_dir / "config.yaml").is_file() or not Checkpoints(run_dir).complete():
-        return
-    trained, given = flat_settings(load_config(run_dir / "config.yaml")), flat_settings(cfg)
-    changed = [key for key in given if given[key] != trained.get(key) and not key.startswith(MAY_CHANGE_ON_RESUME)]
-    if changed:
-        key = changed[0]
-        more = f" (and {', '.join(changed[1:])})" if len(changed) > 1 else ""
-        raise ConfigError(f"{key}: the checkpoints in {run_dir} were trained with {trained.get(key)!r}, this command "
-                          f"gives {given[key]!r}{more}; a resumed run keeps its settings (drop the override, or start a "
-                          f"new run.name)")
-
-
-def lock_run_folder(run_dir: Path, dist_info: Dist) -> None:
-    """One trainer per run folder: rank 0 holds an exclusive flock on RUN/.lock until its process ends (also
-    when it crashes); every rank learns whether it got it."""
-    holder = ""
-    if dist_info.is_main and run_dir.resolve() not in _held_locks:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-        else:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"host {socket.gethostname()}, pid {os.getpid()}, since "
-                          f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
-            _held_locks[run_dir.resolve()] = fd
-    taken_elsewhere = all_reduce(torch.tensor(float(bool(holder)), device=dist_info.device),
-                                 torch.distributed.ReduceOp.MAX)
-    if taken_elsewhere.item():
-        raise ConfigError(f"run folder {run_dir} is in use by another trainer ({holder or 'see rank 0'}); wait for it "
-                          f"to end, or give this run its own run.name")
-
-
-def open_run_folder(cfg: Config, dist_info: Dist, identity: dict | None = None) -> Path:
-    """The run folder, ready for this run: locked for this trainer, refused when it holds another kind of run or
-    checkpoints trained with other settings; then the resolved config (and a stage-2 run's `identity`) is
-    written, and this rank's dropout stream seeded (restored on resume)."""
-    run_dir = Path(cfg.run.dir) / cfg.run.name
-    lock_run_folder(run_dir, dist_info)
-    existing = run_identity(run_dir)
-    if identity is None and existing is not None:
-        raise ConfigError(f"run folder {run_dir} holds a stage-2 run; give this stage-1 run its own run.name")
-    if identity is not None and (run_dir / "config.yaml").is_file():
-        if existing is None:
-            raise ConfigError(f"run folder {run_dir} holds a stage-1 run; give this stage-2 run its own run.name")
-        if (existing["command"], existing["kind"]) != (identity["command"], identity["kind"]):
-            raise ConfigError(f"run folder {run_dir} holds a {existing['command']} run of the {existing['kind']}; "
-                              f"this is {identity['command']} of the {identity['kind']}: give it its own run.name")
-    check_resume_settings(cfg, run_dir)
-    if dist_info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, run_dir / "config.yaml")
-        if identity is not None:
-            write_atomic(run_dir / TASK_FILE, json.dumps(identity, indent=1))
-    torch.manual_seed(cfg.run.seed * 1000 + dist_info.rank)
-    return run_dir
-
-
-def autocast(cfg: Config, device: torch.device):
+def autocast(cfg: DistributedConfig, device: torch.device):
     """bf16 autocast on GPU when distributed.mixed_precision is bf16; a no-op context otherwise."""
-    return torch.autocast(device.type, dtype=torch.bfloat16,
-                          enabled=device.type == "cuda" and cfg.distributed.mixed_precision == "bf16")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and cfg.mixed_precision == "bf16")
 
 
 def due(every: int, step: int, total_steps: int) -> bool:
@@ -201,7 +112,7 @@ def setup_backend(module: nn.Module, cfg: Config, dist_info: Dist, accumulation:
                                  accumulation)
         optimizer, scheduler = model.optimizer, model.lr_scheduler
     else:
-        model = wrap_model(module, cfg, dist_info, sharded, replicated)
+        model = wrap_model(module, cfg.distributed, dist_info, sharded, replicated)
         optimizer = build_optimizer(trainable_parameters(module), cfg.optim)  # after wrapping: FSDP2 made DTensors
         scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
     return model, optimizer, scheduler, list(trainable_parameters(module).values())

@@ -17,11 +17,11 @@ from urllib.parse import urlparse
 import torch
 from tqdm import tqdm
 
-from mtllm_train.config import CHOICES, ConfigError, LoggingConfig
+from mtllm_train.config import CHOICES, ConfigError, LoggingConfig, LossConfig
 from mtllm_train.distributed import all_reduce
 from mtllm_train.files import write_atomic
 from mtllm_train.model.fp8 import Float8FrozenLinear
-from mtllm_train.model.loss import fvu_from_sums, variance_from_sums
+from mtllm_train.model.loss import LossTerms, fvu_from_sums, variance_from_sums, weighted_loss
 
 # Dense bf16 peak FLOP/s per GPU, by the name torch reports.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
@@ -93,6 +93,23 @@ def peak_flops(device: torch.device) -> float | None:
     return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
 
 
+class MfuMeter:
+    """Model FLOPs utilisation of a step from its counted tokens and attention pairs (None off the GPUs with a
+    known peak)."""
+
+    def __init__(self, llm: torch.nn.Module, mt_encoder: torch.nn.Module, device: torch.device, world_size: int):
+        self.llm, self.encoder = flop_shape(llm), flop_shape(mt_encoder)
+        peak = peak_flops(device)
+        self.peak = peak * world_size if peak else None
+
+    def __call__(self, totals: StepTotals, seconds: float) -> float | None:
+        if self.peak is None:
+            return None
+        flops = step_flops(self.llm, self.encoder, totals.llm_computed, totals.llm_pairs, totals.mt_computed,
+                           totals.mt_pairs)
+        return flops / seconds / self.peak
+
+
 def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
@@ -117,6 +134,10 @@ class StepTotals:
     mt_pairs: float
     bad_samples: float
     vectors: dict[str, torch.Tensor]  # per-dimension sums (and sums of squares) of pooled and span vectors
+
+    def term_sums(self) -> dict[str, float]:
+        """Each loss term summed over the step's targets (what model.loss.weighted_loss weighs)."""
+        return {"mse": self.error_sum, "span_mse": self.span_error_sum, "contrastive": self.contrastive_sum}
 
     def fvu(self, targets: int) -> float:
         return fvu_from_sums(self.error_sum, self.vectors["teacher"], self.vectors["teacher_sq"], targets)
@@ -154,12 +175,12 @@ class StepStatistics:
         self.vectors[name] = self.vectors[name] + rows.sum(0)
         self.vectors[f"{name}_sq"] = self.vectors[f"{name}_sq"] + rows.pow(2).sum(0)
 
-    def add(self, errors: torch.Tensor, student_pooled: torch.Tensor, teacher_pooled: torch.Tensor,
+    def add(self, terms: LossTerms, student_pooled: torch.Tensor, teacher_pooled: torch.Tensor,
             llm_mask: torch.Tensor, mt_mask: torch.Tensor, bad_samples: int) -> None:
-        """A micro-batch's sequence targets: per-target errors [B] and both pooled vectors [B, D]."""
+        """A micro-batch: its loss terms, both pooled vectors [B, D] and both views' padding masks."""
         self._vectors("teacher", teacher_pooled.float())
         self._vectors("student", student_pooled.float())
-        self._sum("error_sum", errors.sum())
+        self._sum("error_sum", terms.mse.sum())
         self._sum("llm_real", llm_mask.sum())
         self._sum("mt_real", mt_mask.sum())
         student, teacher = student_pooled.detach().float(), teacher_pooled.detach().float()
@@ -170,15 +191,12 @@ class StepStatistics:
         self.host_counts["llm_pairs"] += llm_mask.numel() * llm_mask.shape[-1]  # query-key pairs attention computes
         self.host_counts["mt_pairs"] += mt_mask.numel() * mt_mask.shape[-1]
         self.host_counts["bad_samples"] += bad_samples
-
-    def add_spans(self, span_errors: torch.Tensor, teacher_spans: torch.Tensor) -> None:
-        """A micro-batch's word-span targets: per-span errors [N] and the teacher's span vectors [N, D]."""
-        self._sum("span_error_sum", span_errors.sum())
-        self._sum("spans", torch.tensor(float(span_errors.numel()), device=self.device))
-        self._vectors("span_teacher", teacher_spans.float())
-
-    def add_contrastive(self, losses: torch.Tensor) -> None:
-        self._sum("contrastive_sum", losses.sum())
+        if terms.span_mse is not None:
+            self._sum("span_error_sum", terms.span_mse.sum())
+            self._sum("spans", torch.tensor(float(terms.span_mse.numel()), device=self.device))
+            self._vectors("span_teacher", terms.teacher_spans.float())
+        if terms.contrastive is not None:
+            self._sum("contrastive_sum", terms.contrastive.sum())
 
     def all_reduced(self) -> StepTotals:
         """Every statistic of the step summed over ranks, with one all-reduce."""
@@ -191,6 +209,42 @@ class StepStatistics:
         scalars = len(self.DEVICE_SUMS) + len(self.HOST_COUNTS)
         sums = dict(zip(self.DEVICE_SUMS + self.HOST_COUNTS, totals[:scalars].tolist()))
         return StepTotals(**sums, vectors=dict(zip(self.VECTORS, totals[scalars:].chunk(len(self.VECTORS)))))
+
+
+def loss_record(totals: StepTotals, counts: dict[str, float], loss_cfg: LossConfig) -> dict:
+    """The step's loss (weighted by the formula the gradient used) and each of its terms, with the diagnostics of
+    a collapse: the student's variance across texts against the teacher's, cosine and norm ratio of student and
+    teacher vectors."""
+    targets = counts["targets"]
+    record = {"loss": weighted_loss(totals.term_sums(), counts, loss_cfg), "mse": totals.error_sum / targets,
+              "fvu": totals.fvu(int(targets))}
+    if loss_cfg.span_weight:
+        record.update(span_mse=totals.span_error_sum / max(counts["spans"], 1.0), span_fvu=totals.span_fvu())
+    if loss_cfg.contrastive_weight:
+        record["contrastive"] = totals.contrastive_sum / targets
+    record.update(student_var=totals.variance("student", int(targets)), teacher_var=totals.variance("teacher", int(targets)),
+                  cosine=totals.cosine_sum / targets, norm_ratio=totals.norm_ratio_sum / targets)
+    return record
+
+
+@dataclass(frozen=True)
+class StepTiming:
+    seconds: float  # the whole step
+    data_wait: float  # of which waiting for batches
+
+
+def step_record(step: int, losses: dict, totals: StepTotals, counts: dict[str, float], timing: StepTiming, *,
+                lr: float, grad_norm: float, epoch: int, device: torch.device, mfu: float | None) -> dict:
+    """One stage-1 step's line of metrics.jsonl (and W&B): losses, optimizer, throughput, padding, memory."""
+    record = {"step": step, **losses, "lr": lr, "grad_norm": grad_norm,
+              "seqs_per_s": counts["targets"] / timing.seconds,
+              "llm_tokens_per_s": totals.llm_real / timing.seconds, "mt_tokens_per_s": totals.mt_real / timing.seconds,
+              "padding_efficiency": (totals.llm_real + totals.mt_real) / (totals.llm_computed + totals.mt_computed),
+              "data_wait_frac": timing.data_wait / timing.seconds, "peak_mem_gb": peak_memory_gb(device),
+              "bad_samples": int(totals.bad_samples), "epoch": epoch}
+    if mfu is not None:
+        record["mfu"] = mfu
+    return record
 
 
 def _wandb_api_key(host: str) -> bool:
@@ -245,10 +299,11 @@ class MetricsLogger:
     first record `"resumed": true`. Progress: a bar on a terminal; in a log file, one plain line every 5% of the
     run (a bar's carriage-return frames would make one unreadable line there)."""
 
-    def __init__(self, run_dir: Path, cfg: LoggingConfig, enabled: bool, start_step: int, total_steps: int,
+    def __init__(self, run, cfg: LoggingConfig, enabled: bool, start_step: int, total_steps: int,
                  wandb_id: str | None, config: dict):
+        """run: the RunFolder (run_folder.py) it writes metrics.jsonl into."""
         self.enabled, self.cfg = enabled, cfg
-        path = run_dir / "metrics.jsonl"
+        path = run.metrics_file
         if enabled and path.is_file():
             kept = [record for record in read_records(path) if record["step"] <= start_step]
             write_atomic(path, "".join(json.dumps(record) + "\n" for record in kept))
@@ -259,8 +314,8 @@ class MetricsLogger:
             import wandb
 
             self.wandb_id = wandb_id or uuid.uuid4().hex[:12]
-            self.wandb_run = wandb.init(project=cfg.project, entity=cfg.entity or None, name=run_dir.name,
-                                        id=self.wandb_id, resume="allow", mode=cfg.wandb, dir=str(run_dir),
+            self.wandb_run = wandb.init(project=cfg.project, entity=cfg.entity or None, name=run.name,
+                                        id=self.wandb_id, resume="allow", mode=cfg.wandb, dir=str(run.path),
                                         config=config)
         progress = enabled and cfg.progress_bar
         self.plain_every = max(1, total_steps // 20) if progress and not sys.stderr.isatty() else 0
@@ -366,12 +421,12 @@ def probe_panel(axis, records: list[dict]) -> None:
     axis.legend(fontsize=7, ncol=2)
 
 
-def plot_loss_curve(run_dir: Path) -> Path:
-    """runs/NAME/loss_curve.png from metrics.jsonl."""
+def plot_loss_curve(run) -> Path:
+    """The RunFolder's loss_curve.png from its metrics.jsonl."""
     import matplotlib.pyplot as plt
 
-    figure = loss_figure(read_records(run_dir / "metrics.jsonl"), run_dir.name)
-    path = run_dir / "loss_curve.png"
+    figure = loss_figure(read_records(run.metrics_file), run.name)
+    path = run.plot_file
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path

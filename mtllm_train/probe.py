@@ -32,11 +32,11 @@ from mtllm_train.data.reader import padded_length
 from mtllm_train.distributed import Dist, all_reduce
 from mtllm_train.files import write_atomic
 from mtllm_train.model.tokenizers import view_tokenizer
+from mtllm_train.run_folder import RunFolder
 from mtllm_train.portable.tokens import (ENGLISH, is_language_code, language_codes, pad_id, pad_right,
                                          set_source_language)
 from mtllm_train.tasks.languages import resolve
 
-BEST_FILE = "probe_best.json"
 SPACES = ("teacher", "stack")
 
 
@@ -140,8 +140,8 @@ def retrieval_scores(bitext: Bitext, translated: dict[str, torch.Tensor], englis
 
 
 class BitextProbe:
-    def __init__(self, cfg: Config, dist_info: Dist, run_dir: Path):
-        self.cfg, self.dist_info, self.run_dir = cfg, dist_info, run_dir
+    def __init__(self, cfg: Config, dist_info: Dist, run: RunFolder):
+        self.cfg, self.dist_info, self.best_file = cfg, dist_info, run.probe_best_file
         self.mt_tokenizer = view_tokenizer(cfg.model, "mt")
         self.llm_tokenizer = view_tokenizer(cfg.model, "llm")
         mt_codes = language_codes(self.mt_tokenizer)
@@ -150,7 +150,7 @@ class BitextProbe:
         if len(set(names)) != len(names):
             raise ConfigError(f"probe.sets: two sets are named alike ({', '.join(names)}); file names name them")
         self.teacher_english: dict[str, torch.Tensor] = {}  # the frozen teacher: once per set
-        self.best = json.loads((run_dir / BEST_FILE).read_text()) if (run_dir / BEST_FILE).is_file() else None
+        self.best = json.loads(self.best_file.read_text()) if self.best_file.is_file() else None
 
     def _language_key(self, bitext: Bitext, lang: str) -> str:
         return lang if len(self.sets) == 1 else f"{bitext.name}.{lang}"
@@ -223,7 +223,7 @@ class BitextProbe:
             self.best = {"step": step, "value": value, "space": self.cfg.probe.select, "probes_since": 0}
             improved = True
         if self.dist_info.is_main:
-            write_atomic(self.run_dir / BEST_FILE, json.dumps(self.best, indent=1))
+            write_atomic(self.best_file, json.dumps(self.best, indent=1))
         return improved
 
     @property
@@ -233,6 +233,12 @@ class BitextProbe:
     def should_stop(self) -> bool:
         patience = self.cfg.probe.patience
         return bool(patience) and self.best is not None and self.best["probes_since"] >= patience
+
+    def early_stop_line(self, step: int, total_steps: int) -> str:
+        best = self.best
+        return (f"early stop at step {step}: the probe's mean R@1 ({best['space']}) has not improved on step "
+                f"{best['step']}'s {best['value']:.3f} for {best['probes_since']} probes; {total_steps - step} steps "
+                f"not run")
 
 
 # The paper configs' probe: FLORES-200 dev in 24 languages, a spread of scripts, families and resource levels
@@ -323,10 +329,10 @@ def evaluate_embedder(export: str, sets: list[str], out: str) -> dict:
     return result
 
 
-def best_step(run_dir: Path) -> int:
+def best_step(run: RunFolder) -> int:
     """The step a run's probe found best (`mtllm export --best`)."""
-    path = run_dir / BEST_FILE
+    path = run.probe_best_file
     if not path.is_file():
-        raise ConfigError(f"--best: {run_dir} has no probe record ({BEST_FILE}): the run trained without the "
+        raise ConfigError(f"--best: {run} has no probe record ({path.name}): the run trained without the "
                           f"multilingual probe (probe.every 0); give --step instead")
     return json.loads(path.read_text())["step"]

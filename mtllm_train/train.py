@@ -1,9 +1,9 @@
 """Stage 1: self-distillation of the MT-LLM stack. One loop, readable top to bottom:
 
-set-up (process group, data, stack, backend wrapper, optimizer) -> resume from the newest complete
-checkpoint -> per step: fetch micro-batches, teacher + student forward, loss (the paper's MSE between pooled
-vectors, optionally word-span MSE and in-batch InfoNCE), backward, one optimizer step, held-out evaluation when
-due, metrics, checkpoint, preemption check.
+set-up (process group, run folder, data, stack, backend wrapper, optimizer) -> resume from the newest complete
+checkpoint -> per step: fetch micro-batches, teacher + student forward, loss (model/loss.py: the paper's MSE
+between pooled vectors, optionally word-span MSE and in-batch InfoNCE), backward, one optimizer step, the step's
+record (with the held-out evaluation and the probe when due), checkpoint, preemption check.
 """
 
 from __future__ import annotations
@@ -15,22 +15,22 @@ from contextlib import closing
 import torch
 
 from mtllm_train.checkpoint import Checkpoints
-from mtllm_train.config import Config, ConfigError, LossConfig, to_dict
+from mtllm_train.config import Config, ConfigError, to_dict
 from mtllm_train.data.manifest import check_tokenizers, require_word_spans
 from mtllm_train.data.reader import BatchReader
-from mtllm_train.data.tar_reader import ShardError
-from mtllm_train.distributed import (all_reduce, compile_layers, gradient_sync, init_distributed, shutdown,
+from mtllm_train.distributed import (agree_or_stop, compile_layers, gradient_sync, init_distributed, shutdown,
                                      stop_together)
 from mtllm_train.loop import (Preemption, accumulation_steps, autocast, backward, check_finite_loss, due,
-                              end_of_step, new_summary, open_run_folder, optimizer_step, resume_line, setup_backend)
-from mtllm_train.metrics import (MetricsLogger, StepStatistics, flop_shape, peak_flops, peak_memory_gb, plot_loss_curve,
-                                 step_flops, wandb_mode)
+                              end_of_step, new_summary, optimizer_step, resume_line, setup_backend)
+from mtllm_train.metrics import (MetricsLogger, MfuMeter, StepStatistics, StepTiming, loss_record, plot_loss_curve,
+                                 step_record, wandb_mode)
 from mtllm_train.model.fp8 import check_fp8_support, fp8_base
-from mtllm_train.model.loss import contrastive_losses, span_count, span_squared_errors, squared_error
-from mtllm_train.model.projection_init import fit_projection
-from mtllm_train.model.stack import StackOutput, build_stack
+from mtllm_train.model.loss import LossTerms, loss_terms, span_count, squared_error, weighted_loss
+from mtllm_train.model.stack import MTLLM, build_stack
 from mtllm_train.model.tokenizers import fingerprint, tokenizer_spec, view_tokenizer
 from mtllm_train.probe import BitextProbe
+from mtllm_train.projection_fit import fit_projection
+from mtllm_train.run_folder import open_run_folder
 
 VIEWS = ("mt_input_ids", "mt_attention_mask", "llm_input_ids", "llm_attention_mask")
 WORD_IDS = ("mt_word_ids", "llm_word_ids")  # each token's word span (-1: none), in shards built with spans
@@ -52,51 +52,9 @@ def step_batches(batches, accumulation: int, device: torch.device, spans: bool) 
         micro_batches, data_error = [], err
     targets = sum(b["mt_input_ids"].shape[0] for b in micro_batches)
     span_targets = sum(span_count(b["llm_word_ids"], b["mt_word_ids"]) for b in micro_batches) if spans else 0
-    local = torch.tensor([float(targets), float(span_targets), float(data_error is not None)], device=device)
-    global_targets, global_spans, failed_ranks = all_reduce(local).tolist()
-    if data_error is not None:
-        raise data_error
-    if failed_ranks:
-        raise ShardError(f"{int(failed_ranks)} other rank(s) could not read their data (their error names the shard); "
-                         f"stopping")
+    global_targets, global_spans = agree_or_stop([float(targets), float(span_targets)], data_error, device,
+                                                 "read their data")
     return micro_batches, {"targets": global_targets, "spans": global_spans}
-
-
-def distillation_loss(out: StackOutput, batch: dict, loss_cfg: LossConfig, counts: dict[str, float],
-                      stats: StepStatistics) -> torch.Tensor:
-    """This micro-batch's share of the step's loss, and its statistics. Each term is summed over its targets and
-    divided by the step's global count of them, so every target weighs the same whatever the layout."""
-    errors = squared_error(out.student_pooled, out.teacher_pooled)
-    stats.add(errors, out.student_pooled, out.teacher_pooled, batch["llm_attention_mask"], batch["mt_attention_mask"],
-              batch["bad_samples"])
-    loss = loss_cfg.sequence_weight * errors.sum() / counts["targets"]
-    if loss_cfg.span_weight:
-        span_errors, teacher_spans = span_squared_errors(out.student_hidden, out.teacher_hidden, batch["mt_word_ids"],
-                                                         batch["llm_word_ids"])
-        stats.add_spans(span_errors, teacher_spans)
-        loss = loss + loss_cfg.span_weight * span_errors.sum() / max(counts["spans"], 1.0)
-    if loss_cfg.contrastive_weight:
-        contrastive = contrastive_losses(out.student_pooled, out.teacher_pooled, loss_cfg.contrastive_temperature)
-        stats.add_contrastive(contrastive)
-        loss = loss + loss_cfg.contrastive_weight * contrastive.sum() / counts["targets"]
-    return loss
-
-
-def loss_record(totals, counts: dict[str, float], loss_cfg: LossConfig) -> dict:
-    """The step's loss and each of its terms, with the diagnostics of a collapse: the student's variance across
-    texts against the teacher's, cosine and norm ratio of student and teacher vectors."""
-    targets = counts["targets"]
-    record = {"mse": totals.error_sum / targets, "fvu": totals.fvu(int(targets))}
-    loss = loss_cfg.sequence_weight * record["mse"]
-    if loss_cfg.span_weight:
-        record.update(span_mse=totals.span_error_sum / max(totals.spans, 1.0), span_fvu=totals.span_fvu())
-        loss += loss_cfg.span_weight * record["span_mse"]
-    if loss_cfg.contrastive_weight:
-        record["contrastive"] = totals.contrastive_sum / targets
-        loss += loss_cfg.contrastive_weight * record["contrastive"]
-    record.update(student_var=totals.variance("student", int(targets)), teacher_var=totals.variance("teacher", int(targets)),
-                  cosine=totals.cosine_sum / targets, norm_ratio=totals.norm_ratio_sum / targets)
-    return {"loss": loss, **record}
 
 
 @torch.no_grad()
@@ -109,14 +67,28 @@ def evaluate_held_out(model, reader: BatchReader, batches: int, cfg: Config, dev
     stats = StepStatistics(device)
     for batch in micro_batches:
         views = {key: to_device(batch[key], device) for key in VIEWS}
-        with autocast(cfg, device):
-            out = model(**views)
-        stats.add(squared_error(out.student_pooled, out.teacher_pooled), out.student_pooled, out.teacher_pooled,
-                  views["llm_attention_mask"], views["mt_attention_mask"], batch["bad_samples"])
+        with autocast(cfg.distributed, device):
+            teacher_and_student = model(**views)
+        stats.add(LossTerms(squared_error(teacher_and_student.student_pooled, teacher_and_student.teacher_pooled)),
+                  teacher_and_student.student_pooled, teacher_and_student.teacher_pooled, views["llm_attention_mask"],
+                  views["mt_attention_mask"], batch["bad_samples"])
     model.train()
     totals = stats.all_reduced()
     return {"eval_mse": totals.error_sum / counts["targets"], "eval_fvu": totals.fvu(int(counts["targets"])),
             "eval_cosine": totals.cosine_sum / counts["targets"]}
+
+
+def evaluate_when_due(step: int, model, cfg: Config, device: torch.device, held_out: tuple | None,
+                      probe: BitextProbe | None) -> tuple[dict, bool]:
+    """The held-out evaluation and the probe, each when due after `step`: (their record fields, whether the probe
+    found a new best step)."""
+    fields, probe_best = {}, False
+    if held_out and due(cfg.data.eval_every, step, cfg.train.steps):
+        fields.update(evaluate_held_out(model, *held_out, cfg, device))
+    if probe and due(cfg.probe.every, step, cfg.train.steps):
+        fields.update(probe.run(model, device, lambda: autocast(cfg.distributed, device)))
+        probe_best = probe.update_best(step, fields)  # saved with this step, and kept through pruning
+    return fields, probe_best
 
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -127,64 +99,75 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return tensor.to(device, non_blocking=True)
 
 
+def shard_reader(cfg: Config, shards: str, num_workers: int, dist_info) -> BatchReader:
+    """This rank's share of the shards, checked against the run's tokenizers."""
+    reader = BatchReader(shards, dist_info.rank, dist_info.world_size, cfg.data.micro_batch_size, num_workers,
+                         cfg.run.seed, cfg.data.length_group_batches, cfg.data.skip_bad_samples, cfg.data.max_length,
+                         cfg.data.pad_multiple)
+    check_tokenizers(reader.manifest, shards, *run_tokenizers(cfg))
+    return reader
+
+
+def build_student(model_cfg, device: torch.device) -> MTLLM:
+    """The stack on this rank's device; with model.quantization fp8 the frozen base's matmuls in float8 (the GPU
+    checked before the minutes of loading)."""
+    if model_cfg.quantization == "fp8":
+        check_fp8_support(device)
+    stack = build_stack(model_cfg, device)
+    if model_cfg.quantization == "fp8":
+        fp8_base(stack.llm, device, model_cfg.fp8_scaling)
+    return stack
+
+
 def train(cfg: Config) -> dict:
     started = time.perf_counter()
-    dist_info = init_distributed(cfg)
+    dist_info = init_distributed(cfg.distributed)
     backend, device, world_size = cfg.distributed.backend, dist_info.device, dist_info.world_size
     accumulation = accumulation_steps(cfg, world_size)
-    if cfg.model.quantization == "fp8":
-        check_fp8_support(device)  # before minutes of loading
-    run_dir = open_run_folder(cfg, dist_info)
+    run = open_run_folder(cfg, dist_info)
     # W&B decided now (its key and server), not after minutes of loading; only rank 0 logs.
     cfg.logging.wandb, wandb_note = wandb_mode(cfg.logging) if dist_info.is_main else ("disabled", None)
 
-    # Data: this rank's share of the shards, checked against the run's tokenizers.
-    def shard_reader(shards: str, num_workers: int) -> BatchReader:
-        reader = BatchReader(shards, dist_info.rank, world_size, cfg.data.micro_batch_size, num_workers, cfg.run.seed,
-                             cfg.data.length_group_batches, cfg.data.skip_bad_samples, cfg.data.max_length,
-                             cfg.data.pad_multiple)
-        check_tokenizers(reader.manifest, shards, *run_tokenizers(cfg))
-        return reader
-
-    reader = shard_reader(cfg.data.shards, cfg.data.num_workers)
+    # Data, and what the held-out evaluation and the probe read.
+    reader = shard_reader(cfg, cfg.data.shards, cfg.data.num_workers, dist_info)
     spans = bool(cfg.loss.span_weight)
-    if spans:
-        require_word_spans(reader.manifest, cfg.data.shards, "loss.span_weight > 0")
-    if cfg.model.projection_init == "least_squares":
-        require_word_spans(reader.manifest, cfg.data.shards, "model.projection_init=least_squares")
-    eval_reader = shard_reader(cfg.data.eval_shards, 0) if cfg.data.eval_every else None
-    eval_batches = min(cfg.data.eval_batches or 10**9, eval_reader.epoch_batches(0)) if eval_reader else 0
-    probe = stop_together(lambda: BitextProbe(cfg, dist_info, run_dir), device, "read the probe sets") \
+    for needed, setting in ((spans, "loss.span_weight > 0"),
+                            (cfg.model.projection_init == "least_squares", "model.projection_init=least_squares")):
+        if needed:
+            require_word_spans(reader.manifest, cfg.data.shards, setting)
+    held_out = None
+    if cfg.data.eval_every:
+        eval_reader = shard_reader(cfg, cfg.data.eval_shards, 0, dist_info)
+        held_out = (eval_reader, min(cfg.data.eval_batches or 10**9, eval_reader.epoch_batches(0)))
+    probe = stop_together(lambda: BitextProbe(cfg, dist_info, run), device, "read the probe sets") \
         if cfg.probe.every else None
 
     # The stack (U fit first when asked, unless a checkpoint will replace it), its backend wrapper, optimizer and
     # schedule.
     build_start = time.perf_counter()
-    stack = build_stack(cfg.model, device)
-    if cfg.model.quantization == "fp8":
-        fp8_base(stack.llm, device, cfg.model.fp8_scaling)  # the frozen base's matmuls in float8 (refused where the GPU cannot)
+    stack = build_student(cfg.model, device)
     build_seconds = time.perf_counter() - build_start
     projection_fit = None
-    if cfg.model.projection_init == "least_squares" and not Checkpoints(run_dir).complete():
-        with closing(shard_reader(cfg.data.shards, 0)) as fit_reader:
+    if cfg.model.projection_init == "least_squares" and not Checkpoints(run.path).complete():
+        with closing(shard_reader(cfg, cfg.data.shards, 0, dist_info)) as fit_reader:
             # model.projection_init_samples in all: each rank reads its share
             per_rank = math.ceil(cfg.model.projection_init_samples / world_size)
             projection_fit = fit_projection(stack, iter(fit_reader), per_rank, device)
-    llm_flops, encoder_flops = flop_shape(stack.llm), flop_shape(stack.mt_encoder)
+    mfu = MfuMeter(stack.llm, stack.mt_encoder, device, world_size)  # before the backend shards the weights
     model, optimizer, scheduler, trainable = setup_backend(stack, cfg, dist_info, accumulation, cfg.train.steps,
                                                            sharded=stack.llm, replicated=[stack.mt_encoder])
     if cfg.model.compile:
         compile_layers(stack.llm, dynamic_lengths=cfg.data.pad_multiple < cfg.data.max_length)
 
     # Resume from the newest complete checkpoint, if any.
-    checkpoints = Checkpoints(run_dir, model=model, optimizer=optimizer, scheduler=scheduler, backend=backend,
-                              dist_info=dist_info)
+    checkpoints = Checkpoints(run.path, model=model, optimizer=optimizer, scheduler=scheduler, backend=backend,
+                              dist_info=dist_info, settings=to_dict(cfg))
     resumed = checkpoints.resume()
     start_step = resumed.meta["step"] if resumed else 0
     if resumed:
         reader.load_state_dict(resumed.reader_state)
 
-    logger = MetricsLogger(run_dir, cfg.logging, dist_info.is_main, start_step, cfg.train.steps,
+    logger = MetricsLogger(run, cfg.logging, dist_info.is_main, start_step, cfg.train.steps,
                            resumed.meta.get("wandb_id") if resumed else None, to_dict(cfg))
     if resumed:
         logger.message(resume_line(resumed.path, start_step, cfg.train.steps))
@@ -195,14 +178,13 @@ def train(cfg: Config) -> dict:
                        f"{projection_fit['fvu']:.1%} of the variance of the LLM's input embeddings unexplained")
     # Time to the first step: what a node's ranks spend building the stack on their GPUs and resuming.
     logger.message(f"set-up took {time.perf_counter() - started:.1f} s (stack built on {device} in {build_seconds:.1f} s)")
-    flops_peak = peak_flops(device)
     batches = iter(reader)
     model.train()
-    summary = new_summary(run_dir, dist_info, start_step, cfg.train.steps)
+    summary = new_summary(run.path, dist_info, start_step, cfg.train.steps)
 
     # closing(): the logger and the reader's worker processes are shut down however the loop ends.
-    with Preemption(run_dir / "STOP", dist_info.is_main) as preemption, closing(logger), closing(reader):
-        for step in range(start_step, cfg.train.steps):
+    with Preemption(run.stop_file, dist_info.is_main) as preemption, closing(logger), closing(reader):
+        for step in range(start_step + 1, cfg.train.steps + 1):
             step_start = time.perf_counter()
             # Every pooled target weighs the same: normalise by the global count over micro-batches and ranks.
             micro_batches, counts = step_batches(batches, accumulation, device, spans)
@@ -210,73 +192,48 @@ def train(cfg: Config) -> dict:
 
             stats = StepStatistics(device)
             for index, batch in enumerate(micro_batches):
+                views = {key: to_device(batch[key], device) for key in VIEWS}
+                word_ids = {key: to_device(batch[key], device) for key in WORD_IDS} if spans else {}
                 last = index == accumulation - 1
-                keys = VIEWS + (WORD_IDS if spans else ())
-                on_device = {key: to_device(batch[key], device) for key in keys}
                 with gradient_sync(model, backend, last):
-                    with autocast(cfg, device):
-                        out = model(**{key: on_device[key] for key in VIEWS})
-                        loss = distillation_loss(out, {**on_device, "bad_samples": batch["bad_samples"]}, cfg.loss,
-                                                 counts, stats)
+                    with autocast(cfg.distributed, device):
+                        # One forward of each: the teacher (the LLM, adapters off, reading the English tokens) and
+                        # the student (MT encoder -> U -> the LLM with its adapters, reading the MT tokens).
+                        teacher_and_student = model(**views)
+                        terms = loss_terms(teacher_and_student, word_ids, cfg.loss)
                         # DDP / FSDP / DeepSpeed average gradients over ranks; x world_size turns that into the sum.
-                        loss = loss * world_size
+                        loss = weighted_loss(terms.sums(), counts, cfg.loss) * world_size
                     backward(model, loss, backend, last)
+                stats.add(terms, teacher_and_student.student_pooled, teacher_and_student.teacher_pooled,
+                          views["llm_attention_mask"], views["mt_attention_mask"], batch["bad_samples"])
             totals = stats.all_reduced()  # one all-reduce for every statistic of the step
             losses = loss_record(totals, counts, cfg.loss)
-            check_finite_loss(losses["loss"], step + 1)
+            check_finite_loss(losses["loss"], step)
 
-            # One optimizer step.
             lr = optimizer.param_groups[0]["lr"]
-            grad_norm = optimizer_step(model, optimizer, scheduler, trainable, backend, cfg.train.grad_clip, step + 1)
+            grad_norm = optimizer_step(model, optimizer, scheduler, trainable, backend, cfg.train.grad_clip, step)
 
-            # Metrics.
-            step_time = time.perf_counter() - step_start
-            global_targets = counts["targets"]
-            record = {
-                "step": step + 1,
-                **losses,
-                "lr": lr,
-                "grad_norm": grad_norm,
-                "seqs_per_s": global_targets / step_time,
-                "llm_tokens_per_s": totals.llm_real / step_time,
-                "mt_tokens_per_s": totals.mt_real / step_time,
-                "padding_efficiency": (totals.llm_real + totals.mt_real) / (totals.llm_computed + totals.mt_computed),
-                "data_wait_frac": data_wait / step_time,
-                "peak_mem_gb": peak_memory_gb(device),
-                "bad_samples": int(totals.bad_samples),
-                "epoch": reader.epoch,
-            }
-            if eval_reader and due(cfg.data.eval_every, step + 1, cfg.train.steps):
-                record.update(evaluate_held_out(model, eval_reader, eval_batches, cfg, device))
-            probe_best = False
-            if probe and due(cfg.probe.every, step + 1, cfg.train.steps):
-                record.update(probe.run(model, device, lambda: autocast(cfg, device)))
-                probe_best = probe.update_best(step + 1, record)  # saved below, and kept through pruning
-            if flops_peak:
-                flops = step_flops(llm_flops, encoder_flops, totals.llm_computed, totals.llm_pairs, totals.mt_computed,
-                                   totals.mt_pairs)
-                record["mfu"] = flops / step_time / (flops_peak * world_size)
-            logger.log(record)
+            timing = StepTiming(time.perf_counter() - step_start, data_wait)
+            record = step_record(step, losses, totals, counts, timing, lr=lr, grad_norm=grad_norm, epoch=reader.epoch,
+                                 device=device, mfu=mfu(totals, timing.seconds))
+            evaluations, probe_best = evaluate_when_due(step, model, cfg, device, held_out, probe)
+            logger.log({**record, **evaluations})
+            summary.update(end_step=step, passes=step * cfg.train.global_batch_size / reader.manifest["totals"]["samples"])
             summary["losses"].append(losses["loss"])
-            summary["end_step"] = step + 1
-            summary["passes"] = (step + 1) * cfg.train.global_batch_size / reader.manifest["totals"]["samples"]
 
-            stop_early = probe is not None and probe.should_stop() and step + 1 < cfg.train.steps
-            save_due = due(cfg.checkpoint.every, step + 1, cfg.train.steps) or probe_best or stop_early
-            if end_of_step(step + 1, save_due, preemption=preemption, checkpoints=checkpoints, logger=logger,
+            stop_early = probe is not None and probe.should_stop() and step < cfg.train.steps
+            save_due = due(cfg.checkpoint.every, step, cfg.train.steps) or probe_best or stop_early
+            if end_of_step(step, save_due, preemption=preemption, checkpoints=checkpoints, logger=logger,
                            summary=summary, device=device, keep_last=cfg.checkpoint.keep_last,
                            reader_state=reader.state_dict(), keep_best=probe.best_step if probe else None):
                 break
             if stop_early:
-                best = probe.best
-                logger.message(f"early stop at step {step + 1}: the probe's mean R@1 ({best['space']}) has not "
-                               f"improved on step {best['step']}'s {best['value']:.3f} for {best['probes_since']} "
-                               f"probes; {cfg.train.steps - step - 1} steps not run")
-                summary["early_stopped"] = step + 1
+                logger.message(probe.early_stop_line(step, cfg.train.steps))
+                summary["early_stopped"] = step
                 break
     if probe is not None and probe.best is not None:
         summary["probe_best"] = probe.best
     if dist_info.is_main and summary["losses"]:
-        plot_loss_curve(run_dir)
+        plot_loss_curve(run)
     shutdown()
     return summary

@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import time
 
 import pytest
@@ -67,8 +68,15 @@ def _restamp(shards, name):
 
 
 def _truncate(path, keep=0.5):
+    """Cut the file to about `keep` of its bytes; a tar inside a member's data (a cut between members reads as a
+    shorter archive, not a damaged one)."""
     data = path.read_bytes()
-    path.write_bytes(data[: int(len(data) * keep)])
+    cut = int(len(data) * keep)
+    if path.suffix == ".tar" and cut:
+        with tarfile.open(path) as tar:
+            member = next(m for m in tar.getmembers() if m.offset_data + m.size > cut)
+        cut = member.offset_data + member.size // 2
+    path.write_bytes(data[:cut])
 
 
 # --- 1. a reader that fails stops the run in seconds, on every rank --------------------------------------------
@@ -152,6 +160,7 @@ def test_crafted_checkpoint_metadata_runs_no_code(tmp_path, train_shards, capsys
     (step / "state" / ".metadata").write_bytes(pickle.dumps(_Payload(tmp_path / "PWNED")))
     meta = json.loads((step / "meta.json").read_text())
     meta["files"]["state/.metadata"] = sha256_file(step / "state" / ".metadata")  # the attacker fixes the sums
+    meta["sizes"]["state/.metadata"] = (step / "state" / ".metadata").stat().st_size  # and the sizes
     (step / "meta.json").write_text(json.dumps(meta))
     capsys.readouterr()
     for args in (["export", "--run", run], _train_args(tmp_path, train_shards, "m", **{"train.steps": 4})):

@@ -12,7 +12,8 @@ from helpers import finish, torchrun
 from mtllm_train.__main__ import main
 from mtllm_train.checkpoint import Checkpoints
 from mtllm_train.config import ConfigError, load_config
-from mtllm_train.probe import BEST_FILE, read_bitext, recall_at_1
+from mtllm_train.probe import read_bitext, recall_at_1
+from mtllm_train.run_folder import RunFolder
 from mtllm_train.train import train
 
 BITEXT = "shards/sample/bitext_probe.jsonl"
@@ -81,7 +82,7 @@ def test_the_probe_logs_per_language_keeps_and_exports_its_best_checkpoint_and_s
         assert 0 <= record["probe_stack_x2en_zho_Hans"] <= 1 and 0 <= record["probe_teacher_en2x_deu_Latn"] <= 1
         per_language = [v for k, v in record.items() if k.startswith("probe_stack_") and not k.endswith("_mean")]
         assert len(per_language) == 10 and record["probe_stack_mean"] == pytest.approx(sum(per_language) / 10)
-    best = json.loads((tmp_path / "probed" / BEST_FILE).read_text())
+    best = json.loads(RunFolder(tmp_path / "probed").probe_best_file.read_text())
     means = [r["probe_stack_mean"] for r in probed]
     assert best["value"] == max(means) and best["step"] == probed[means.index(max(means))]["step"]
     assert summary["probe_best"]["step"] == best["step"]

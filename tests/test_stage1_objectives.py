@@ -13,10 +13,10 @@ from helpers import ROOT
 from mtllm_train.config import ConfigError, LossConfig, load_config
 from mtllm_train.data.reader import BatchReader
 from mtllm_train.export import load_trained_stack
-from mtllm_train.model.loss import contrastive_losses, span_count, span_squared_errors, squared_error
-from mtllm_train.metrics import StepStatistics
+from mtllm_train.model.loss import (contrastive_losses, loss_terms, span_count, span_squared_errors, squared_error,
+                                    weighted_loss)
 from mtllm_train.model.stack import build_stack
-from mtllm_train.train import VIEWS, distillation_loss, train
+from mtllm_train.train import VIEWS, train
 
 
 def _cfg(tmp_path, shards, name, **extra):
@@ -130,9 +130,8 @@ def test_the_span_term_reaches_the_gradient_with_its_weight_and_global_count(tin
         return 0.25 * sequence + 0.75 * total / global_spans
 
     weights = LossConfig(sequence_weight=0.25, span_weight=0.75)
-    trainer = projection_gradient(lambda out: distillation_loss(out, batch, weights, {"targets": 8.0,
-                                                                                       "spans": global_spans},
-                                                                StepStatistics(torch.device("cpu"))))
+    counts = {"targets": 8.0, "spans": global_spans}
+    trainer = projection_gradient(lambda out: weighted_loss(loss_terms(out, batch, weights).sums(), counts, weights))
     reference = projection_gradient(by_hand)
     sequence_only = projection_gradient(lambda out: 0.25 * squared_error(out.student_pooled,
                                                                          out.teacher_pooled).sum() / 8.0)

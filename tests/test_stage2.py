@@ -81,7 +81,7 @@ def test_task_train_validates_every_quarter_keeps_the_selected_checkpoints_and_e
 def test_evaluation_scores_match_a_hand_count(runs):
     root, _ = runs
     cfg = load_config(root / "llm" / "config.yaml")
-    evaluator = Evaluator(cfg, root / "llm", finetune.init_distributed(cfg), "llm")
+    evaluator = Evaluator(cfg, root / "llm", finetune.init_distributed(cfg.distributed), "llm")
     model = build_task_model(cfg, "llm")
     Checkpoints(root / "llm").load_trainable(model, 12)
     model.eval()
@@ -150,7 +150,7 @@ def test_task_distillation_lowers_mse_and_moves_predictions_towards_the_teacher(
     teacher_step = json.loads((root / "s2" / "task.json").read_text())["teacher_step"]
     assert teacher_step == _best(read_validation(root / "llm"), "source")
     teacher = load_teacher(cfg, teacher_step)
-    evaluator = Evaluator(cfg, root / "s2", finetune.init_distributed(cfg), "stack")
+    evaluator = Evaluator(cfg, root / "s2", finetune.init_distributed(cfg.distributed), "stack")
     # Held-out English dev text in both tokenizations.
     from mtllm_train.portable.encoding import collate
     batch = {}
@@ -307,7 +307,7 @@ def test_exported_task_model_predicts_what_evaluate_scored(runs, tmp_path, capsy
     model = load_mtllm(export_run(str(run), str(tmp_path / "export")))
     assert model.config.body == body and model.config.task["labels"] == list(cfg.task.labels)
 
-    evaluator = Evaluator(cfg, run, finetune.init_distributed(cfg), body)
+    evaluator = Evaluator(cfg, run, finetune.init_distributed(cfg.distributed), body)
     language = next(lang for lang in evaluator.languages if lang.key == "nusax:ind")
     examples = evaluator.data.split(language.test, language.code)
     predicted = model.predict([example["text"] for example in examples], lang=language.mt_code)

@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-import mtllm_train.train as train_module
+import mtllm_train.model.loss as loss_module
 from conftest import preempt_at, read_metrics, trained_weights, train_overrides
 from mtllm_train.checkpoint import COMMIT, Checkpoints
 from mtllm_train.config import ConfigError, load_config
@@ -98,14 +98,14 @@ def test_checkpoint_without_commit_marker_is_skipped(tmp_path, train_shards, mon
 
 def test_non_finite_loss_stops_the_run_and_leaves_no_nan_checkpoint(tmp_path, train_shards, monkeypatch):
     calls = {"n": 0}
-    real = train_module.squared_error
+    real = loss_module.squared_error
 
     def poisoned(student, teacher):
         calls["n"] += 1
         errors = real(student, teacher)
         return errors * float("nan") if calls["n"] > 12 else errors  # 2 micro-batches a step: step 7 is bad
 
-    monkeypatch.setattr(train_module, "squared_error", poisoned)
+    monkeypatch.setattr(loss_module, "squared_error", poisoned)
     with pytest.raises(NonFiniteError, match=r"step 7: the loss is nan; the step was not applied"):
         train(_cfg(tmp_path, train_shards, "nan"))
     assert Checkpoints(tmp_path / "nan").steps() == [4]

@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import assets  # noqa: E402
 
 from mtllm_train.checkpoint import Checkpoints  # noqa: E402
-from mtllm_train.config import load_config  # noqa: E402
+from mtllm_train.run_folder import RunFolder  # noqa: E402
 from mtllm_train.model.stack import build_stack  # noqa: E402
 from mtllm_train.model.tokenizers import set_source_language, view_tokenizer  # noqa: E402
 from mtllm_train.portable.pooling import pool  # noqa: E402
@@ -102,7 +102,7 @@ def initial_stack(cfg):
     stack = build_stack(cfg.model)
     if cfg.model.projection_init == "least_squares":
         from mtllm_train.data.reader import BatchReader
-        from mtllm_train.model.projection_init import fit_projection
+        from mtllm_train.projection_fit import fit_projection
 
         reader = BatchReader(cfg.data.shards, 0, 1, cfg.data.micro_batch_size, 0, cfg.run.seed,
                              cfg.data.length_group_batches, cfg.data.skip_bad_samples, cfg.data.max_length)
@@ -117,7 +117,7 @@ def initial_stack(cfg):
 def probe(run_dir: Path, texts: list[str], steps: list[int] | None = None, stack=None) -> list[dict]:
     """One row per step (default: step 0 and every complete checkpoint) of the run in `run_dir`. `stack`: the
     run's initial_stack when the caller has it already (it is then loaded with the checkpoints' weights)."""
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = RunFolder(run_dir).settings()
     checkpoints = Checkpoints(run_dir)
     available = checkpoints.steps()
     if steps is None:

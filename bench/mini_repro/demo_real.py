@@ -35,7 +35,7 @@ import collapse_probe  # noqa: E402
 from evaluate import recall_at_1  # noqa: E402
 from run import ROOT, MINILM_CONFIG, TextBatches, build_shards, mtllm, sample  # noqa: E402
 
-from mtllm_train.config import load_config  # noqa: E402
+from mtllm_train.run_folder import RunFolder  # noqa: E402
 from mtllm_train.export import load_trained_stack  # noqa: E402
 from mtllm_train.metrics import read_records  # noqa: E402
 from mtllm_train.model.tokenizers import view_tokenizer  # noqa: E402
@@ -184,7 +184,7 @@ def main() -> None:
           f"model.mt_encoder={paths['e5']}", f"model.llm={paths['minilm']}", "model.projection_init=least_squares",
           f"train.steps={args.steps}", f"checkpoint.every={args.steps}", "checkpoint.keep_last=2",
           f"probe.every={args.steps // 4}", f"probe.sets=[{bitext}]")
-    records = read_records(run_dir / "metrics.jsonl")
+    records = RunFolder(run_dir).metrics()
     first, last = (sum(r["fvu"] for r in part) / len(part) for part in (records[:10], records[-10:]))
     print(f"[real 2/4] done {took()}: FVU (training batches, mean of 10 steps) {first:.2f} at the start -> "
           f"{last:.2f} at the end (with the paper's random U it stays near 1.0 for ~250 steps)", flush=True)
@@ -197,7 +197,7 @@ def main() -> None:
         english = {name: TextBatches(llm_tokenizer, [en for _, en in pairs]).embed(
             lambda index, ids, mask: trained.teacher_pooled(ids, mask)) for name, pairs in sets.items()}
     table = {"MiniLM reads X itself (the teacher)": scores(trained, llm_tokenizer, sets, english, "llm")}
-    initial = collapse_probe.initial_stack(load_config(run_dir / "config.yaml"))  # U refit as training fit it
+    initial = collapse_probe.initial_stack(RunFolder(run_dir).settings())  # U refit as training fit it
     table["stack at step 0 (U fit, no training)"] = scores(initial, mt_tokenizer, sets, english, "mt")
     del initial
     table[f"stack after {meta['step']} steps of stage 1"] = scores(trained, mt_tokenizer, sets, english, "mt")
@@ -215,7 +215,7 @@ def main() -> None:
     print(f"  {'chance':{width}s}  " + "  ".join(f"{1 / counts[c]:16.3f}" for c in columns))
     print("  MiniLM knows English only; the stack reads German and French through e5, trained on English text alone.")
     png = out / "summary.png"
-    summary_png(png, run_dir / "metrics.jsonl", table, chance, meta["step"])
+    summary_png(png, RunFolder(run_dir).metrics_file, table, chance, meta["step"])
     print(f"  summary          {png}")
     print(f"  run folder       {run_dir}  (config.yaml, metrics.jsonl, loss_curve.png, checkpoints/)")
     print(f"  total time       {time.perf_counter() - start:.0f}s (part 2)")

@@ -41,6 +41,7 @@ import collapse_probe  # noqa: E402
 from evaluate import accuracy, fit_logistic_regression, recall_at_1  # noqa: E402
 
 from mtllm_train.checkpoint import Checkpoints  # noqa: E402
+from mtllm_train.run_folder import RunFolder  # noqa: E402
 from mtllm_train.config import load_config  # noqa: E402
 from mtllm_train.metrics import read_records  # noqa: E402
 from mtllm_train.model.stack import build_stack  # noqa: E402
@@ -189,7 +190,7 @@ class Evaluator:
     stack at the given steps."""
 
     def __init__(self, run_dir: Path, llm_name: str, retrieval: dict, sentiment: dict):
-        cfg = load_config(run_dir / "config.yaml")
+        cfg = RunFolder(run_dir).settings()
         base = build_stack(cfg.model).eval()
         e5_tokenizer = load_tokenizer(cfg.model.mt_encoder, "model.mt_encoder")
         llm_tokenizer = load_tokenizer(cfg.model.llm, "model.llm")
@@ -330,7 +331,7 @@ def main() -> None:
             saved["baselines"][run.llm] = evaluators[run.llm].baselines
             lap(f"baselines {run.llm}")
         # The stack before step 1 (for projection_init=least_squares U fit again), for the probe and step 0.
-        stack = collapse_probe.initial_stack(load_config(run_dir / "config.yaml"))
+        stack = collapse_probe.initial_stack(RunFolder(run_dir).settings())
         start = {name: p.detach().clone() for name, p in stack.named_parameters() if p.requires_grad}
         rows = collapse_probe.probe(run_dir, probe_texts, stack=stack)
         lap(f"probe {run.name}")
@@ -460,7 +461,7 @@ def score_row(scores: dict[str, float], columns: list[str]) -> list[str]:
 
 
 def training_metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
+    path = RunFolder(run_dir).metrics_file
     return read_records(path) if path.is_file() else []
 
 

@@ -11,7 +11,7 @@ import numpy as np
 from mtllm_train.data import locations
 from mtllm_train.data.manifest import has_word_spans, load_manifest
 from mtllm_train.data.tar_reader import iter_samples
-from mtllm_train.files import sha256_file
+from mtllm_train.data.reader import checksum_problem, shard_problem
 
 
 def padding_efficiency(lengths: list[tuple[int, ...]], batch_size: int, group_batches: int | None,
@@ -76,19 +76,20 @@ def _span_report(manifest: dict, lengths: dict[str, list], example: dict | None)
     return lines
 
 
-def _streamed_lengths(location: str, shard: dict, lengths: dict[str, list], word_spans: bool = False) -> str | None:
+def _streamed_lengths(location: str, shard: dict, lengths: dict[str, list], word_spans: bool,
+                      max_length: int) -> str | None:
     """Add a remote shard's sample lengths to `lengths` if its bytes match the manifest; else say why not."""
     measured = {key: [] for key in lengths}
     try:
         with locations.open_stream(location, shard["name"]) as stream:
             for sample in iter_samples(locations.describe(location, shard["name"]), skip_bad_samples=True,
-                                       stream=stream, word_spans=word_spans):
+                                       stream=stream, word_spans=word_spans, max_length=max_length):
                 _measure(sample, measured)
-            actual = stream.finish()
+            problem = checksum_problem(shard["name"], shard, stream.finish())
     except locations.LocationError as err:
         return f"UNREADABLE {shard['name']}: {err.cause}"
-    if actual != shard["sha256"]:
-        return f"CHECKSUM MISMATCH {shard['name']}: the file changed since it was built"
+    if problem is not None:
+        return f"CHECKSUM MISMATCH {problem}"
     for key, values in measured.items():
         lengths[key].extend(values)
     return None
@@ -102,21 +103,18 @@ def inspect_shards(shards_dir: str, batch_size: int = 8, group_batches: int = 16
     word_spans, example = has_word_spans(manifest), None
     for shard in manifest["shards"]:
         if locations.is_remote(shards_dir):  # a URL or pipe: location: streamed, hashed as it streams
-            problem = _streamed_lengths(shards_dir, shard, lengths, word_spans)
+            problem = _streamed_lengths(shards_dir, shard, lengths, word_spans, manifest["max_length"])
             if problem is not None:
                 print(problem)
                 problems += 1
             continue
         path = Path(shards_dir) / shard["name"]
-        if not path.is_file():
-            print(f"MISSING {shard['name']}")
+        problem = shard_problem(path, shard)  # the reader's own check: what train would refuse
+        if problem is not None:
+            print(f"{'MISSING' if not path.is_file() else 'CHECKSUM MISMATCH'} {shard['name']}: {problem}")
             problems += 1
             continue
-        if sha256_file(path) != shard["sha256"]:
-            print(f"CHECKSUM MISMATCH {shard['name']}: the file changed since it was built")
-            problems += 1
-            continue
-        for sample in iter_samples(path, skip_bad_samples=True, word_spans=word_spans):
+        for sample in iter_samples(path, skip_bad_samples=True, word_spans=word_spans, max_length=manifest["max_length"]):
             _measure(sample, lengths)
             example = example or (sample if word_spans else None)
     totals, tokenizers = manifest["totals"], manifest["tokenizers"]

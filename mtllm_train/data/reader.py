@@ -31,10 +31,12 @@ the workers, which ignore SIGTERM for preemption's sake, are stopped whatever ha
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 import signal
 import weakref
 from collections.abc import Iterator
+from functools import partial
 from itertools import islice
 from pathlib import Path
 
@@ -45,6 +47,7 @@ from mtllm_train.config import ConfigError
 from mtllm_train.data import locations
 from mtllm_train.data.manifest import has_word_spans, load_manifest
 from mtllm_train.data.tar_reader import ShardError, iter_samples
+from mtllm_train.distributed import die_with_parent
 from mtllm_train.files import sha256_file
 from mtllm_train.portable.tokens import pad_right
 
@@ -82,11 +85,13 @@ def batches_per_reader(assignment: list[list[dict]], batch_size: int) -> int:
     return min(sum(s["samples"] for s in shards) // batch_size for shards in assignment)
 
 
-def _ignore_stop_signals(_worker_id: int) -> None:
+def _worker_init(trainer_pid: int, _worker_id: int) -> None:
     # Preemption (SIGTERM, or Ctrl-C's SIGINT to the terminal's whole process group) is handled by the training
-    # processes at a step boundary; workers must not die first.
+    # processes at a step boundary; workers must not die first. A trainer killed outright (kill -9, the OOM killer)
+    # takes its workers with it, also one streaming a long remote shard.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    die_with_parent(signal.SIGKILL, trainer_pid)
 
 
 class _RankStream(IterableDataset):
@@ -144,8 +149,8 @@ def checksum_problem(where: str | Path, shard: dict, actual: str, streamed: str 
             f"data.skip_bad_samples=true to skip it")
 
 
-def streamed_samples(where: str, shard: dict, stream: locations.HashingStream,
-                     skip_bad_samples: bool, word_spans: bool = False) -> Iterator[dict]:
+def streamed_samples(where: str, shard: dict, stream: locations.HashingStream, skip_bad_samples: bool,
+                     word_spans: bool = False, max_length: int | None = None) -> Iterator[dict]:
     """The samples of a shard streamed from a URL or a pipe: location, whose sha256 can only be known at the end
     of the stream. One sample is held back: the stream is read to its end and checked before the shard's last
     sample is yielded, so a mismatch raises the same error as the local check (or, with skip_bad_samples, drops
@@ -153,7 +158,7 @@ def streamed_samples(where: str, shard: dict, stream: locations.HashingStream,
     killed) whenever the reader stops."""
     try:
         held = None
-        for sample in iter_samples(where, skip_bad_samples, stream=stream, word_spans=word_spans):
+        for sample in iter_samples(where, skip_bad_samples, stream=stream, word_spans=word_spans, max_length=max_length):
             if held is not None:
                 yield held
             held = sample
@@ -216,8 +221,10 @@ class BatchReader:
             raise ShardError(problem)
         kept = 0
         if problem is None:
-            samples = (iter_samples(path, self.skip_bad_samples, word_spans=self.word_spans) if stream is None
-                       else streamed_samples(path, shard, stream, self.skip_bad_samples, self.word_spans))
+            built_at = self.manifest["max_length"]
+            samples = (iter_samples(path, self.skip_bad_samples, word_spans=self.word_spans, max_length=built_at)
+                       if stream is None else
+                       streamed_samples(path, shard, stream, self.skip_bad_samples, self.word_spans, built_at))
             for sample in samples:
                 kept += 1
                 yield sample
@@ -276,7 +283,7 @@ class BatchReader:
         # training's dropout stream depending on when the loader was created.
         loader = DataLoader(_RankStream(self, self.epoch, self.batches), batch_size=None,
                             num_workers=self.num_workers, generator=torch.Generator().manual_seed(self.seed),
-                            worker_init_fn=_ignore_stop_signals if self.num_workers else None,
+                            worker_init_fn=partial(_worker_init, os.getpid()) if self.num_workers else None,
                             prefetch_factor=4 if self.num_workers else None)
         batches = iter(loader)
         try:

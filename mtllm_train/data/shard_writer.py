@@ -1,7 +1,7 @@
 """`mtllm shards build`: pre-tokenize documents into aligned webdataset shards, in parallel, resumably.
 
-Each sample of a shard holds `llm.npy` and `mt.npy` (int32 token ids of the two views), `llm_words.npy` and
-`mt_words.npy` (int32, each token's word-span index, -1 for none: views.word_spans) and `id.txt`.
+Each sample of a shard holds both views' token ids and word-span indices and the document id (tar_reader.py's
+sample_members).
 Shard k holds documents [k * shard_size, (k + 1) * shard_size) of the input order (empty ones dropped and
 counted), so a rebuild gives the same shards. A shard is complete once its stats file exists in `.build/`;
 an interrupted build rerun with the same arguments keeps complete shards and rebuilds the rest.
@@ -9,7 +9,6 @@ an interrupted build rerun with the same arguments keeps complete shards and reb
 
 from __future__ import annotations
 
-import io
 import json
 import multiprocessing
 import os
@@ -18,13 +17,13 @@ from collections import deque
 from itertools import islice
 from pathlib import Path
 
-import numpy as np
 import webdataset as wds
 from tqdm import tqdm
 
 from mtllm_train.config import ConfigError
 from mtllm_train.data.documents import read_documents
 from mtllm_train.data.manifest import FORMAT_VERSION, MANIFEST, write_json_atomic
+from mtllm_train.data.tar_reader import sample_members
 from mtllm_train.data.views import ViewTokenizer
 from mtllm_train.files import atomic_path, sha256_file
 from mtllm_train.model.tokenizers import fingerprint
@@ -35,12 +34,6 @@ _worker_tokenizer: ViewTokenizer | None = None
 
 def shard_name(index: int) -> str:
     return f"shard-{index:06d}.tar"
-
-
-def _npy_bytes(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array, allow_pickle=False)
-    return buffer.getvalue()
 
 
 def _init_worker(llm_tokenizer: str, mt_tokenizer: str, mt_lang: str | None, max_length: int) -> None:
@@ -79,15 +72,14 @@ def write_shard(out_dir: Path, index: int, first_doc: int, documents: list[tuple
     stats = {"name": path.name, "samples": 0, "llm_tokens": 0, "mt_tokens": 0, "empty_dropped": 0,
              "truncated": 0}
     with atomic_path(path) as tmp:
-        with wds.TarWriter(str(tmp)) as writer:
+        # mtime 0: a shard rebuilt from the same documents is the same bytes (the checksum the manifest records).
+        with wds.TarWriter(str(tmp), mtime=0) as writer:
             for offset, (doc_id, text) in enumerate(documents):
                 views = _worker_tokenizer.views(text)
                 if views is None:
                     stats["empty_dropped"] += 1
                     continue
-                writer.write({"__key__": f"{first_doc + offset:010d}", "llm.npy": _npy_bytes(views.llm_ids),
-                              "mt.npy": _npy_bytes(views.mt_ids), "llm_words.npy": _npy_bytes(views.llm_words),
-                              "mt_words.npy": _npy_bytes(views.mt_words), "id.txt": doc_id})
+                writer.write(sample_members(f"{first_doc + offset:010d}", views, doc_id))
                 stats["samples"] += 1
                 stats["truncated"] += int(views.truncated)
                 stats["llm_tokens"] += len(views.llm_ids)

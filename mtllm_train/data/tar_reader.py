@@ -1,4 +1,6 @@
-"""Read samples from one shard; every error names the shard and the sample."""
+"""The members of a shard's samples, known here once: `sample_members` gives what the writer stores, `iter_samples`
+reads them back (every error names the shard and the sample). A member whose header declares more bytes than a
+sample member can hold is refused before it is read (a crafted header cannot make a reader allocate gigabytes)."""
 
 from __future__ import annotations
 
@@ -14,6 +16,25 @@ from mtllm_train.data.locations import LocationError
 
 FIELDS = ("llm.npy", "mt.npy", "id.txt")
 WORD_FIELDS = ("llm_words.npy", "mt_words.npy")  # format version 2: each token's word-span index (-1: none)
+DEFAULT_MAX_LENGTH = 65536  # tokens per view assumed where the manifest's max_length is not at hand
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def sample_members(key: str, views, doc_id: str) -> dict:
+    """One sample as the writer stores it: token ids and word-span indices of both views (data/views.py's
+    AlignedViews) and the document id."""
+    return {"__key__": key, "llm.npy": _npy_bytes(views.llm_ids), "mt.npy": _npy_bytes(views.mt_ids),
+            "llm_words.npy": _npy_bytes(views.llm_words), "mt_words.npy": _npy_bytes(views.mt_words), "id.txt": doc_id}
+
+
+def member_limit(max_length: int | None) -> int:
+    """The most bytes one member may declare: a .npy of max_length 8-byte tokens with its header, or an id."""
+    return 4096 + 8 * (max_length or DEFAULT_MAX_LENGTH)
 
 
 class ShardError(ConfigError):
@@ -45,7 +66,8 @@ def _decode(shard: Path, key: str, files: dict[str, bytes], word_spans: bool = F
     return {"key": key, **arrays, "id": files["id.txt"].decode("utf-8")}
 
 
-def _grouped_members(shard: Path, position: dict, stream=None) -> Iterator[tuple[str, dict[str, bytes]]]:
+def _grouped_members(shard: Path, position: dict, stream=None,
+                     limit: int = member_limit(None)) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, {field: bytes}) per sample; position["key"] names the sample being read, for error messages.
     Read from `stream` (a non-seekable byte stream: see data/locations.py) when given, else from file `shard`."""
     key, files = None, {}
@@ -59,20 +81,24 @@ def _grouped_members(shard: Path, position: dict, stream=None) -> Iterator[tuple
                 yield key, files
                 files = {}
             key = member_key
+            if member.size > limit:
+                raise tarfile.ReadError(f"member {member.name} declares {member.size} bytes, more than a sample "
+                                        f"member holds ({limit})")
             files[field] = tar.extractfile(member).read()
     if key is not None:
         yield key, files
 
 
 def iter_samples(shard: str | Path, skip_bad_samples: bool = False, bad: list | None = None,
-                 stream=None, word_spans: bool = False) -> Iterator[dict]:
+                 stream=None, word_spans: bool = False, max_length: int | None = None) -> Iterator[dict]:
     """Yield decoded samples. With skip_bad_samples, bad ones are skipped and their messages added to `bad`.
     With word_spans (manifest.has_word_spans), each sample must hold and yields its word-span indices too.
-    With `stream` (locations.open_stream), the shard is read from it and `shard` only names it in messages."""
+    With `stream` (locations.open_stream), the shard is read from it and `shard` only names it in messages.
+    max_length: the manifest's, which bounds the bytes a member may declare."""
     shard = Path(shard) if stream is None else shard
     position = {"key": None}
     try:
-        for key, files in _grouped_members(shard, position, stream):
+        for key, files in _grouped_members(shard, position, stream, member_limit(max_length)):
             try:
                 yield _decode(shard, key, files, word_spans)
             except ShardError as err:

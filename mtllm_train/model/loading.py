@@ -13,11 +13,9 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, BitsAndBytesConfig
 
 from mtllm_train.config import ConfigError, ModelConfig, stored_quantization
+from mtllm_train.portable.format import DTYPES, encoder_of, four_bit_config
 from mtllm_train.portable.modeling_mtllm import make_bidirectional
 from mtllm_train.portable.tokens import InputError
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "uint8": torch.uint8}
-
 
 def _is_local_path(spec: str) -> bool:
     return spec.startswith(("/", "./", "../", "~")) or Path(spec).exists()
@@ -38,13 +36,7 @@ def from_pretrained(loader, spec: str, key: str, **kwargs):
 def quantization_config(cfg: ModelConfig) -> BitsAndBytesConfig | None:
     if stored_quantization(cfg) == "none":
         return None
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=cfg.quantization,
-        bnb_4bit_use_double_quant=cfg.quant_double,
-        bnb_4bit_compute_dtype=DTYPES[cfg.quant_compute_dtype],
-        bnb_4bit_quant_storage=DTYPES[cfg.quant_storage_dtype],
-    )
+    return four_bit_config(cfg.quantization, cfg.quant_double, cfg.quant_compute_dtype, cfg.quant_storage_dtype)
 
 
 @contextmanager
@@ -99,9 +91,7 @@ def freeze(module: nn.Module) -> nn.Module:
 
 def build_mt_encoder(cfg: ModelConfig, device: torch.device | str = "cpu") -> nn.Module:
     """The encoder of an encoder-decoder (M2M100/NLLB) or an encoder-only model (BERT/XLM-R), frozen."""
-    model = load_model(cfg.mt_encoder, "model.mt_encoder", cfg, quantize=False, device=device)
-    if getattr(model.config, "is_encoder_decoder", False):
-        model = model.get_encoder()
+    model = encoder_of(load_model(cfg.mt_encoder, "model.mt_encoder", cfg, quantize=False, device=device))
     model.config.use_cache = False  # as for the LLM below (an encoder caches nothing, but its layers are told to)
     return freeze(model)
 

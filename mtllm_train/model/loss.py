@@ -9,8 +9,50 @@ rank layout:
   (plain MSE can be lowered that way, by matching the teacher's mean while its covariance is still ~0).
 """
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
+
+from mtllm_train.config import LossConfig
+
+# Each loss term: its weight in LossConfig and the step's count it is averaged over.
+TERMS = {"mse": ("sequence_weight", "targets"), "span_mse": ("span_weight", "spans"),
+         "contrastive": ("contrastive_weight", "targets")}
+
+
+class LossTerms(NamedTuple):
+    """One micro-batch's per-target values of each term the config enables (None: off)."""
+
+    mse: torch.Tensor  # [B]: pooled vectors
+    span_mse: torch.Tensor | None = None  # [N]: word spans both views cover
+    contrastive: torch.Tensor | None = None  # [B]
+    teacher_spans: torch.Tensor | None = None  # [N, D]: the teacher's span vectors, for the span FVU
+
+    def sums(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name).sum() for name in TERMS if getattr(self, name) is not None}
+
+
+def loss_terms(pooled_and_hidden, word_ids: dict, loss_cfg: LossConfig) -> LossTerms:
+    """The terms of the self-distillation loss for one micro-batch of a stage-1 forward (StackOutput): the paper's
+    MSE between pooled vectors; with loss.span_weight the word-span MSE (word ids of both views in `word_ids`);
+    with loss.contrastive_weight in-batch InfoNCE."""
+    out = pooled_and_hidden
+    span_errors = teacher_spans = contrastive = None
+    if loss_cfg.span_weight:
+        span_errors, teacher_spans = span_squared_errors(out.student_hidden, out.teacher_hidden,
+                                                         word_ids["mt_word_ids"], word_ids["llm_word_ids"])
+    if loss_cfg.contrastive_weight:
+        contrastive = contrastive_losses(out.student_pooled, out.teacher_pooled, loss_cfg.contrastive_temperature)
+    return LossTerms(squared_error(out.student_pooled, out.teacher_pooled), span_errors, contrastive, teacher_spans)
+
+
+def weighted_loss(term_sums: dict, counts: dict[str, float], loss_cfg: LossConfig):
+    """The loss: each enabled term summed over its targets, divided by the step's global count of them (so every
+    target weighs the same whatever the micro-batch, accumulation and rank layout), weighted. The gradient (a
+    micro-batch's tensors) and the log (the step's all-reduced sums) both compute it here."""
+    return sum(getattr(loss_cfg, TERMS[name][0]) * total / max(counts[TERMS[name][1]], 1.0)
+               for name, total in term_sums.items() if getattr(loss_cfg, TERMS[name][0]))
 
 
 def squared_error(student_pooled: torch.Tensor, teacher_pooled: torch.Tensor) -> torch.Tensor:

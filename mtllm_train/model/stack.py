@@ -20,6 +20,7 @@ from transformers.pytorch_utils import Conv1D
 
 from mtllm_train.config import ModelConfig, checkpointing_policy
 from mtllm_train.model.loading import build_llm, build_mt_encoder, seeded
+from mtllm_train.portable.format import project_to_llm
 from mtllm_train.portable.pooling import pool
 
 
@@ -77,8 +78,7 @@ class MTLLM(nn.Module):
     def llm_on_mt_states(self, mt_states: torch.Tensor, mt_attention_mask: torch.Tensor) -> torch.Tensor:
         """U, then the LLM with adapters: last hidden states [B, T, D]. Split from `mt_states` so that
         evaluation can encode a text set once and reuse the states for every checkpoint (E is frozen)."""
-        inputs_embeds = self.projection(mt_states.to(self.projection.weight.dtype)).to(self.llm_input_dtype)
-        return self.llm_hidden(inputs_embeds, mt_attention_mask)
+        return self.llm_hidden(project_to_llm(self.projection, mt_states, self.llm_input_dtype), mt_attention_mask)
 
     def student_hidden(self, mt_input_ids: torch.Tensor, mt_attention_mask: torch.Tensor) -> torch.Tensor:
         """The LLM's last hidden states [B, T, D] over the MT encoder's tokens."""

@@ -14,18 +14,17 @@ import torch.nn.functional as F
 from peft import PeftModel
 from safetensors.torch import load_file
 from torch import nn
-from transformers import AutoModel, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
+from transformers import AutoModel, AutoTokenizer, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutput
 
 from .configuration_mtllm import FORMAT_VERSION, MTLLMConfig
 from .encoding import collate, encode_examples
 from .guard import check, guard_mode
-from .heads import ClassificationHead, MultipleChoiceHead, choice_pool
+from .format import (ADAPTER_DIR, DTYPES, HEAD_FILE, PROJECTION_FILE, TEACHER_TOKENIZER_DIR, encoder_of, four_bit_config,
+                     project_to_llm, task_head)
+from .heads import choice_pool
 from .pooling import pool
 from .tokens import InputError, pad_id, pad_right, set_source_language
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "uint8": torch.uint8}
-
 
 def make_bidirectional(model: nn.Module) -> None:
     """Turn causal self-attention into full attention (the LLM2Vec setting).
@@ -96,33 +95,27 @@ class MTLLMModel(PreTrainedModel):
         frozen_dtype = DTYPES[config.frozen_dtype]
         mt_encoder = llm = projection = head = teacher_tokenizer = None
         if config.body in ("stack", "mt_encoder"):
-            mt_encoder = AutoModel.from_pretrained(_source(config.mt_encoder, folder), dtype=frozen_dtype)
-            if getattr(mt_encoder.config, "is_encoder_decoder", False):
-                mt_encoder = mt_encoder.get_encoder()
+            mt_encoder = encoder_of(AutoModel.from_pretrained(_source(config.mt_encoder, folder), dtype=frozen_dtype))
         if config.body in ("stack", "llm"):
-            quantization = None if config.quantization == "none" else BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type=config.quantization, bnb_4bit_use_double_quant=config.quant_double,
-                bnb_4bit_compute_dtype=DTYPES[config.quant_compute_dtype],
-                bnb_4bit_quant_storage=DTYPES[config.quant_storage_dtype])
+            quantization = None if config.quantization == "none" else four_bit_config(
+                config.quantization, config.quant_double, config.quant_compute_dtype, config.quant_storage_dtype)
             llm = AutoModel.from_pretrained(_source(config.llm, folder), dtype=frozen_dtype,
                                             quantization_config=quantization)
             if config.bidirectional:
                 make_bidirectional(llm)
         if not config.merged:
             adapted = mt_encoder if config.body == "mt_encoder" else llm
-            adapted = PeftModel.from_pretrained(adapted, str(folder / "adapter"))
+            adapted = PeftModel.from_pretrained(adapted, str(folder / ADAPTER_DIR))
             mt_encoder, llm = (adapted, llm) if config.body == "mt_encoder" else (mt_encoder, adapted)
         if config.body == "stack":
-            weights = load_file(str(folder / "projection.safetensors"))
+            weights = load_file(str(folder / PROJECTION_FILE))
             projection = nn.Linear(weights["weight"].shape[1], weights["weight"].shape[0])
             projection.load_state_dict(weights)
-            if (folder / "tokenizers" / "llm").is_dir():
-                teacher_tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizers" / "llm"))
+            if (folder / TEACHER_TOKENIZER_DIR).is_dir():
+                teacher_tokenizer = AutoTokenizer.from_pretrained(str(folder / TEACHER_TOKENIZER_DIR))
         if config.task is not None:
-            weights = load_file(str(folder / "head.safetensors"))
-            hidden = weights["linear.weight"].shape[1]
-            head = MultipleChoiceHead(hidden) if config.task["name"] == "belebele" else \
-                ClassificationHead(hidden, weights["linear.weight"].shape[0])
+            weights = load_file(str(folder / HEAD_FILE))
+            head = task_head(config.task["name"], weights["linear.weight"].shape[1], weights["linear.weight"].shape[0])
             head.load_state_dict(weights)
         # config=: the tokenizer's own tokenizer_config.json names its class; the folder's config.json is ours.
         tokenizer = AutoTokenizer.from_pretrained(str(folder), config=config)
@@ -145,8 +138,7 @@ class MTLLMModel(PreTrainedModel):
         states = self.mt_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         if self.config.body == "mt_encoder":
             return states
-        embeds = self.projection(states.to(self.projection.weight.dtype))
-        embeds = embeds.to(self.llm.get_input_embeddings().weight.dtype)
+        embeds = project_to_llm(self.projection, states, self.llm.get_input_embeddings().weight.dtype)
         return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).last_hidden_state
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **unused) -> BaseModelOutput:

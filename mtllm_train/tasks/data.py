@@ -17,6 +17,14 @@ from mtllm_train.config import CHOICES, ConfigError
 NLI_LABELS = ("entailment", "neutral", "contradiction")
 
 
+def label_names(task) -> tuple[str, ...]:
+    """A task's class names (what its data's labels and its predictions are called): task.labels, else NLI's three
+    for nli; none for multiple choice (an answer is its index). `task`: the config's TaskConfig."""
+    if task.name == "belebele":
+        return ()
+    return tuple(task.labels) or (NLI_LABELS if task.name == "nli" else ())
+
+
 def _rows(path: Path):
     if path.suffix == ".jsonl":
         with path.open(encoding="utf-8") as lines:

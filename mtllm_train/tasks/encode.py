@@ -9,7 +9,7 @@ from mtllm_train.config import Config, ConfigError
 from mtllm_train.model.tokenizers import set_source_language, view_tokenizer
 from mtllm_train.portable.encoding import collate, encode_examples
 from mtllm_train.portable.tokens import ENGLISH, InputError, pad_id
-from mtllm_train.tasks.data import NLI_LABELS, load_split
+from mtllm_train.tasks.data import label_names, load_split
 
 
 class TaskData:
@@ -21,7 +21,7 @@ class TaskData:
 
     def __init__(self, cfg: Config):
         self.task, self.max_length = cfg.task.name, cfg.task.max_length
-        self.labels = tuple(cfg.task.labels) or NLI_LABELS
+        self.labels = label_names(cfg.task)
         self.tokenizers = {view: view_tokenizer(cfg.model, view) for view in ("llm", "mt")}
         self.pads = {view: pad_id(tokenizer) for view, tokenizer in self.tokenizers.items()}
 

@@ -11,7 +11,6 @@ text, and "translate_test/<benchmark>:<code>" for the LLM reading the MT model's
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,13 +18,13 @@ from pathlib import Path
 import torch
 
 from mtllm_train.checkpoint import Checkpoints
-from mtllm_train.config import Config, ConfigError, EvalSet, from_dict, load_config
+from mtllm_train.config import Config, ConfigError, EvalSet, from_dict
 from mtllm_train.distributed import Dist, all_reduce, barrier
-from mtllm_train.loop import run_identity
 from mtllm_train.portable.tokens import ENGLISH, language_codes
 from mtllm_train.tasks.encode import TaskData
 from mtllm_train.tasks.languages import resolve
-from mtllm_train.tasks.models import TaskModel, build_task_model, load_head, load_projection, num_classes
+from mtllm_train.run_folder import RunFolder
+from mtllm_train.tasks.models import load_task_run, num_classes
 from mtllm_train.tasks.selection import SOURCE, markdown_table, needed_tests, read_validation, select
 from mtllm_train.tasks.translate import Translator, cached_translations
 
@@ -89,7 +88,7 @@ class Evaluator:
         examples = self.data.split(language.dev if split == "dev" else language.test, language.code)
         if not translated or language.mt_code == ENGLISH:
             return examples
-        path = self.run_dir / "translations" / f"{language.key.replace(':', '_')}.{split}.jsonl"
+        path = RunFolder(self.run_dir).translations_dir / f"{language.key.replace(':', '_')}.{split}.jsonl"
         if self.dist_info.is_main:
             cached_translations(path, examples, language.mt_code, lambda: Translator(self.cfg, self.cfg.task.eval_batch_size))
         barrier()
@@ -151,21 +150,14 @@ def steps_to_keep(scores: dict[int, dict[str, float]], prefixes: list[str]) -> s
     return keep
 
 
-def evaluate_run(run: str) -> list[Path]:
+def evaluate_run(run_dir: str) -> list[Path]:
     """Test the selected checkpoints of a stage-2 run; write RUN/results/<row>.json and <row>.md per row."""
-    run_dir = Path(run)
-    info = run_identity(run_dir)
-    if info is None:
-        raise ConfigError(f"--run {run_dir}: not a stage-2 run folder (no task.json); run task-train or task-distill")
-    cfg = load_config(run_dir / "config.yaml")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    evaluator = Evaluator(cfg, run_dir, Dist(0, 1, 0, device), info["kind"])
-    model: TaskModel = build_task_model(cfg, info["kind"], device)
-    load_projection(model, run_dir)
-    if info["command"] == "task-distill":
-        load_head(model.head, cfg.task.teacher, info["teacher_step"])
-    scores = read_validation(run_dir)
-    checkpoints = Checkpoints(run_dir)
+    model, info, cfg = load_task_run(run_dir, device)
+    run = RunFolder(run_dir)
+    evaluator = Evaluator(cfg, run, Dist(0, 1, 0, device), info["kind"])
+    scores = read_validation(run)
+    checkpoints = Checkpoints(run)
     written = []
     for prefix in evaluator.prefixes:
         row = "translate_test" if prefix else ROWS[(info["command"], info["kind"])]
@@ -177,12 +169,9 @@ def evaluate_run(run: str) -> list[Path]:
             test[step] = {key.removeprefix(prefix): value
                           for key, value in evaluator.scores(model, "test", [prefix + k for k in sorted(languages)]).items()}
         selection = select(dev, test, SOURCE, targets)
-        result = {"row": row, "run": str(run_dir), "task": cfg.task.name, "metric": cfg.task.metric,
+        result = {"row": row, "run": str(run), "task": cfg.task.name, "metric": cfg.task.metric,
                   "selection": selection, "dev": {str(step): values for step, values in dev.items()},
                   "test": {str(step): values for step, values in test.items()}}
-        out = run_dir / "results"
-        out.mkdir(exist_ok=True)
-        (out / f"{row}.json").write_text(json.dumps(result, indent=1))
-        (out / f"{row}.md").write_text(f"# {row} ({cfg.task.metric}, {run_dir})\n\n{markdown_table(selection, targets)}\n")
-        written.append(out / f"{row}.md")
+        written.append(run.write_result(row, result, f"# {row} ({cfg.task.metric}, {run})\n\n"
+                                                     f"{markdown_table(selection, targets)}\n"))
     return written

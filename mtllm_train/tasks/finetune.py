@@ -26,10 +26,11 @@ from mtllm_train.config import Config, ConfigError, to_dict
 from mtllm_train.distributed import all_reduce, barrier, gradient_sync, init_distributed, shutdown
 from mtllm_train.files import atomic_path
 from mtllm_train.loop import (Preemption, accumulation_steps, autocast, backward, check_finite_loss, end_of_step,
-                              new_summary, open_run_folder, optimizer_step, resume_line, setup_backend)
+                              new_summary, optimizer_step, resume_line, setup_backend)
 from mtllm_train.metrics import MetricsLogger, wandb_mode
 from mtllm_train.model.fp8 import check_fp8_support, fp8_base
 from mtllm_train.model.loss import squared_error
+from mtllm_train.run_folder import RunFolder, open_run_folder
 from mtllm_train.tasks.encode import TaskData
 from mtllm_train.tasks.evaluation import Evaluator, steps_to_keep
 from mtllm_train.tasks.models import (TaskModel, build_task_model, keep_projection, load_head, load_stage1,
@@ -59,8 +60,8 @@ def validation_steps(total: int, every: float) -> set[int]:
 
 
 def step_examples(step: int, steps_per_epoch: int, global_batch: int, count: int, seed: int) -> list[int]:
-    """The example indices of optimizer step `step` (0-based): a fresh permutation per epoch."""
-    epoch, position = divmod(step, steps_per_epoch)
+    """The example indices of optimizer step `step` (counted from 1): a fresh permutation per epoch."""
+    epoch, position = divmod(step - 1, steps_per_epoch)
     order = torch.randperm(count, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
     return order[position * global_batch:(position + 1) * global_batch].tolist()
 
@@ -76,7 +77,7 @@ def teacher_representations(teacher: TaskModel, items: list[dict], batch_size: i
     return torch.cat(out)
 
 
-def cached_teacher(cfg: Config, run_dir: Path, is_main: bool, teacher_step: int, train_spec_digest: str,
+def cached_teacher(cfg: Config, run: RunFolder, is_main: bool, teacher_step: int, train_spec_digest: str,
                    compute) -> torch.Tensor:
     """The teacher's representations from the cache, computed once (by rank 0) when the fingerprint is new.
     The fingerprint covers the training data, the teacher checkpoint and every setting that changes them."""
@@ -86,7 +87,7 @@ def cached_teacher(cfg: Config, run_dir: Path, is_main: bool, teacher_step: int,
                       "model": to_dict(cfg.model), "task": cfg.task.name, "max_length": cfg.task.max_length},
                      sort_keys=True)
     fingerprint = hashlib.sha256(key.encode()).hexdigest()[:16]
-    path = Path(cfg.task.cache_dir or run_dir / "teacher_cache") / f"{fingerprint}.safetensors"
+    path = Path(cfg.task.cache_dir or run.teacher_cache_dir) / f"{fingerprint}.safetensors"
     if is_main and not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as partial:
@@ -97,7 +98,7 @@ def cached_teacher(cfg: Config, run_dir: Path, is_main: bool, teacher_step: int,
 
 def train_task(cfg: Config, command: str) -> dict:
     kind = check_task_config(cfg, command)
-    dist_info = init_distributed(cfg)
+    dist_info = init_distributed(cfg.distributed)
     device, world_size, backend = dist_info.device, dist_info.world_size, cfg.distributed.backend
     accumulation = accumulation_steps(cfg, world_size)
     distill = command == "task-distill"
@@ -113,17 +114,17 @@ def train_task(cfg: Config, command: str) -> dict:
     if kind == "stack":
         info["init_from"] = str(load_stage1(model_module, cfg.task.init_from, cfg.task.init_step))
     if distill:
-        info["teacher_step"] = source_best_step(Path(cfg.task.teacher))
+        info["teacher_step"] = source_best_step(RunFolder(cfg.task.teacher))
         load_head(model_module.head, cfg.task.teacher, info["teacher_step"])  # predictions use the teacher's head
-    run_dir = open_run_folder(cfg, dist_info, info)
+    run = open_run_folder(cfg, dist_info, info)
     # W&B decided now (its key and server), not after minutes of loading; only rank 0 logs.
     cfg.logging.wandb, wandb_note = wandb_mode(cfg.logging) if dist_info.is_main else ("disabled", None)
     if kind == "stack" and dist_info.is_main:
-        keep_projection(model_module, run_dir)
+        keep_projection(model_module, run)
 
     # English training data, tokenized for what reads it (the student's view; the teacher's too in distill).
     data = TaskData(cfg)
-    evaluator = Evaluator(cfg, run_dir, dist_info, kind, data)
+    evaluator = Evaluator(cfg, run, dist_info, kind, data)
     examples = data.split(cfg.task.train)
     views = [model_module.view] + (["llm"] if distill else [])
     train_items = {view: data.encode(examples, view) for view in views}
@@ -141,7 +142,7 @@ def train_task(cfg: Config, command: str) -> dict:
             fp8_base(teacher.body, device, cfg.model.fp8_scaling)
         if cfg.task.cache_teacher:
             digest = hashlib.sha256(json.dumps(examples, sort_keys=True).encode()).hexdigest()
-            cached = cached_teacher(cfg, run_dir, dist_info.is_main, info["teacher_step"], digest, lambda: teacher_representations(
+            cached = cached_teacher(cfg, run, dist_info.is_main, info["teacher_step"], digest, lambda: teacher_representations(
                 teacher, train_items["llm"], cfg.task.eval_batch_size, data, device))
             del teacher
         else:
@@ -150,12 +151,12 @@ def train_task(cfg: Config, command: str) -> dict:
     sharded, replicated = model_module.backend_parts()
     model, optimizer, scheduler, trainable = setup_backend(model_module, cfg, dist_info, accumulation, total_steps,
                                                            sharded=sharded, replicated=replicated)
-    checkpoints = Checkpoints(run_dir, model=model, optimizer=optimizer, scheduler=scheduler, backend=backend,
-                              dist_info=dist_info)
+    checkpoints = Checkpoints(run.path, model=model, optimizer=optimizer, scheduler=scheduler, backend=backend,
+                              dist_info=dist_info, settings=to_dict(cfg))
     resumed = checkpoints.resume()
     start_step = resumed.meta["step"] if resumed else 0
-    validation = {step: dev for step, dev in read_validation(run_dir).items() if step <= start_step}
-    logger = MetricsLogger(run_dir, cfg.logging, dist_info.is_main, start_step, total_steps,
+    validation = {step: dev for step, dev in read_validation(run).items() if step <= start_step}
+    logger = MetricsLogger(run, cfg.logging, dist_info.is_main, start_step, total_steps,
                            resumed.meta.get("wandb_id") if resumed else None, to_dict(cfg))
     if resumed:
         logger.message(resume_line(resumed.path, start_step, total_steps))
@@ -164,10 +165,10 @@ def train_task(cfg: Config, command: str) -> dict:
     model.train()
     per_rank = cfg.train.global_batch_size // world_size
     student_view = model_module.view
-    summary = new_summary(run_dir, dist_info, start_step, total_steps)
+    summary = new_summary(run.path, dist_info, start_step, total_steps)
 
-    with Preemption(run_dir / "STOP", dist_info.is_main) as preemption, closing(logger):
-        for step in range(start_step, total_steps):
+    with Preemption(run.stop_file, dist_info.is_main) as preemption, closing(logger):
+        for step in range(start_step + 1, total_steps + 1):
             indices = step_examples(step, steps_per_epoch, cfg.train.global_batch_size, len(examples), cfg.run.seed)
             mine = indices[dist_info.rank * per_rank:(dist_info.rank + 1) * per_rank]
             loss_sum = torch.zeros((), device=device, dtype=torch.float64)
@@ -181,7 +182,7 @@ def train_task(cfg: Config, command: str) -> dict:
                     teacher_batch, _ = data.batch([train_items["llm"][i] for i in micro], "llm")
                     inputs.update({f"teacher_{name}": tensor.to(device) for name, tensor in teacher_batch.items()})
                 with gradient_sync(model, backend, last):
-                    with autocast(cfg, device):
+                    with autocast(cfg.distributed, device):
                         representation, logits, teacher_representation = model(**inputs)
                         if distill:
                             if cached is not None:
@@ -195,21 +196,21 @@ def train_task(cfg: Config, command: str) -> dict:
                     backward(model, loss, backend, last)
                 loss_sum += loss.detach().double() / world_size
             loss_value = all_reduce(loss_sum).item()
-            check_finite_loss(loss_value, step + 1)
+            check_finite_loss(loss_value, step)
             lr = optimizer.param_groups[0]["lr"]
-            grad_norm = optimizer_step(model, optimizer, scheduler, trainable, backend, cfg.train.grad_clip, step + 1)
-            record = {"step": step + 1, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
-                      "epoch": step // steps_per_epoch}
+            grad_norm = optimizer_step(model, optimizer, scheduler, trainable, backend, cfg.train.grad_clip, step)
+            record = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
+                      "epoch": (step - 1) // steps_per_epoch}
             summary["losses"].append(loss_value)
-            summary["end_step"] = step + 1
+            summary["end_step"] = step
 
-            if step + 1 in validate_at:
-                validation[step + 1] = evaluator.scores(model, "dev")
-                record.update({f"dev/{key}": value for key, value in validation[step + 1].items()})
+            if step in validate_at:
+                validation[step] = evaluator.scores(model, "dev")
+                record.update({f"dev/{key}": value for key, value in validation[step].items()})
                 if dist_info.is_main:
-                    write_validation(run_dir, validation)
+                    write_validation(run, validation)
             logger.log(record)
-            if end_of_step(step + 1, step + 1 in validate_at, preemption=preemption, checkpoints=checkpoints,
+            if end_of_step(step, step in validate_at, preemption=preemption, checkpoints=checkpoints,
                            logger=logger, summary=summary, device=device, keep_last=cfg.checkpoint.keep_last,
                            keep_steps=steps_to_keep(validation, evaluator.prefixes)):
                 break

@@ -20,13 +20,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mtllm_train.checkpoint import Checkpoints
-from mtllm_train.config import Config, ConfigError, load_config, stored_quantization
+from mtllm_train.config import Config, ConfigError, stored_quantization
 from mtllm_train.files import atomic_path
 from mtllm_train.model.loading import build_llm, build_mt_encoder, seeded
 from mtllm_train.portable.pooling import pool
 from mtllm_train.model.stack import add_lora, build_stack, lora_train_mode
-from mtllm_train.tasks.data import NLI_LABELS
-from mtllm_train.portable.heads import ClassificationHead, MultipleChoiceHead, choice_pool
+from mtllm_train.tasks.data import label_names
+from mtllm_train.portable.format import task_head
+from mtllm_train.portable.heads import choice_pool
+from mtllm_train.run_folder import RunFolder
 
 VIEW_OF = {"llm": "llm", "mt_encoder": "mt", "stack": "mt"}
 
@@ -84,13 +86,12 @@ class TaskModel(nn.Module):
 
 
 def num_classes(cfg: Config) -> int:
-    if cfg.task.name == "nli":
-        return len(NLI_LABELS)
-    if cfg.task.name == "sentiment":
-        if len(cfg.task.labels) < 2:
-            raise ConfigError(f"task.labels: a sentiment task needs at least two label names, got {cfg.task.labels}")
-        return len(cfg.task.labels)
-    return 4  # Belebele: four answers
+    if cfg.task.name == "belebele":
+        return 4  # four answers
+    names = label_names(cfg.task)
+    if len(names) < 2:
+        raise ConfigError(f"task.labels: a {cfg.task.name} task needs at least two label names, got {cfg.task.labels}")
+    return len(names)
 
 
 def build_task_model(cfg: Config, kind: str, device: torch.device | str = "cpu") -> TaskModel:
@@ -108,12 +109,8 @@ def build_task_model(cfg: Config, kind: str, device: torch.device | str = "cpu")
             body = add_lora(build_mt_encoder(cfg.model, device), cfg.model)
             hidden = body.config.hidden_size
         with torch.device(device):
-            head = MultipleChoiceHead(hidden) if cfg.task.name == "belebele" else ClassificationHead(
-                hidden, num_classes(cfg))
+            head = task_head(cfg.task.name, hidden, num_classes(cfg))
     return TaskModel(body, head, kind, cfg.model.pooling).train()
-
-
-PROJECTION_FILE = "stage1_projection.safetensors"  # in a stage-2 stack run's folder: U as stage 1 left it
 
 
 def load_stage1(model: TaskModel, run_dir: str, step: int) -> Path:
@@ -131,7 +128,7 @@ def load_stage1(model: TaskModel, run_dir: str, step: int) -> Path:
 
 def keep_projection(model: TaskModel, run_dir: Path) -> None:
     """Write the stack's frozen U into the stage-2 run folder, for evaluation and export to load."""
-    with atomic_path(run_dir / PROJECTION_FILE) as tmp:
+    with atomic_path(RunFolder(run_dir).projection_file) as tmp:
         save_file({name: tensor.detach().cpu().contiguous() for name, tensor in
                    model.body.projection.state_dict().items()}, str(tmp))
 
@@ -139,16 +136,15 @@ def keep_projection(model: TaskModel, run_dir: Path) -> None:
 def load_projection(model: TaskModel, run_dir: Path) -> None:
     """The frozen U a stage-2 stack run trained with (runs from before U was kept trained with the seeded
     random U that build_task_model makes)."""
-    if model.kind == "stack" and (run_dir / PROJECTION_FILE).is_file():
-        model.body.projection.load_state_dict(load_file(str(run_dir / PROJECTION_FILE)))
+    path = RunFolder(run_dir).projection_file
+    if model.kind == "stack" and path.is_file():
+        model.body.projection.load_state_dict(load_file(str(path)))
 
 
 def teacher_config(cfg: Config) -> Config:
     """The task-train run that teaches task-distill, checked against this run."""
-    run = Path(cfg.task.teacher)
-    if not (run / "config.yaml").is_file():
-        raise ConfigError(f"task.teacher: {str(run)!r} is not a run folder (no config.yaml); run task-train first")
-    teacher_cfg = load_config(run / "config.yaml")
+    run = RunFolder(cfg.task.teacher)
+    teacher_cfg = run.settings("task.teacher:", "; run task-train first")
     if teacher_cfg.task.model != "llm":
         raise ConfigError(f"task.teacher: {run} fine-tuned task.model {teacher_cfg.task.model!r}; the teacher must be "
                           f"a task-train run with task.model llm")
@@ -177,3 +173,20 @@ def load_head(head: nn.Module, run_dir: str, step: int) -> None:
     """Only the head's weights from a task-train checkpoint (no LLM built), frozen."""
     Checkpoints(run_dir).load_trainable(head, step, prefix="head.")
     head.requires_grad_(False)
+
+
+def load_task_run(run_dir: Path | RunFolder, device: torch.device | str = "cpu") -> tuple[TaskModel, dict, Config]:
+    """A stage-2 run's model as it trained, before a checkpoint's weights are loaded (Checkpoints.load_trainable):
+    (the model with the frozen U of a stack run and the teacher's frozen head of a task-distill run, the run's
+    identity, its settings). Export and evaluation both rebuild runs here."""
+    run = RunFolder(run_dir)
+    identity = run.identity()
+    if identity is None:
+        raise ConfigError(f"--run {run}: not a stage-2 run folder (no task.json); run task-train or task-distill")
+    cfg = run.settings()
+    model = build_task_model(cfg, identity["kind"], device)
+    load_projection(model, run)
+    if identity["command"] == "task-distill":  # not in this run's checkpoints: the teacher's head is frozen
+        load_head(model.head, cfg.task.teacher, identity["teacher_step"])
+    return model, identity, cfg
+

@@ -17,30 +17,30 @@ from pathlib import Path
 
 from mtllm_train.config import ConfigError
 from mtllm_train.files import write_atomic
+from mtllm_train.run_folder import RunFolder
 
 Scores = dict[int, dict[str, float]]  # scores[step][language]
 SOURCE = "source"  # the key of the English (source-language) dev score
-VALIDATION = "validation.jsonl"
 
 
-def read_validation(run_dir: Path) -> Scores:
-    path = run_dir / VALIDATION
+def read_validation(run_dir: Path | RunFolder) -> Scores:
+    path = RunFolder(run_dir).validation_file
     if not path.is_file():
         return {}
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return {record["step"]: record["dev"] for record in records}
 
 
-def write_validation(run_dir: Path, scores: Scores) -> None:
-    write_atomic(run_dir / VALIDATION, "".join(json.dumps({"step": step, "dev": scores[step]}) + "\n"
+def write_validation(run_dir: Path | RunFolder, scores: Scores) -> None:
+    write_atomic(RunFolder(run_dir).validation_file, "".join(json.dumps({"step": step, "dev": scores[step]}) + "\n"
                                               for step in sorted(scores)))
 
 
-def source_best_step(run_dir: Path) -> int:
+def source_best_step(run_dir: Path | RunFolder) -> int:
     """The S-DEV checkpoint of a run: its best English dev score."""
     dev = read_validation(run_dir)
     if not dev:
-        raise ConfigError(f"{run_dir}: no {VALIDATION} with dev scores; run the task-train command to its end")
+        raise ConfigError(f"{run_dir}: no {RunFolder(run_dir).validation_file.name} with dev scores; run the task-train command to its end")
     return best_step(dev, SOURCE)
 
 

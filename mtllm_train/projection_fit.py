@@ -15,8 +15,7 @@ from typing import Iterable
 import torch
 
 from mtllm_train.config import ConfigError
-from mtllm_train.data.tar_reader import ShardError
-from mtllm_train.distributed import all_reduce
+from mtllm_train.distributed import agree_or_stop, all_reduce
 from mtllm_train.model.loss import span_means
 
 RIDGE = 1e-3  # relative to the mean eigenvalue of the centred Gram matrix: keeps rare directions from exploding
@@ -51,12 +50,7 @@ def fit_projection(stack, batches: Iterable[dict], samples: int, device: torch.d
         gram += x.T @ x
         cross += x.T @ y
         sums += torch.cat([x.sum(0), y.sum(0), y.pow(2).sum(0), torch.tensor([float(x.shape[0])], device=device)])
-    failed_ranks = float(all_reduce(torch.tensor([float(data_error is not None)], device=device)))
-    if data_error is not None:
-        raise data_error
-    if failed_ranks:
-        raise ShardError(f"{int(failed_ranks)} other rank(s) could not read their data for model.projection_init "
-                         f"(their error names the shard); stopping")
+    agree_or_stop([], data_error, device, "read their data for model.projection_init")
     all_reduce(gram), all_reduce(cross), all_reduce(sums)
     count = sums[-1].clamp_min(1.0)
     x_mean, y_mean = sums[:width_in] / count, sums[width_in:width_in + width_out] / count
