@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import os
 import re
 import sys
 import textwrap
@@ -87,7 +88,7 @@ def _config(args: argparse.Namespace) -> None:
 def _train(args: argparse.Namespace) -> int:
     """train (stage 1), task-train and task-distill (stage 2)."""
     from mtllm_train.config import load_config
-    from mtllm_train.loop import NonFiniteError
+    from mtllm_train.loop import RunStopped
 
     cfg = load_config(args.config, args.overrides)
     try:
@@ -99,7 +100,7 @@ def _train(args: argparse.Namespace) -> int:
             from mtllm_train.tasks.finetune import train_task
 
             summary = train_task(cfg, args.command)
-    except NonFiniteError as err:
+    except RunStopped as err:
         print(f"mtllm: stopped: {err}", file=sys.stderr)
         return 1
     if summary["is_main"] and summary["losses"]:
@@ -142,12 +143,9 @@ def _export(args: argparse.Namespace) -> None:
 def _predict(args: argparse.Namespace) -> None:
     import json
 
-    from transformers.utils import logging as transformers_logging
-
     from mtllm_train.export import load_mtllm
     from mtllm_train.predict import read_inputs
 
-    transformers_logging.disable_progress_bar()  # stdout and stderr carry results and errors only
     model = load_mtllm(args.model)
     inputs = read_inputs(args.input, args.texts, model)
     if model.head is None:
@@ -160,11 +158,8 @@ def _predict(args: argparse.Namespace) -> None:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from transformers.utils import logging as transformers_logging
-
     from mtllm_train.export import verify_export
 
-    transformers_logging.disable_progress_bar()
     report = verify_export(args.model)
     if report is None:
         print(f"{args.model}: records no reference outputs (made before exports checked themselves): it cannot be "
@@ -189,11 +184,8 @@ def _probe_set(args: argparse.Namespace) -> None:
 
 
 def _evaluate_embedder(args: argparse.Namespace) -> None:
-    from transformers.utils import logging as transformers_logging
-
     from mtllm_train.probe import evaluate_embedder
 
-    transformers_logging.disable_progress_bar()
     evaluate_embedder(args.model, args.bitext, args.out)
     print(open(f"{args.out}.md", encoding="utf-8").read(), end="")
     print(f"(written to {args.out}.json and {args.out}.md)")
@@ -231,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mtllm", description="Self-distillation training of MT-encoder + LLM stacks. "
                                                "`mtllm <command> --help` describes each command with examples.")
     parser.add_argument("--version", action="version", version=f"mtllm-train {_package_version()}")
+    parser.add_argument("--verbose", action="store_true", help="show the libraries' own progress bars and load "
+                                                                "reports (also: MTLLM_VERBOSE=1)")
     # The deepspeed launcher puts --local_rank=N before the command; LOCAL_RANK in the environment says the same.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", required=True, metavar="<command>")
@@ -349,6 +343,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What stays safe when a command stops on a file-system error (a full disk, a read-only folder), by command.
+AFTER_FILE_ERROR = {
+    "train": (1, "a rerun of the same command resumes from the newest checkpoint"),
+    "task-train": (1, "a rerun of the same command resumes from the newest checkpoint"),
+    "task-distill": (1, "a rerun of the same command resumes from the newest checkpoint"),
+    "shards": (2, "the complete shards are kept: a rerun of the same command finishes the build"),
+    "export": (2, "nothing was left at --out (an export is written beside it and moved into place when whole)"),
+}
+
+
+def _quiet_libraries() -> None:
+    """The console carries the run's own lines: transformers' weight-loading bars and load reports, the hub's
+    download bars and torchao's notices only with --verbose (their errors still raise)."""
+    import logging
+
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    disable_progress_bars()
+    logging.getLogger("torchao").setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     from mtllm_train.config import ConfigError
     from mtllm_train.portable.tokens import InputError
@@ -356,11 +374,18 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # A warning (an export's load check, a library's notice) is one line on the console, like an error.
     warnings.formatwarning = lambda message, category, *_: f"mtllm: warning: {message}\n"
+    if not (args.verbose or os.environ.get("MTLLM_VERBOSE") == "1") and args.command != "config":
+        _quiet_libraries()
     try:
         return args.func(args) or 0
     except (ConfigError, InputError) as err:
         print(f"mtllm: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        code, safe = AFTER_FILE_ERROR.get(args.command, (2, ""))
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"mtllm: error: {where}{err.strerror or err}" + (f"; {safe}" if safe else ""), file=sys.stderr)
+        return code
     except KeyboardInterrupt:
         print("mtllm: interrupted; a training run resumes from its newest checkpoint when the same command runs "
               "again", file=sys.stderr)

@@ -42,7 +42,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_model_state_dict, set_state_dict)
 
 from mtllm_train.config import ConfigError
-from mtllm_train.distributed import Dist, all_reduce, barrier
+from mtllm_train.distributed import Dist, agree_or_stop, all_reduce, barrier
 from mtllm_train.files import fsync_path, sha256_file, write_atomic
 from mtllm_train.portable.guard import TRAINING_LIBRARIES, library_versions
 
@@ -138,6 +138,16 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
+META_LIMIT = 64 * 2**20  # bytes of a meta.json: checksums of a few thousand files
+
+
+def checkpoint_bytes_limit(module: nn.Module) -> int:
+    """The most bytes a checkpoint of `module`'s trainable weights can hold: fp32 weights with optimizer state and
+    DeepSpeed's extra copies stay well under 16 x 4 bytes a weight, plus rank files and metadata."""
+    trainable = sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters() if p.requires_grad)
+    return 16 * 4 * trainable + META_LIMIT
+
+
 def all_finite(tensors) -> bool:
     return all(bool(torch.isfinite(_local(t).detach()).all()) for t in tensors if t.is_floating_point())
 
@@ -211,14 +221,22 @@ class Checkpoints:
         return json.loads((self.path(step) / "meta.json").read_text())
 
     @staticmethod
-    def damage(path: Path) -> str | None:
-        """What is wrong with complete checkpoint `path` (unreadable meta.json, a missing file, a checksum that
-        does not match), or None. Checkpoints written before checksums were recorded are taken as they are."""
+    def damage(path: Path, max_bytes: int | None = None) -> str | None:
+        """What is wrong with complete checkpoint `path` (unreadable meta.json, a missing file, a size or checksum
+        that does not match), or None. Checkpoints written before checksums were recorded are taken as they are.
+        max_bytes (checkpoint_bytes_limit): files that hold more than a checkpoint of the model can are refused
+        before any is hashed (a crafted meta.json listing a terabyte sparse file would hash for ever)."""
         try:
+            if (path / "meta.json").stat().st_size > META_LIMIT:
+                return f"meta.json holds {(path / 'meta.json').stat().st_size} bytes (at most {META_LIMIT})"
             meta = json.loads((path / "meta.json").read_text())
             files, sizes = meta.get("files", {}), meta.get("sizes", {})
-        except (OSError, ValueError, AttributeError) as err:
+            listed = sum((path / name).stat().st_size for name in files if (path / name).is_file())
+        except (OSError, ValueError, AttributeError, TypeError) as err:
             return f"meta.json is unreadable ({err})"
+        if max_bytes is not None and listed > max_bytes:
+            return (f"its files hold {listed} bytes, more than a checkpoint of this model's trainable weights can "
+                    f"({max_bytes})")
         for name, digest in files.items():
             file = path / name
             if not file.is_file():
@@ -330,7 +348,7 @@ class Checkpoints:
         all_damaged, chosen = -1, 0
         if self.dist_info.is_main:
             for step, path in reversed(self.complete()):
-                problem = self.damage(path)
+                problem = self.damage(path, checkpoint_bytes_limit(self.model))
                 if problem is None:
                     chosen = step
                     break
@@ -369,7 +387,15 @@ class Checkpoints:
             set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                            options=StateDictOptions(ignore_frozen_params=True, strict=False))
             self.scheduler.load_state_dict(meta["scheduler"])
-        rank_state = torch.load(path / f"rank_{dist_info.rank}.pt", weights_only=True)
+        rank_file, error = path / f"rank_{dist_info.rank}.pt", None
+        try:
+            rank_state = torch.load(rank_file, weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError) as err:  # checksummed, yet not ours
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            error = ConfigError(f"checkpoint {path}: {rank_file.name} holds what a checkpoint does not, refused "
+                                f"({first[:200]}); resume from another step (move this one aside) or start a new "
+                                f"run.name")
+        agree_or_stop([], error, dist_info.device, f"read their part of checkpoint {path}")
         _set_rng_state(rank_state["rng"])
         return Resumed(path, meta, rank_state.get("reader"))
 
@@ -377,7 +403,7 @@ class Checkpoints:
         """Load a checkpoint's trainable weights into an unwrapped `module` in this process; returns its meta.
         With `prefix` (e.g. "head."), `module` is the submodule of that name and only its weights are read."""
         path = self.path(step)
-        problem = self.damage(path)
+        problem = self.damage(path, None if prefix else checkpoint_bytes_limit(module))
         if problem is not None:
             raise ConfigError(f"checkpoint {path} is damaged ({problem}); choose another step "
                               f"(complete: {', '.join(map(str, self.steps()))})")

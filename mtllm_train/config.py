@@ -325,6 +325,9 @@ def checkpointing_policy(value: str | bool) -> str:
     return policy
 
 
+MAX_RUN_NAME = 200
+
+
 def validate(cfg: Config) -> Config:
     flat = to_dict(cfg)
     for key, options in CHOICES.items():
@@ -378,6 +381,9 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"model.lora.dropout: expected a value in [0, 1), got {cfg.model.lora.dropout}")
     if not cfg.run.name or "/" in cfg.run.name or cfg.run.name in (".", ".."):
         raise ConfigError(f"run.name: expected a folder name inside run.dir (no '/'), got {cfg.run.name!r}")
+    if len(cfg.run.name.encode()) > MAX_RUN_NAME:  # file systems take 255 bytes; exports add a suffix beside it
+        raise ConfigError(f"run.name: {len(cfg.run.name.encode())} bytes; a run name is at most {MAX_RUN_NAME} bytes "
+                          f"(a folder name the file system takes, with room for what export puts beside it)")
     if cfg.model.lora.alpha <= 0:
         raise ConfigError(f"model.lora.alpha: expected a positive value (the adapters' scale is alpha / r), got "
                           f"{cfg.model.lora.alpha}")
@@ -494,6 +500,11 @@ def _resolve_input_paths(data: dict, folder: Path) -> dict:
     return data
 
 
+# Parsing is bounded: a config file is at most CONFIG_LIMIT bytes and may not use YAML aliases (an alias-bomb expands
+# a few hundred bytes into billions of values), base: chains cannot cycle.
+CONFIG_LIMIT = 1 << 20
+
+
 def read_config_file(path: str | Path, seen: tuple = ()) -> dict:
     """A YAML config as a mapping; `base: other.yaml` (relative to this file) is read first and updated. Relative
     input paths are resolved against the folder of the file that names them."""
@@ -502,10 +513,20 @@ def read_config_file(path: str | Path, seen: tuple = ()) -> dict:
         raise ConfigError(f"config file {str(path)!r} does not exist")
     if path.resolve() in seen:
         raise ConfigError(f"config file {str(path)!r} is its own base (a cycle of base: keys)")
+    if path.stat().st_size > CONFIG_LIMIT:
+        raise ConfigError(f"config file {str(path)!r} holds {path.stat().st_size} bytes; a config is at most "
+                          f"{CONFIG_LIMIT} (is it the right file?)")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text(encoding="utf-8")
+        if any(isinstance(event, yaml.AliasEvent) for event in yaml.parse(text, Loader=yaml.SafeLoader)):
+            raise ConfigError(f"config file {str(path)!r}: YAML aliases (*name) are not read; write the values out "
+                              f"(or use base: for a shared part)")
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text (byte {err.start}); is it the right "
+                          f"file?") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r}: expected a mapping of sections, got {type(data).__name__}")
     base = data.pop("base", None)

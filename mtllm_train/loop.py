@@ -21,7 +21,11 @@ from mtllm_train.model.stack import trainable_parameters
 from mtllm_train.optim import build_optimizer, build_scheduler
 
 
-class NonFiniteError(RuntimeError):
+class RunStopped(RuntimeError):
+    """The run stopped before its end for a reason it names; rerunning the same command resumes it (exit 1)."""
+
+
+class NonFiniteError(RunStopped):
     """A non-finite loss or gradient norm: the step was not applied and the run stops."""
 
 
@@ -124,6 +128,8 @@ def end_of_step(step: int, save_due: bool, *, preemption: Preemption, checkpoint
                 keep_best: int | None = None) -> bool:
     """After optimizer step `step`: the ranks agree on preemption, save when due or preempted, and on
     preemption clear the STOP file and say so. Returns True when the loop must stop."""
+    if logger.write_error is not None:
+        preemption.requested = True  # the log cannot be written: every rank saves at this step's end and stops
     preempted = preemption.agreed(device)
     if (save_due or preempted) and not checkpoints.state_is_finite():
         raise NonFiniteError(f"step {step}: trainable weights or optimizer state are not finite (optim.lr too high?); "
@@ -133,6 +139,10 @@ def end_of_step(step: int, save_due: bool, *, preemption: Preemption, checkpoint
                          reader_state=reader_state, keep_best=keep_best)
     if preempted:
         preemption.served()
+        if logger.write_error is not None:
+            raise RunStopped(f"step {step}: cannot write {logger.path} ({logger.write_error.strerror}); saved a "
+                             f"checkpoint at step {step}: free space, then rerun the same command to resume "
+                             f"(metrics.jsonl lacks the steps it could not write)")
         logger.message(f"preempted: saved step {step}; rerun the same command to resume")
         summary["preempted"] = True
     return preempted

@@ -307,6 +307,7 @@ class MetricsLogger:
         if enabled and path.is_file():
             kept = [record for record in read_records(path) if record["step"] <= start_step]
             write_atomic(path, "".join(json.dumps(record) + "\n" for record in kept))
+        self.path, self.write_error = path, None  # write_error: an OSError appending a record (a full disk)
         self.file = path.open("a") if enabled else None
         self.wandb_run = None
         self.wandb_id = wandb_id
@@ -337,8 +338,12 @@ class MetricsLogger:
         if record["step"] % self.cfg.every and "eval_fvu" not in record and "probe_stack_mean" not in record \
                 and "resumed" not in record and record["step"] != self.total_steps:
             return
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        if self.write_error is None:
+            try:
+                self.file.write(json.dumps(record) + "\n")
+                self.file.flush()
+            except OSError as err:  # end_of_step has every rank save and stop
+                self.write_error = err
         if self.wandb_run is not None:
             self.wandb_run.log(record, step=record["step"])
 
@@ -363,7 +368,10 @@ class MetricsLogger:
         if not self.enabled:
             return
         self.bar.close()
-        self.file.close()
+        try:
+            self.file.close()
+        except OSError:  # what could not be flushed was reported when the write failed
+            pass
         if self.wandb_run is not None:
             self.wandb_run.finish()
 
@@ -421,12 +429,17 @@ def probe_panel(axis, records: list[dict]) -> None:
     axis.legend(fontsize=7, ncol=2)
 
 
-def plot_loss_curve(run) -> Path:
-    """The RunFolder's loss_curve.png from its metrics.jsonl."""
+def plot_loss_curve(run) -> Path | None:
+    """The RunFolder's loss_curve.png from its metrics.jsonl (None, said in one line, when it cannot be written:
+    the run itself is saved)."""
     import matplotlib.pyplot as plt
 
     figure = loss_figure(read_records(run.metrics_file), run.name)
-    path = run.plot_file
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    try:
+        figure.savefig(run.plot_file, dpi=110)
+    except OSError as err:
+        print(f"mtllm: warning: cannot write {run.plot_file} ({err.strerror}); the run is saved", file=sys.stderr)
+        return None
+    finally:
+        plt.close(figure)
+    return run.plot_file

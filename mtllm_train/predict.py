@@ -21,7 +21,11 @@ def read_inputs(path: str | None, texts: list[str], model: MTLLMModel) -> list:
     if not Path(path).is_file():
         raise ConfigError(f"--input {path}: no such file")
     records = []
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+    for number, raw in enumerate(Path(path).read_bytes().splitlines(), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{path}:{number}: not UTF-8 text (byte {raw[err.start]:#04x})") from None
         if line.strip():
             try:
                 record = json.loads(line)
@@ -32,6 +36,10 @@ def read_inputs(path: str | None, texts: list[str], model: MTLLMModel) -> list:
                                   f"{type(record).__name__}")
             if model.config.task is None and "text" not in record:
                 raise ConfigError(f"{path}:{number}: no 'text' field to embed")
+            for name, value in record.items():
+                texts = value if name == "answers" and isinstance(value, list) else [value]
+                if name != "label" and not all(isinstance(text, str) for text in texts):
+                    raise ConfigError(f"{path}:{number}: '{name}' must be text, got {type(value).__name__}")
             records.append(record if model.config.task is not None else record["text"])
     if not records:
         raise ConfigError(f"--input {path}: no inputs (one JSON object per line)")

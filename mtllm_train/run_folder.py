@@ -30,7 +30,7 @@ import torch
 
 from mtllm_train.checkpoint import Checkpoints
 from mtllm_train.config import Config, ConfigError, dump_config, flat_settings, from_dict, load_config, validate
-from mtllm_train.distributed import Dist, all_reduce
+from mtllm_train.distributed import Dist, agree_or_stop, all_reduce
 from mtllm_train.files import pid_alive, write_atomic
 from mtllm_train.metrics import read_records
 
@@ -150,36 +150,44 @@ def _holder_note(holder: str) -> str:
     return f"{holder}; that process has ended, a process it started holds the lock"
 
 
+def _take_lock(run: RunFolder) -> str:
+    """Rank 0's part: "" when this process holds the lock now, else why not."""
+    try:
+        run.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(run.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:  # a read-only run.dir, a full disk: said on every rank, before anything else
+        return f"run folder {run}: cannot create it ({err.strerror}); give run.dir a folder this job can write"
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        if err.errno in NO_LOCKS:
+            print(f"{run.lock_file}: this file system does not lock files ({os.strerror(err.errno)}); the run goes "
+                  f"on unlocked: keep one trainer per run.name", file=sys.stderr, flush=True)
+            return ""
+        if err.errno not in (errno.EACCES, errno.EAGAIN):
+            raise
+        return (f"run folder {run} is in use by another trainer ({_holder_note(holder)}); wait for it to end, or "
+                f"give this run its own run.name")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"host {socket.gethostname()}, pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+              .encode(), 0)
+    _held_locks[run.path.resolve()] = fd
+    return ""
+
+
 def lock_run_folder(run: RunFolder, dist_info: Dist) -> None:
     """One trainer per run folder: rank 0 holds a POSIX record lock on RUN/.lock until its process ends, also when
     it is killed. A record lock (unlike flock) is not inherited by forked processes, so loader workers outliving a
     killed trainer cannot hold it. Every rank learns whether rank 0 got it. On a file system without locks (Lustre
     mounted without flock) the run says so in one line and goes on unlocked."""
-    holder = ""
+    problem = ""
     if dist_info.is_main and run.path.resolve() not in _held_locks:
-        run.path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(run.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as err:
-            if err.errno not in (errno.EACCES, errno.EAGAIN) + NO_LOCKS:
-                raise
-            if err.errno in NO_LOCKS:
-                print(f"{run.lock_file}: this file system does not lock files ({os.strerror(err.errno)}); the run goes "
-                      f"on unlocked: keep one trainer per run.name", file=sys.stderr, flush=True)
-            else:
-                holder = _holder_note(os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown")
-            os.close(fd)
-        else:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"host {socket.gethostname()}, pid {os.getpid()}, since "
-                          f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
-            _held_locks[run.path.resolve()] = fd
-    taken_elsewhere = all_reduce(torch.tensor(float(bool(holder)), device=dist_info.device),
-                                 torch.distributed.ReduceOp.MAX)
-    if taken_elsewhere.item():
-        raise ConfigError(f"run folder {run} is in use by another trainer ({holder or 'see rank 0'}); wait for it "
-                          f"to end, or give this run its own run.name")
+        problem = _take_lock(run)
+    failed = all_reduce(torch.tensor(float(bool(problem)), device=dist_info.device), torch.distributed.ReduceOp.MAX)
+    if failed.item():
+        raise ConfigError(problem or f"run folder {run}: rank 0 could not take it (its error says why); stopping")
 
 
 def open_run_folder(cfg: Config, dist_info: Dist, identity: dict | None = None) -> RunFolder:
@@ -198,10 +206,15 @@ def open_run_folder(cfg: Config, dist_info: Dist, identity: dict | None = None) 
             raise ConfigError(f"run folder {run} holds a {existing['command']} run of the {existing['kind']}; "
                               f"this is {identity['command']} of the {identity['kind']}: give it its own run.name")
     check_resume_settings(cfg, run)
+    error = None
     if dist_info.is_main:
-        run.path.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, run.config_file)
-        if identity is not None:
-            run.write_identity(identity)
+        try:
+            dump_config(cfg, run.config_file)
+            if identity is not None:
+                run.write_identity(identity)
+        except OSError as err:
+            error = ConfigError(f"run folder {run}: cannot write {err.filename or run.config_file} ({err.strerror}); "
+                                f"nothing was trained")
+    agree_or_stop([], error, dist_info.device, "write the run folder")
     torch.manual_seed(cfg.run.seed * 1000 + dist_info.rank)
     return run

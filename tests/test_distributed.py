@@ -74,7 +74,8 @@ def test_two_ranks_train_match_one_process_and_resume(tmp_path, train_shards, re
     probed = [{k: v for k, v in m.items() if k.startswith("probe_")} for m in records if "probe_stack_mean" in m]
     expected = [{k: v for k, v in m.items() if k.startswith("probe_")} for m in reference if "probe_stack_mean" in m]
     assert len(probed) == len(expected) == 2 and len(probed[0]) == 2 * 2 * 5 + 2  # spaces x directions x languages
-    assert all(ours == pytest.approx(theirs, abs=1e-6) for ours, theirs in zip(probed, expected))
+    assert all(ours == pytest.approx(theirs, abs=1e-6) for ours, theirs in zip(probed, expected)), [
+        (k, a[k], b[k]) for a, b in zip(probed, expected) for k in a if abs(a[k] - b[k]) > 1e-6]
 
     stopped = _run_preempted(tmp_path, train_shards, "preempted", backend)
     assert 1 <= stopped < STEPS

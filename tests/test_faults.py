@@ -25,11 +25,11 @@ import mtllm_train.checkpoint as checkpoint_module
 import mtllm_train.loop as loop_module
 import mtllm_train.train as train_module
 from conftest import ROOT, read_metrics, trained_weights, train_overrides
-from helpers import finish, subprocess_env, torchrun
+from helpers import child_pids, finish, running, subprocess_env, torchrun
 from mtllm_train.__main__ import main
 from mtllm_train.checkpoint import Checkpoints
 from mtllm_train.config import load_config
-from mtllm_train.export import export_run
+from mtllm_train.export import export_run, load_mtllm
 from mtllm_train.files import sha256_file
 
 
@@ -186,6 +186,117 @@ def test_second_trainer_on_a_run_folder_is_refused(tmp_path, train_shards, capsy
         first.terminate()  # a preemption: it checkpoints and exits 0
         assert first.wait(timeout=60) == 0, first.stderr.read()[-2000:]
     assert [r["step"] for r in read_metrics(tmp_path / "busy")] == list(range(1, len(read_metrics(tmp_path / "busy")) + 1))
+
+
+def test_a_trainer_killed_outright_frees_its_run_folder_at_once(tmp_path, train_shards):
+    """kill -9 (the OOM killer, a scheduler) of a trainer with 2 loader workers: the run folder is free at once
+    (the workers it forked never held the lock) and the workers end with it."""
+    import os
+    import signal
+
+    from mtllm_train.distributed import Dist
+    from mtllm_train.run_folder import RunFolder, _held_locks, lock_run_folder
+
+    args = _train_args(tmp_path, train_shards, "killed", **{"train.steps": 400, "checkpoint.every": 200,
+                                                            "data.num_workers": 2})
+    trainer = subprocess.Popen([sys.executable, "-m", "mtllm_train", *map(str, args)], cwd=ROOT, env=subprocess_env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 60
+    while not (tmp_path / "killed" / "metrics.jsonl").is_file() and time.time() < deadline:  # in the loop
+        time.sleep(0.05)
+    workers = child_pids(trainer.pid)
+    assert len(workers) >= 2, workers
+    os.kill(trainer.pid, signal.SIGKILL)
+    trainer.wait(timeout=10)
+    run = RunFolder(tmp_path / "killed")
+    lock_run_folder(run, Dist(0, 1, 0, torch.device("cpu")))  # no "in use by another trainer": the lock is free
+    os.close(_held_locks.pop(run.path.resolve()))
+    deadline = time.time() + 10
+    while any(map(running, workers)) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not any(map(running, workers)), "loader workers outlived the trainer"
+
+
+def test_ranks_stop_with_their_launcher(tmp_path, train_shards):
+    """The torchrun agent killed outright: both ranks checkpoint at the step's end and stop, none trains on."""
+    import os
+    import signal
+
+    process = torchrun(*_train_args(tmp_path, train_shards, "orphans", **{
+        "distributed.backend": "ddp", "train.steps": 2000, "checkpoint.every": 1000, "data.num_workers": 0}))
+    deadline = time.time() + 90
+    while not (tmp_path / "orphans" / "metrics.jsonl").is_file() and time.time() < deadline:
+        time.sleep(0.1)
+    ranks = child_pids(process.pid)
+    assert len(ranks) == 2, ranks
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait(timeout=10)
+    deadline = time.time() + 60
+    while any(map(running, ranks)) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not any(map(running, ranks)), "ranks trained on without their launcher"
+    saved = Checkpoints(tmp_path / "orphans").steps()
+    assert len(saved) == 1 and 0 < saved[0] < 2000  # a preemption's checkpoint: nothing lost
+
+
+def test_resume_reads_the_settings_its_checkpoints_record(tmp_path, train_shards, capsys):
+    """config.yaml deleted: a changed lr is still refused; config.yaml edited: export still rebuilds the model
+    the checkpoints hold."""
+    args = _train_args(tmp_path, train_shards, "rec", **{"checkpoint.every": 4, "train.steps": 8})
+    assert main(args) == 0
+    (tmp_path / "rec" / "config.yaml").unlink()
+    code, err = _run(capsys, *args, "optim.lr=0.1")
+    assert code == 2 and len(err) == 1 and "optim.lr: the checkpoints in" in err[0], err
+    assert not (tmp_path / "rec" / "config.yaml").exists()
+    edited = load_config(ROOT / "configs" / "tiny.yaml", ["model.lora.r=4"])
+    from mtllm_train.config import dump_config
+
+    dump_config(edited, tmp_path / "rec" / "config.yaml")
+    model = load_mtllm(export_run(str(tmp_path / "rec"), str(tmp_path / "rec_export")))
+    assert model.llm.peft_config["default"].r == 8  # the rank the checkpoints were trained with
+
+
+def test_a_tar_member_declaring_gigabytes_is_refused_before_it_is_read(tmp_path, train_shards, capsys):
+    shards = _shards_copy(train_shards, tmp_path)
+    shard = shards / "shard-000000.tar"
+    data = bytearray(shard.read_bytes())
+    header = data[512 * 2:512 * 3]  # the second member's header (the first sample's llm.npy)
+    header[124:136] = b"%011o\0" % (3 * 10**9)
+    header[148:156] = b" " * 8
+    header[148:156] = b"%06o\0 " % sum(header)
+    data[512 * 2:512 * 3] = header
+    shard.write_bytes(bytes(data))
+    _restamp(shards, "shard-000000.tar")
+    code, err = _run(capsys, *_train_args(tmp_path, shards, "big", **{"data.num_workers": 0}))
+    assert code == 2 and len(err) == 1 and "declares 3000000000 bytes, more than a sample member holds" in err[0], err
+
+
+def test_a_checkpoint_listing_a_huge_file_is_refused_without_hashing_it(tmp_path, train_shards, capsys):
+    run = tmp_path / "huge"
+    assert main(_train_args(tmp_path, train_shards, "huge", **{"train.steps": 4})) == 0
+    step = run / "checkpoints" / "step_00000004"
+    with (step / "padding.bin").open("wb") as sparse:  # 64 GiB that take no disk: hashing them would take minutes
+        sparse.truncate(1 << 36)
+    meta = json.loads((step / "meta.json").read_text())
+    meta["files"]["padding.bin"], meta["sizes"]["padding.bin"] = "0" * 64, 1 << 36
+    (step / "meta.json").write_text(json.dumps(meta))
+    capsys.readouterr()
+    start = time.perf_counter()
+    code, err = _run(capsys, "export", "--run", run)
+    assert code == 2 and len(err) == 1 and "more than a checkpoint of this model's trainable weights can" in err[0], err
+    assert time.perf_counter() - start < 30
+
+
+@pytest.mark.parametrize("content, expected", [
+    ("a: &x [1, 2]\nb: *x\n", "YAML aliases (*name) are not read"),
+    (b"run:\n  name: \xff\xfe\n", "is not UTF-8 text"),
+    ("# " + "x" * (1 << 20) + "\n", "a config is at most 1048576"),
+])
+def test_config_parsing_is_bounded(tmp_path, capsys, content, expected):
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    code, err = _run(capsys, "config", "--config", path)
+    assert code == 2 and len(err) == 1 and expected in err[0], err
 
 
 # --- 5. settings are checked against the checkpoints before anything is written --------------------------------
@@ -399,6 +510,116 @@ def test_full_disk_during_a_checkpoint_keeps_the_earlier_ones(tmp_path, train_sh
     assert main(_train_args(tmp_path, train_shards, "full", **{"checkpoint.every": 4})) == 0
 
 
+class _FullDiskFile:
+    """A metrics.jsonl whose disk fills after `room` records."""
+
+    def __init__(self, room):
+        self.room = room
+
+    def write(self, text):
+        self.room -= 1
+        if self.room < 0:
+            raise OSError(28, "No space left on device")
+
+    def flush(self):
+        pass
+
+    def close(self):
+        raise OSError(28, "No space left on device")
+
+
+def test_full_disk_while_appending_metrics_saves_and_stops(tmp_path, train_shards, capsys, monkeypatch):
+    from mtllm_train.metrics import MetricsLogger
+
+    real_init = MetricsLogger.__init__
+
+    def filling(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        self.file = _FullDiskFile(room=4)
+
+    monkeypatch.setattr(MetricsLogger, "__init__", filling)
+    args = _train_args(tmp_path, train_shards, "meter", **{"checkpoint.every": 8})
+    code, err = _run(capsys, *args)
+    assert code == 1 and len(err) == 1, err
+    assert re.search(r"step 5: cannot write \S+/meter/metrics\.jsonl \(No space left on device\); saved a checkpoint "
+                     r"at step 5: free space, then rerun the same command to resume", err[0]), err
+    assert Checkpoints(tmp_path / "meter").steps() == [5]
+    monkeypatch.setattr(MetricsLogger, "__init__", real_init)
+    assert main(args) == 0 and Checkpoints(tmp_path / "meter").steps()[-1] == 12
+
+
+def test_full_disk_during_shards_build_keeps_the_complete_shards(tmp_path, capsys, monkeypatch):
+    import mtllm_train.data.shard_writer as writer_module
+
+    real, calls = writer_module.sha256_file, {"n": 0}
+
+    def filling(path):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(28, "No space left on device", str(path))
+        return real(path)
+
+    monkeypatch.setattr(writer_module, "sha256_file", filling)
+    args = ["shards", "build", "--input", "shards/sample/enwiki_sample.jsonl", "--out", tmp_path / "out",
+            "--llm-tokenizer", "configs/tiny/llm_tokenizer", "--mt-tokenizer", "configs/tiny/mt_tokenizer",
+            "--max-length", "32", "--shard-size", "50"]
+    code, err = _run(capsys, *args)
+    assert code == 2 and len(err) == 1 and "No space left on device; the complete shards are kept: a rerun of the " \
+        "same command finishes the build" in err[0], err
+    monkeypatch.setattr(writer_module, "sha256_file", real)
+    assert main([str(a) for a in args]) == 0 and (tmp_path / "out" / "manifest.json").is_file()
+
+
+def test_full_disk_during_export_leaves_nothing(tmp_path, train_shards, capsys, monkeypatch):
+    import mtllm_train.export as export_module
+
+    assert main(_train_args(tmp_path, train_shards, "exp", **{"train.steps": 4})) == 0
+
+    def full(tensors, filename, *args, **kwargs):
+        raise OSError(28, "No space left on device", filename)
+
+    monkeypatch.setattr(export_module, "save_file", full)
+    code, err = _run(capsys, "export", "--run", tmp_path / "exp", "--out", tmp_path / "out")
+    assert code == 2 and len(err) == 1 and "projection.safetensors: No space left on device; nothing was left at " \
+        "--out" in err[0], err
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
+
+
+def test_a_run_dir_that_cannot_be_written_is_one_line(tmp_path, train_shards, capsys):
+    (tmp_path / "a_file").write_text("not a folder")
+    code, err = _run(capsys, "train", "--config", "configs/tiny.yaml",
+                     *train_overrides(tmp_path / "a_file" / "runs", train_shards, **{"run.name": "x"}))
+    assert code == 2 and len(err) == 1 and "cannot create it (Not a directory); give run.dir a folder this job can " \
+        "write" in err[0], err
+
+
+def test_a_crafted_rank_file_is_refused_and_runs_no_code(tmp_path, train_shards, capsys):
+    run = tmp_path / "rk"
+    args = _train_args(tmp_path, train_shards, "rk", **{"train.steps": 4})
+    assert main(args) == 0  # a rerun of the finished run resumes its checkpoint (and trains nothing)
+    step = run / "checkpoints" / "step_00000004"
+    torch.save({"rng": _Payload(tmp_path / "PWNED")}, step / "rank_0.pt")
+    meta = json.loads((step / "meta.json").read_text())
+    meta["files"]["rank_0.pt"] = sha256_file(step / "rank_0.pt")  # the attacker fixes sums and sizes
+    meta["sizes"]["rank_0.pt"] = (step / "rank_0.pt").stat().st_size
+    (step / "meta.json").write_text(json.dumps(meta))
+    capsys.readouterr()
+    code, err = _run(capsys, *args)
+    assert code == 2 and len(err) == 1 and "rank_0.pt holds what a checkpoint does not, refused" in err[0], err
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_a_stage2_run_as_init_from_is_one_line(tmp_path):
+    from mtllm_train.config import ConfigError
+    from mtllm_train.tasks.models import load_stage1
+
+    (tmp_path / "s2").mkdir()
+    (tmp_path / "s2" / "task.json").write_text(json.dumps({"command": "task-train", "kind": "llm"}))
+    with pytest.raises(ConfigError, match=r"task\.init_from: \S+/s2 is a stage-2 run \(task-train of the llm\); give "
+                                          r"the stage-1 run folder"):
+        load_stage1(None, str(tmp_path / "s2"), 0)
+
+
 # The table of fault cases: (test, what goes wrong, what must happen).
 FAULTS = [
     ("test_ctrl_c_checkpoints_and_a_second_one_stops_at_once", "Ctrl-C (SIGINT to the process group, 2 loader "
@@ -418,6 +639,30 @@ FAULTS = [
      "resume and export refuse it in one line; the code never runs"),
     ("test_second_trainer_on_a_run_folder_is_refused", "a second trainer on a run folder in use",
      "exit 2 naming host and pid of the holder; the first trainer is undisturbed"),
+    ("test_a_trainer_killed_outright_frees_its_run_folder_at_once", "kill -9 of a trainer with 2 loader workers",
+     "the run folder is free at once (a record lock, not inherited by workers); the workers end with it"),
+    ("test_ranks_stop_with_their_launcher", "the torchrun agent killed outright, 2 ranks training",
+     "both ranks save a checkpoint at the step's end and exit; none trains on unattended"),
+    ("test_resume_reads_the_settings_its_checkpoints_record", "config.yaml deleted, then edited (LoRA rank)",
+     "a changed lr is still refused in one line; export rebuilds the model the checkpoints hold"),
+    ("test_a_tar_member_declaring_gigabytes_is_refused_before_it_is_read", "a shard member header declaring 3 GB "
+     "(checksum restamped)", "exit 2 in one line naming the member's size, before reading it"),
+    ("test_a_checkpoint_listing_a_huge_file_is_refused_without_hashing_it", "meta.json lists a 64 GiB sparse file",
+     "export refuses in one line within seconds (sizes bounded by the model's trainable weights)"),
+    ("test_config_parsing_is_bounded", "a YAML alias, non-UTF-8 bytes, a 1 MiB config file",
+     "exit 2 in one line each"),
+    ("test_full_disk_while_appending_metrics_saves_and_stops", "disk full while appending metrics.jsonl between "
+     "checkpoints", "every rank saves a checkpoint at that step's end; one line, exit 1; a rerun resumes"),
+    ("test_full_disk_during_shards_build_keeps_the_complete_shards", "disk full while `shards build` writes",
+     "one line naming the file, exit 2; complete shards kept; a rerun finishes the build"),
+    ("test_full_disk_during_export_leaves_nothing", "disk full while an export is written",
+     "one line naming the file, exit 2; nothing at --out, no partial folder beside it"),
+    ("test_a_run_dir_that_cannot_be_written_is_one_line", "run.dir not writable (a file where a folder must be)",
+     "one line, exit 2, on every rank before anything is loaded"),
+    ("test_a_crafted_rank_file_is_refused_and_runs_no_code", "a rank_0.pt pickle that calls exec (sums and sizes "
+     "forged)", "resume refuses it in one line (every rank), the code never runs"),
+    ("test_a_stage2_run_as_init_from_is_one_line", "task.init_from names a stage-2 run",
+     "one line naming it, before any weights are read"),
     ("test_resume_with_other_settings_is_refused", "resume with model.lora.r / optim.lr / train.steps changed",
      "exit 2 naming key and both values; config.yaml untouched; the run still exports"),
     ("test_resume_may_change_how_it_logs_and_checkpoints", "resume with logging / checkpoint / timeout changed",

@@ -71,16 +71,28 @@ def manifest(change):
     return run
 
 
-def shards_build(name, content):
-    """`mtllm shards build --input NAME` of a file holding `content` (bytes, gzipped for a .gz name); the output
-    folder must hold no shard, not even a partial one."""
+def shards_build(name, content, compress=True):
+    """`mtllm shards build --input NAME` of a file holding `content` (bytes, gzipped for a .gz name unless
+    compress=False); the output folder must hold no shard, not even a partial one."""
     def run(tmp_path, capsys, request):
         path, out = tmp_path / name, tmp_path / "out"
-        path.write_bytes(gzip.compress(content) if name.endswith(".gz") else content)
+        path.write_bytes(gzip.compress(content) if name.endswith(".gz") and compress else content)
         message = _cli_error(["shards", "build", "--input", str(path), "--out", str(out), "--llm-tokenizer", LLM_TOK,
                               "--mt-tokenizer", MT_TOK, "--max-length", "32", "--shard-size", "10"], capsys)
         assert [p.name for pattern in ("*.tar", "*.partial", "*.tmp") for p in out.rglob(pattern)] == []
         return message
+    return run
+
+
+def task_file(name, content):
+    """A stage-2 task file `name` holding `content` (bytes), read for the sentiment task (labels neg, pos)."""
+    def run(tmp_path, capsys, request):
+        from mtllm_train.tasks.data import read_task_file
+
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ConfigError) as info:
+            read_task_file(tmp_path / name, "sentiment", ("neg", "pos"))
+        return str(info.value)
     return run
 
 
@@ -95,6 +107,7 @@ def _shard_name(name):
 
 
 GOOD_LINE = b'{"text": "A fine first document."}\n'
+MANY_LINES = b"".join(b'{"text": "Document %d of %d."}\n' % (k, k * k) for k in range(2000))
 BETAS = r"optim\.betas: expected two numbers in \[0, 1\), got "
 MANIFEST_AT = r"^\S+/shards/manifest\.json: "
 OUTSIDE = r"'shards\[1\]\.name' must be a file name in the shard folder, got "
@@ -179,6 +192,20 @@ CASES = {
                         r"^\S+/bad\.jsonl:1: 'text' must be a string, got list$"),
     "parquet-text-int": (shards_build("bad.parquet", _parquet(pa.table({"text": [1, 2]}))),
                          r"^\S+/bad\.parquet: column 'text' must hold strings, got int64$"),
+    "jsonl-gz-cut-short": (shards_build("cut.jsonl.gz", gzip.compress(MANY_LINES)[:60], compress=False),
+                           r"^\S+/cut\.jsonl\.gz:\d+: not a whole gzip file \(Compressed file ended"),
+    "gz-not-gzip": (shards_build("plain.jsonl.gz", GOOD_LINE, compress=False),
+                    r"^\S+/plain\.jsonl\.gz:1: not a whole gzip file \(Not a gzipped file"),
+    "parquet-cut-short": (shards_build("cut.parquet", _parquet(pa.table({"text": ["a", "b"]}))[:300]),
+                          r"^\S+/cut\.parquet: not a readable parquet file \("),
+    "run-name-too-long": (override("run.name=" + "r" * 240), r"^run\.name: 240 bytes; a run name is at most 200 bytes"),
+    "task-file-empty": (task_file("empty.jsonl", b"\n"), r"^task file '\S+/empty\.jsonl' holds no examples$"),
+    "task-label-boolean": (task_file("bool.jsonl", b'{"text": "ok", "label": true}\n'),
+                           r"^\S+/bool\.jsonl:1: label True is outside 0\.\.1$"),
+    "task-file-bad-json": (task_file("bad.jsonl", b'{"text": "ok", "label": 1}\n{"text": "x", label: 0}\n'),
+                           r"^\S+/bad\.jsonl:2: not valid JSON \(Expecting property name"),
+    "task-file-not-utf8": (task_file("bad.jsonl", b'{"text": "caf\xe9", "label": 1}\n'),
+                           r"^\S+/bad\.jsonl:1: not UTF-8 text \(byte 0xe9\)$"),
 }
 
 
@@ -195,3 +222,8 @@ def test_edge_values_that_stay_valid(tmp_path):
     corpus = tmp_path / "docs.jsonl"
     corpus.write_text('{"id": "a", "text": null}\n{"id": "b", "text": "Some text."}\n', encoding="utf-8")
     assert list(read_documents([str(corpus)])) == [("a", ""), ("b", "Some text.")]
+    # A spreadsheet's CSV starts with a byte-order mark: it is not part of the first column's name.
+    from mtllm_train.tasks.data import read_task_file
+
+    (tmp_path / "bom.csv").write_bytes("\ufefftext,label\nfine,pos\n".encode("utf-8"))
+    assert read_task_file(tmp_path / "bom.csv", "sentiment", ("neg", "pos")) == [{"text": "fine", "label": 1}]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import re
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,28 +38,45 @@ def _text(value: object, path: Path, lineno: int, text_field: str) -> str:
     return value
 
 
+def _lines(path: Path) -> Iterator[bytes]:
+    """A file's lines as bytes; a .gz that is not gzip, or is cut short, is one line naming file and line."""
+    if not path.name.endswith(".gz"):
+        with path.open("rb") as lines:
+            yield from lines
+        return
+    lineno = 0
+    try:
+        with gzip.open(path, "rb") as lines:
+            for lineno, raw in enumerate(lines, 1):
+                yield raw
+    except (OSError, EOFError, zlib.error) as err:  # BadGzipFile is an OSError; a cut-off stream an EOFError
+        raise ConfigError(f"{path}:{lineno + 1}: not a whole gzip file ({err}); download or compress it "
+                          f"again") from None
+
+
 def _jsonl(path: Path, text_field: str) -> Iterator[tuple[str, str]]:
-    opener = gzip.open if path.name.endswith(".gz") else open
     # Binary lines, decoded one by one: a text-mode reader fails on a bad byte without saying on which line.
-    with opener(path, "rb") as lines:
-        for lineno, raw in enumerate(lines, 1):
-            line = _utf8(raw, path, lineno)
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ConfigError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
-            if not isinstance(record, dict) or text_field not in record:
-                raise ConfigError(f"{path}:{lineno}: no '{text_field}' field (set --text-field)")
-            yield str(record.get("id", f"{path.name}:{lineno}")), _text(record[text_field], path, lineno, text_field)
+    for lineno, raw in enumerate(_lines(path), 1):
+        line = _utf8(raw, path, lineno)
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
+        if not isinstance(record, dict) or text_field not in record:
+            raise ConfigError(f"{path}:{lineno}: no '{text_field}' field (set --text-field)")
+        yield str(record.get("id", f"{path.name}:{lineno}")), _text(record[text_field], path, lineno, text_field)
 
 
 def _parquet(path: Path, text_field: str) -> Iterator[tuple[str, str]]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    parquet = pq.ParquetFile(path)
+    try:
+        parquet = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as err:
+        raise ConfigError(f"{path}: not a readable parquet file ({str(err).splitlines()[0]})") from None
     names = parquet.schema_arrow.names
     if text_field not in names:
         raise ConfigError(f"{path}: no '{text_field}' column (columns: {', '.join(names)}; set --text-field)")

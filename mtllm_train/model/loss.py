@@ -38,13 +38,16 @@ def loss_terms(pooled_and_hidden, word_ids: dict, loss_cfg: LossConfig) -> LossT
     MSE between pooled vectors; with loss.span_weight the word-span MSE (word ids of both views in `word_ids`);
     with loss.contrastive_weight in-batch InfoNCE."""
     out = pooled_and_hidden
+    # The sequence term first: autograd sums the terms' gradients in the order they were built, and this order
+    # keeps earlier versions' numbers (a checkpoint of theirs resumes bit-identically).
+    errors = squared_error(out.student_pooled, out.teacher_pooled)
     span_errors = teacher_spans = contrastive = None
     if loss_cfg.span_weight:
         span_errors, teacher_spans = span_squared_errors(out.student_hidden, out.teacher_hidden,
                                                          word_ids["mt_word_ids"], word_ids["llm_word_ids"])
     if loss_cfg.contrastive_weight:
         contrastive = contrastive_losses(out.student_pooled, out.teacher_pooled, loss_cfg.contrastive_temperature)
-    return LossTerms(squared_error(out.student_pooled, out.teacher_pooled), span_errors, contrastive, teacher_spans)
+    return LossTerms(errors, span_errors, contrastive, teacher_spans)
 
 
 def weighted_loss(term_sums: dict, counts: dict[str, float], loss_cfg: LossConfig):

@@ -25,19 +25,42 @@ def label_names(task) -> tuple[str, ...]:
     return tuple(task.labels) or (NLI_LABELS if task.name == "nli" else ())
 
 
+def _jsonl_rows(path: Path):
+    with path.open("rb") as lines:
+        for number, raw in enumerate(lines, 1):
+            try:
+                line = raw.decode("utf-8")
+                if not line.strip():
+                    continue
+                row = json.loads(line)
+            except UnicodeDecodeError as err:
+                raise ConfigError(f"{path}:{number}: not UTF-8 text (byte {raw[err.start]:#04x})") from None
+            except json.JSONDecodeError as err:
+                raise ConfigError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+            if not isinstance(row, dict):
+                raise ConfigError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+            yield number, row
+
+
 def _rows(path: Path):
     if path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as lines:
-            for number, line in enumerate(lines, 1):
-                if line.strip():
-                    yield number, json.loads(line)
+        yield from _jsonl_rows(path)
     elif path.suffix == ".csv":
-        with path.open(encoding="utf-8", newline="") as handle:
-            yield from enumerate(csv.DictReader(handle), 2)
+        try:
+            # utf-8-sig: a spreadsheet's byte-order mark is not part of the first column's name
+            with path.open(encoding="utf-8-sig", newline="") as handle:
+                yield from enumerate(csv.DictReader(handle), 2)
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {err.start} of the file)") from None
     elif path.suffix == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        yield from enumerate(pq.read_table(path).to_pylist(), 1)
+        try:
+            table = pq.read_table(path)
+        except (pa.ArrowException, OSError) as err:
+            raise ConfigError(f"{path}: not a readable parquet file ({str(err).splitlines()[0]})") from None
+        yield from enumerate(table.to_pylist(), 1)
     else:
         raise ConfigError(f"{path}: unsupported task file; expected .jsonl, .csv or .parquet")
 
@@ -50,7 +73,7 @@ def _label(value, names: tuple[str, ...], where: str) -> int:
         if value.strip().casefold() not in folded:
             raise ConfigError(f"{where}: label {value!r} is not one of {', '.join(names)}")
         return folded.index(value.strip().casefold())
-    if not isinstance(value, int) or not 0 <= value < len(names):
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < len(names):
         raise ConfigError(f"{where}: label {value!r} is outside 0..{len(names) - 1}")
     return value
 
@@ -90,7 +113,10 @@ def read_task_file(path: str | Path, task: str, label_names: tuple[str, ...] = N
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"task file {str(path)!r} does not exist")
-    return _normalise(_rows(path), str(path), task, label_names)
+    examples = _normalise(_rows(path), str(path), task, label_names)
+    if not examples:
+        raise ConfigError(f"task file {str(path)!r} holds no examples")
+    return examples
 
 
 def _normalise(rows, source: str, task: str, label_names: tuple[str, ...]) -> list[dict]:

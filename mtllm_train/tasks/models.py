@@ -116,6 +116,11 @@ def build_task_model(cfg: Config, kind: str, device: torch.device | str = "cpu")
 def load_stage1(model: TaskModel, run_dir: str, step: int) -> Path:
     """Start the stack from a stage-1 run's checkpoint: its LoRA and its projection U. U stays frozen in stage 2,
     so it is not in stage-2 checkpoints: keep_projection writes it into the stage-2 run folder."""
+    source = RunFolder(run_dir)
+    identity = source.identity()
+    if identity is not None:
+        raise ConfigError(f"task.init_from: {run_dir} is a stage-2 run ({identity['command']} of the "
+                          f"{identity['kind']}); give the stage-1 run folder (mtllm train) the stack starts from")
     checkpoints = Checkpoints(run_dir)
     projection = model.body.projection
     projection.requires_grad_(True)  # trained in stage 1: among the checkpoint's trainable weights
