@@ -141,7 +141,8 @@ def bare_step(spec: dict, args, device: torch.device) -> dict:
         synchronize(device)
         step_start = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            student, teacher = stack(**views)[:2]
+            out = stack(**views)
+            student, teacher = out.student_pooled, out.teacher_pooled
             squared_error(student, teacher).mean().backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -153,7 +153,8 @@ def bare_step_seconds(cfg, steps: int) -> float:
     for step in range(steps + 2):
         start = time.perf_counter()
         for micro in batches[step * accumulation:(step + 1) * accumulation]:
-            student, teacher = stack(**micro)[:2]
+            out = stack(**micro)
+            student, teacher = out.student_pooled, out.teacher_pooled
             (squared_error(student, teacher).sum() / cfg.train.global_batch_size).backward()
         torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.train.grad_clip)
         optimizer.step()
@@ -208,7 +209,8 @@ def _throughput(batches, stack, optimizer, steps: int) -> tuple[float, float]:
     for step, batch in enumerate(batches):
         if step == 2:
             start = time.perf_counter()
-        student, teacher = stack(**batch)[:2]
+        out = stack(**batch)
+        student, teacher = out.student_pooled, out.teacher_pooled
         squared_error(student, teacher).mean().backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -252,7 +254,8 @@ def bench_checkpoints(workdir: Path, repeats: int) -> list[str]:
     params = trainable_parameters(stack)
     optimizer = build_optimizer(params, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, 10)
-    student, teacher = stack(**{k: v for k, v in next(iter(_ours_batches(shards, 2))).items()})[:2]
+    out = stack(**{k: v for k, v in next(iter(_ours_batches(shards, 2))).items()})
+    student, teacher = out.student_pooled, out.teacher_pooled
     squared_error(student, teacher).mean().backward()
     optimizer.step()
     # AdamW keeps two fp32 moments per parameter (+ a step counter per tensor).

@@ -163,7 +163,8 @@ def profile(cfg: ModelConfig, batch: int, seq: int) -> dict:
         with flops, counter, mock.patch.object(torch.nn.functional, "dropout", cuda_dropout):
             with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda tensor: tensor), \
                     torch.autocast("cpu", dtype=torch.bfloat16):
-                student, teacher = stack(**views)[:2]
+                out = stack(**views)
+                student, teacher = out.student_pooled, out.teacher_pooled
                 loss = squared_error(student, teacher).sum()
             counter.phase = "backward"
             loss.backward()

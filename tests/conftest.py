@@ -40,17 +40,14 @@ TEXTS = [
 
 
 def tokenize_views(cfg, texts=TEXTS):
-    """Both views of `texts` as padded tensors (right padding), the way the trainer feeds the stack."""
-    from mtllm_train.model.tokenizers import load_tokenizer
+    """Both views of `texts` as the trainer gets them: the shard writer's tokenization, the reader's collate."""
+    from mtllm_train.data.reader import collate
+    from mtllm_train.data.views import ViewTokenizer
+    from mtllm_train.portable.tokens import pad_id
 
-    llm_tok = load_tokenizer(cfg.model.llm_tokenizer, "model.llm_tokenizer")
-    mt_tok = load_tokenizer(cfg.model.mt_tokenizer, "model.mt_tokenizer")
-    mt_tok.src_lang = "eng_Latn"
-    llm_tok.pad_token, llm_tok.padding_side = llm_tok.eos_token, "right"
-    llm = llm_tok(texts, padding=True, return_tensors="pt")
-    mt = mt_tok(texts, padding=True, return_tensors="pt")
-    return {"mt_input_ids": mt.input_ids, "mt_attention_mask": mt.attention_mask,
-            "llm_input_ids": llm.input_ids, "llm_attention_mask": llm.attention_mask}
+    views = ViewTokenizer(cfg.model.llm_tokenizer, cfg.model.mt_tokenizer, "eng_Latn", cfg.data.max_length)
+    samples = [{"llm": aligned.llm_ids, "mt": aligned.mt_ids} for aligned in map(views.views, texts)]
+    return collate(samples, {"llm": pad_id(views.llm), "mt": pad_id(views.mt)})
 
 
 def build_train_shards(out, n_docs=160, max_length=48, shard_size=10):

@@ -75,7 +75,8 @@ def test_the_step_flop_formula_counts_what_the_step_computes(tiny_cfg):
         model.config._attn_implementation = "eager"
     batch = tokenize_views(tiny_cfg)
     with FlopCounterMode(display=False) as counter:
-        student_pooled, teacher_pooled = stack(**batch)[:2]
+        out = stack(**batch)
+        student_pooled, teacher_pooled = out.student_pooled, out.teacher_pooled
         squared_error(student_pooled, teacher_pooled).sum().backward()
     counts = {view: (batch[f"{view}_input_ids"].numel(), batch[f"{view}_input_ids"].numel()
                      * batch[f"{view}_input_ids"].shape[1]) for view in ("llm", "mt")}

@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,8 +11,14 @@ from mtllm_train.model.tiny_tokenizers import build_tiny_tokenizers
 
 
 def test_help_lists_commands():
+    from mtllm_train.__main__ import build_parser
+
     out = subprocess.run([sys.executable, "-m", "mtllm_train", "--help"], capture_output=True, text=True, check=True)
-    assert "usage: mtllm" in out.stdout and "demo" in out.stdout
+    commands = next(action for action in build_parser()._actions if action.dest == "command").choices
+    assert len(commands) >= 12 and out.stdout.startswith("usage: mtllm")
+    for name, parser in commands.items():  # every command, with its one-line description
+        words = parser.description.split()[:3]
+        assert re.search(rf"^ +{name}\s+" + r"\s+".join(map(re.escape, words)), out.stdout, re.M | re.I), name
 
 
 def test_console_script_is_installed():

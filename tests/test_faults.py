@@ -620,6 +620,25 @@ def test_a_stage2_run_as_init_from_is_one_line(tmp_path):
         load_stage1(None, str(tmp_path / "s2"), 0)
 
 
+@pytest.mark.parametrize("damage", ["a test file missing", "a bad label in a dev file"])
+def test_stage2_files_are_checked_before_the_first_step(tmp_path, capsys, damage):
+    from stage2_data import build_sentiment
+
+    data = build_sentiment(tmp_path / "data")
+    if damage == "a test file missing":
+        (tmp_path / "data" / "test" / "ind.jsonl").unlink()
+        expected = r"task file '\S+/test/ind\.jsonl' does not exist$"
+    else:
+        with (tmp_path / "data" / "dev" / "ind.jsonl").open("a") as dev:
+            dev.write(json.dumps({"text": "Filmnya bagus.", "label": "great"}) + "\n")
+        expected = r"\S+/dev/ind\.jsonl:25: label 'great' is not one of negative, positive$"
+    settings = {"run.dir": tmp_path, "run.name": "s2", "data.micro_batch_size": 8, "train.global_batch_size": 16,
+                "task.max_length": 32, "task.epochs": 3, "logging.progress_bar": False, **data}
+    code, err = _run(capsys, "task-train", "--config", "configs/tiny.yaml", *(f"{k}={v}" for k, v in settings.items()))
+    assert code == 2 and len(err) == 1 and re.search(expected, err[0]), err
+    assert not (tmp_path / "s2" / "metrics.jsonl").exists()  # found before the first step
+
+
 # The table of fault cases: (test, what goes wrong, what must happen).
 FAULTS = [
     ("test_ctrl_c_checkpoints_and_a_second_one_stops_at_once", "Ctrl-C (SIGINT to the process group, 2 loader "
@@ -663,6 +682,8 @@ FAULTS = [
      "forged)", "resume refuses it in one line (every rank), the code never runs"),
     ("test_a_stage2_run_as_init_from_is_one_line", "task.init_from names a stage-2 run",
      "one line naming it, before any weights are read"),
+    ("test_stage2_files_are_checked_before_the_first_step", "a stage-2 test file missing, a bad label in a dev "
+     "file (one target language)", "one line naming file (and line) before the first step, not at validation"),
     ("test_resume_with_other_settings_is_refused", "resume with model.lora.r / optim.lr / train.steps changed",
      "exit 2 naming key and both values; config.yaml untouched; the run still exports"),
     ("test_resume_may_change_how_it_logs_and_checkpoints", "resume with logging / checkpoint / timeout changed",
@@ -730,6 +751,14 @@ def test_ctrl_c_checkpoints_and_a_second_one_stops_at_once(tmp_path, train_shard
     assert code == 130 and len(err) == 1 and err[0].startswith("mtllm: interrupted; a training run resumes from")
 
 
-def test_the_table_lists_every_fault_case():
-    cases = sorted(name for name in globals() if name.startswith("test_") and name != "test_the_table_lists_every_fault_case")
+def fault_rows() -> list[str]:
+    """The table as the README shows it (section "When things go wrong")."""
+    return ["| what goes wrong | what happens |", "|---|---|",
+            *(f"| {what} | {outcome} |" for _, what, outcome in FAULTS)]
+
+
+def test_the_table_lists_every_fault_case_and_the_readme_shows_it():
+    cases = sorted(name for name in globals() if name.startswith("test_") and "the_table" not in name)
     assert sorted(name for name, _, _ in FAULTS) == cases
+    section = (ROOT / "README.md").read_text().split("### When things go wrong", 1)[1].split("\n#", 1)[0]
+    assert [line for line in section.splitlines() if line.startswith("|")] == fault_rows()

@@ -25,7 +25,8 @@ from mtllm_train.train import train
 
 def _step(stack, batch, optimizer=None):
     """One training step on `batch`: (loss, gradients of the trainable parameters)."""
-    student_pooled, teacher_pooled = stack(**batch)[:2]
+    out = stack(**batch)
+    student_pooled, teacher_pooled = out.student_pooled, out.teacher_pooled
     loss = squared_error(student_pooled, teacher_pooled).mean()
     loss.backward()
     grads = {name: p.grad.clone() for name, p in trainable_parameters(stack).items()}
@@ -136,7 +137,8 @@ def test_selective_checkpointing_recomputes_only_the_lora_matmuls_and_changes_no
         stack = build_stack(_with_four_layers(tiny_cfg, policy).model)
         torch.manual_seed(0)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            student_pooled, teacher_pooled = stack(**batch)[:2]
+            out = stack(**batch)
+            student_pooled, teacher_pooled = out.student_pooled, out.teacher_pooled
         with MatmulShapes() as seen:
             squared_error(student_pooled, teacher_pooled).mean().backward()
         backward_matmuls[policy] = Counter(seen.shapes)

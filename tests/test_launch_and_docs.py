@@ -100,14 +100,32 @@ def test_every_config_loads_and_validates(config):
     assert cfg.train.global_batch_size % cfg.data.micro_batch_size == 0
 
 
-def test_paper_recipe_values():
+def test_paper_recipe_values_reach_the_trainer(tiny_cfg):
+    """The paper's stage-1 recipe as the trainer builds it: LoRA (on the tiny stack, with the paper's LoRA
+    settings), the optimizer and the schedule from the paper config itself."""
+    import bitsandbytes as bnb
+
+    from mtllm_train.model.stack import build_stack, trainable_parameters
+    from mtllm_train.optim import build_optimizer, build_scheduler
+
     cfg = load_config(ROOT / "configs/stage1_nllb600m_llm2vec_llama3_8b.yaml")
-    assert (cfg.model.mt_encoder, cfg.model.bidirectional, cfg.model.quantization) == (
-        "facebook/nllb-200-distilled-600M", True, "nf4")
-    assert (cfg.model.lora.r, cfg.model.lora.alpha, cfg.model.lora.dropout) == (16, 32, 0.05)
-    assert (cfg.optim.name, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.warmup) == ("adamw8bit", 2e-4, 0.01, 0.01)
-    assert (cfg.train.steps, cfg.train.global_batch_size, cfg.data.max_length, cfg.model.pooling) == (
-        10000, 256, 512, "mean")
+    assert (cfg.model.mt_encoder, cfg.model.bidirectional, cfg.model.quantization, cfg.model.pooling) == (
+        "facebook/nllb-200-distilled-600M", True, "nf4", "mean")
+    assert (cfg.train.steps, cfg.train.global_batch_size, cfg.data.max_length) == (10000, 256, 512)
+    tiny_cfg.model.lora = cfg.model.lora
+    lora = build_stack(tiny_cfg.model).llm.peft_config["default"]
+    assert (lora.r, lora.lora_alpha, lora.lora_dropout) == (16, 32, 0.05)
+    weights = trainable_parameters(build_stack(tiny_cfg.model))
+    optimizer = build_optimizer(weights, cfg.optim)
+    assert isinstance(optimizer, bnb.optim.AdamW8bit)
+    assert {(group["lr"], group["weight_decay"]) for group in optimizer.param_groups} == {(2e-4, 0.01), (2e-4, 0.0)}
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
+    rates = []
+    for _ in range(101):  # warmup 0.01 of 10000 steps: the peak lr at step 100
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates[0] < 1e-5 and rates[50] == pytest.approx(1e-4, rel=0.05) and rates[100] == pytest.approx(2e-4)
 
 
 def test_readme_configuration_reference_matches_the_dataclasses():

@@ -50,7 +50,8 @@ def _train_steps(stack, batch, steps, lr=3e-3):
     optimizer = torch.optim.AdamW(trainable_parameters(stack).values(), lr=lr)
     losses = []
     for _ in range(steps):
-        student_pooled, teacher_pooled = stack(**batch)[:2]
+        out = stack(**batch)
+        student_pooled, teacher_pooled = out.student_pooled, out.teacher_pooled
         loss = squared_error(student_pooled, teacher_pooled).mean()
         optimizer.zero_grad()
         loss.backward()
@@ -80,7 +81,8 @@ def test_teacher_pass_equals_plain_llm_before_and_after_training(tiny_cfg):
 def test_only_projection_and_lora_get_gradients(tiny_cfg):
     batch = tokenize_views(tiny_cfg)
     stack = build_stack(tiny_cfg.model)
-    student_pooled, teacher_pooled = stack(**batch)[:2]
+    out = stack(**batch)
+    student_pooled, teacher_pooled = out.student_pooled, out.teacher_pooled
     assert not teacher_pooled.requires_grad
     squared_error(student_pooled, teacher_pooled).mean().backward()
     with_grad = {name for name, p in stack.named_parameters() if p.grad is not None}

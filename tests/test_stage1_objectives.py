@@ -154,9 +154,8 @@ def test_held_out_evaluation_is_the_mse_of_the_held_out_batches(tmp_path, train_
     with torch.no_grad():
         for _ in range(2):
             batch = next(batches)
-            student, teacher = stack(**{k: batch[k] for k in ("mt_input_ids", "mt_attention_mask", "llm_input_ids",
-                                                              "llm_attention_mask")})[:2]
-            errors.append(squared_error(student, teacher))
+            out = stack(**{k: batch[k] for k in VIEWS})
+            errors.append(squared_error(out.student_pooled, out.teacher_pooled))
     assert records[6]["eval_mse"] == pytest.approx(float(torch.cat(errors).mean()), rel=1e-5)
     assert records[3]["eval_mse"] != records[6]["eval_mse"]
 

@@ -49,7 +49,8 @@ def test_multiple_choice_pools_each_choice_over_its_own_span():
 
 def test_classification_head_has_no_bias():
     head = ClassificationHead(4, 3)
-    assert head.linear.bias is None and head(torch.ones(2, 4)).shape == (2, 3)
+    assert set(head.state_dict()) == {"linear.weight"}  # what a checkpoint and an export hold
+    assert torch.equal(head(torch.zeros(2, 4)), torch.zeros(2, 3)) and head(torch.ones(2, 4)).shape == (2, 3)
 
 
 def test_s_dev_and_t_dev_pick_the_right_checkpoints():

@@ -24,9 +24,13 @@ class TaskData:
         self.labels = label_names(cfg.task)
         self.tokenizers = {view: view_tokenizer(cfg.model, view) for view in ("llm", "mt")}
         self.pads = {view: pad_id(tokenizer) for view, tokenizer in self.tokenizers.items()}
+        self._splits: dict[tuple[str, str | None], list[dict]] = {}
 
     def split(self, spec: str, lang: str | None = None) -> list[dict]:
-        return load_split(spec, self.task, self.labels, lang)
+        """A split's examples, read once (a run checks every split before its first step, then validates)."""
+        if (spec, lang) not in self._splits:
+            self._splits[(spec, lang)] = load_split(spec, self.task, self.labels, lang)
+        return self._splits[(spec, lang)]
 
     def encode(self, examples: list[dict], view: str, lang: str = ENGLISH) -> list[dict]:
         """Token ids of `examples` (written in `lang`, an MT language code) for `view`."""

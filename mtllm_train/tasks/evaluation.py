@@ -77,6 +77,14 @@ class Evaluator:
             raise ConfigError("task.translator: required with task.translate_test (a seq2seq MT model)")
         self._encoded: dict[tuple, list[dict]] = {}
 
+    def check_files(self) -> None:
+        """Read every dev and test split the run and `mtllm evaluate` will read, before the first step: a missing
+        file or a bad line is one line naming file and line now, not at the first validation (or after training)."""
+        for language in self.languages:
+            for spec in (language.dev, language.test):
+                if spec:
+                    self.data.split(spec, language.code)
+
     def targets(self) -> list[str]:
         return [language.key for language in self.languages if language.key != SOURCE]
 

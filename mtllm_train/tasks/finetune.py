@@ -126,6 +126,7 @@ def train_task(cfg: Config, command: str) -> dict:
     data = TaskData(cfg)
     evaluator = Evaluator(cfg, run, dist_info, kind, data)
     examples = data.split(cfg.task.train)
+    evaluator.check_files()
     views = [model_module.view] + (["llm"] if distill else [])
     train_items = {view: data.encode(examples, view) for view in views}
     steps_per_epoch = len(examples) // cfg.train.global_batch_size
