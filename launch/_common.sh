@@ -16,6 +16,14 @@ run() {
   fi
 }
 
+# Check what the launch of "$1" processes would refuse (mtllm preflight: config, backend and batch geometry for that
+# world size, run folder, shards, task files, W&B), one line per problem; exit 2 before anything is spawned.
+# Also with --dry-run (run that before sbatch: nothing is queued). "${@:2}": overrides the script itself adds.
+preflight() {
+  "${PYTHON:-python}" -m mtllm_train preflight --world-size "$1" --config "$CONFIG" "$COMMAND" "${@:2}" \
+    "${OVERRIDES[@]}" || exit 2
+}
+
 # The number of GPUs on this node (1 when there are none, e.g. for a CPU dry run).
 local_gpus() {
   local count

@@ -36,6 +36,13 @@ for override in "${OVERRIDES[@]}"; do
 done
 # The json by absolute path: overrides are read against the current folder, which need not be the repository.
 deepspeed_json="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/configs/deepspeed/zero$zero.json"
+# The processes DeepSpeed will start: the hostfile's slots, else NUM_GPUS (or this node's GPUs) on one node.
+world_size=${NUM_GPUS:-$(local_gpus)}
+if [[ -n ${HOSTFILE:-} ]]; then
+  world_size=$(grep -o 'slots=[0-9]*' "$HOSTFILE" | awk -F= '{total += $2} END {print total + 0}')
+fi
+preflight "$world_size" distributed.backend=deepspeed "distributed.zero_stage=$zero" \
+  "distributed.deepspeed_config=$deepspeed_json"
 
 # --no_local_rank: DeepSpeed would put --local_rank=N before the command; the ranks read LOCAL_RANK instead.
 launcher=(deepspeed --no_local_rank)

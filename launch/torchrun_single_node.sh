@@ -15,6 +15,8 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 
 parse_config_args "$0" "$@"
+nproc=${NPROC:-$(local_gpus)}
+preflight "$nproc"
 
-run "${PYTHON:-python}" -m torch.distributed.run --standalone --nproc_per_node "${NPROC:-$(local_gpus)}" \
+run "${PYTHON:-python}" -m torch.distributed.run --standalone --nproc_per_node "$nproc" \
   -m mtllm_train "$COMMAND" --config "$CONFIG" "${OVERRIDES[@]}"

@@ -25,6 +25,8 @@ EXAMPLES = {
     "task-train": ["mtllm task-train --config configs/stage2/nusax_llm.yaml"],
     "task-distill": ["mtllm task-distill --config configs/stage2/nusax_stack_s1_s2.yaml"],
     "evaluate": ["mtllm evaluate --run runs/nusax_stack_s1_s2"],
+    "preflight": ["mtllm preflight --world-size 8 --config configs/stage1_nllb600m_llm2vec_llama3_8b.yaml train "
+                  "run.name=try1"],
     "export": ["mtllm export --run runs/tiny --out exports/tiny", "mtllm export --run runs/tiny --out exports/tiny --force"],
     "predict": ['mtllm predict --model exports/tiny --lang deu_Latn "Ein Satz."',
                 "mtllm predict --model exports/nusax --lang jav_Latn --input texts.jsonl"],
@@ -89,8 +91,10 @@ def _train(args: argparse.Namespace) -> int:
     """train (stage 1), task-train and task-distill (stage 2)."""
     from mtllm_train.config import load_config
     from mtllm_train.loop import RunStopped
+    from mtllm_train.preflight import stage_sections
 
     cfg = load_config(args.config, args.overrides)
+    stage_sections(cfg, args.command)
     try:
         if args.command == "train":
             from mtllm_train.train import train
@@ -116,6 +120,23 @@ def _train(args: argparse.Namespace) -> int:
             print(f"probe: best mean R@1 ({best['space']}) {best['value']:.3f} at step {best['step']}"
                   + (f"; stopped early at step {summary['early_stopped']}" if "early_stopped" in summary else "")
                   + f" (mtllm export --run {summary['run_dir']} --best)")
+    return 0
+
+
+def _preflight(args: argparse.Namespace) -> int:
+    from mtllm_train.config import ConfigError
+    from mtllm_train.preflight import preflight
+
+    if args.world_size < 1:
+        raise ConfigError(f"--world-size: expected a positive number of processes, got {args.world_size}")
+    problems, notes = preflight(args.train_command, args.config, args.overrides, args.world_size)
+    for line in problems:
+        print(f"mtllm: error: {line}", file=sys.stderr)
+    for line in notes:
+        print(f"mtllm: {line}", file=sys.stderr)
+    if problems:
+        return 2
+    print(f"preflight: {args.train_command} on {args.world_size} process(es) with {args.config}: ok", file=sys.stderr)
     return 0
 
 
@@ -279,6 +300,15 @@ def build_parser() -> argparse.ArgumentParser:
         task.add_argument("--config", required=True, help="a YAML config with a task section, e.g. configs/stage2/...")
         task.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
         task.set_defaults(func=_train)
+
+    preflight = command("preflight", "check what a launch on N processes would refuse, before it is queued (the "
+                                     "launch scripts run it)", config=True)
+    preflight.add_argument("train_command", choices=("train", "task-train", "task-distill"), metavar="COMMAND",
+                           help="train, task-train or task-distill")
+    preflight.add_argument("--world-size", type=int, required=True, help="the processes the launch will start")
+    preflight.add_argument("--config", required=True, help="YAML config file")
+    preflight.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    preflight.set_defaults(func=_preflight)
 
     evaluate = command("evaluate", "test the S-DEV / T-DEV checkpoints of a stage-2 run on every language; write "
                                    "RUN/results/<row>.json and .md")

@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -43,34 +44,64 @@ def test_scripts_print_usage_without_arguments(script):
     assert done.returncode == 2 and "Usage:" in done.stdout
 
 
-def test_torchrun_dry_run():
-    out = _dry_run("launch/torchrun_single_node.sh", "configs/tiny.yaml", "run.name=x", NPROC="4")
+@pytest.fixture
+def launchable(tmp_path, train_shards):
+    """Overrides under which the tiny config launches on 32 processes (the pre-flight checks them)."""
+    return [f"run.dir={tmp_path}", f"data.shards={train_shards}", "distributed.backend=ddp",
+            "train.global_batch_size=256"]
+
+
+def test_torchrun_dry_run(launchable):
+    out = _dry_run("launch/torchrun_single_node.sh", "configs/tiny.yaml", "run.name=x", *launchable, NPROC="4")
     assert out == (f"{sys.executable} -m torch.distributed.run --standalone --nproc_per_node 4 -m mtllm_train train "
-                   f"--config configs/tiny.yaml run.name=x")
+                   f"--config configs/tiny.yaml run.name=x {' '.join(launchable)}")
 
 
-def test_slurm_dry_run():
-    out = _dry_run("launch/slurm_multinode.sbatch", "configs/tiny.yaml", "train.steps=5", SLURM_NNODES="4",
-                   SLURM_JOB_ID="77", GPUS_PER_NODE="8")
+def test_slurm_dry_run(launchable):
+    out = _dry_run("launch/slurm_multinode.sbatch", "configs/tiny.yaml", "train.steps=5", *launchable,
+                   SLURM_NNODES="4", SLURM_JOB_ID="77", GPUS_PER_NODE="8")
     assert out.startswith(f"srun --kill-on-bad-exit=1 {sys.executable} -m torch.distributed.run --nnodes 4 "
                           f"--nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint ")
-    assert out.endswith(":29500 --rdzv_id 77 -m mtllm_train train --config configs/tiny.yaml train.steps=5")
+    assert out.endswith(f":29500 --rdzv_id 77 -m mtllm_train train --config configs/tiny.yaml train.steps=5 "
+                        f"{' '.join(launchable)}")
     header = (ROOT / "launch/slurm_multinode.sbatch").read_text()
     assert "#SBATCH --signal=B:USR1@600" in header and "#SBATCH --requeue" in header
     assert 'touch "$run_dir/STOP"' in header and 'scontrol requeue' in header
 
 
-def test_deepspeed_dry_run():
-    out = _dry_run("launch/deepspeed_launch.sh", "configs/tiny.yaml", HOSTFILE="launch/hostfile.example", ZERO="3")
+def test_deepspeed_dry_run(launchable):
+    out = _dry_run("launch/deepspeed_launch.sh", "configs/tiny.yaml", *launchable[:2], "train.global_batch_size=128",
+                   HOSTFILE="launch/hostfile.example", ZERO="3")
     assert out == ("deepspeed --no_local_rank --hostfile launch/hostfile.example --module mtllm_train train --config "
                    "configs/tiny.yaml distributed.backend=deepspeed distributed.zero_stage=3 "
-                   f"distributed.deepspeed_config={ROOT}/configs/deepspeed/zero3.json")  # absolute: works from anywhere
+                   f"distributed.deepspeed_config={ROOT}/configs/deepspeed/zero3.json "  # absolute: works from anywhere
+                   f"{' '.join(launchable[:2])} train.global_batch_size=128")
     distributed = load_config("configs/tiny.yaml", out.split()[9:]).distributed
     assert (distributed.zero_stage, distributed.deepspeed_config) == (3, str(ROOT / "configs/deepspeed/zero3.json"))
     # The stage is ZERO's: an override would lose to the json silently.
     done = subprocess.run(["bash", "launch/deepspeed_launch.sh", "--dry-run", "configs/tiny.yaml",
                            "distributed.zero_stage=3"], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 2 and "the ZeRO stage comes from ZERO=2|3 here" in done.stderr
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["configs/nope.yaml"], ["config file 'configs/nope.yaml' does not exist"]),
+    (["configs/tiny.yaml"], ["distributed.backend: 'none' cannot run on 3 processes; use ddp, fsdp or deepspeed",
+                             "train.global_batch_size 16 is not a multiple of data.micro_batch_size 8 x world size 3"]),
+    (["configs/tiny.yaml", "task.train=mine.jsonl", "distributed.backend=ddp", "train.global_batch_size=48"],
+     ["task.train: stage 1 (mtllm train) does not read the task section"]),
+])
+def test_a_launch_that_would_fail_is_refused_before_anything_starts(tmp_path, train_shards, args, expected):
+    """A real launch (not --dry-run): one line per problem, exit 2, no torchrun started."""
+    clean = {key: value for key, value in os.environ.items() if key not in LAUNCH_VARIABLES}
+    start = time.perf_counter()
+    done = subprocess.run(["bash", "launch/torchrun_single_node.sh", *args, f"run.dir={tmp_path}",
+                           f"data.shards={train_shards}"], cwd=ROOT, capture_output=True, text=True,
+                          env={**clean, "PYTHON": sys.executable, "NPROC": "3"}, timeout=120)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == len(expected), done.stderr
+    assert all(line.startswith(f"mtllm: error: {message}") for line, message in zip(lines, expected)), lines
+    assert "torch.distributed.run" not in done.stdout + done.stderr and time.perf_counter() - start < 60
 
 
 @pytest.mark.parametrize("command", ["task-train", "task-distill"])

@@ -1,0 +1,134 @@
+"""`mtllm preflight`: what a launch would refuse, found before anything is queued or spawned.
+
+The launch scripts run it with the world size they are about to start (and `--dry-run` too): the config and its
+overrides, the backend and batch geometry for that world size, the run folder (another kind of run, settings or
+world size its checkpoints do not take, a trainer holding it), the shards' manifests and tokenizers, the probe sets,
+a stage-2 run's task files, and W&B when it is online. Every problem is one line; none is found by the ranks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from mtllm_train.config import Config, ConfigError, TaskConfig, load_config
+
+
+def _backend(cfg: Config, world_size: int) -> None:
+    if cfg.distributed.backend == "none" and world_size > 1:
+        raise ConfigError(f"distributed.backend: 'none' cannot run on {world_size} processes; use ddp, fsdp or "
+                          f"deepspeed")
+
+
+def _run_folder(cfg: Config, command: str, world_size: int) -> None:
+    from pathlib import Path
+
+    from mtllm_train.checkpoint import Checkpoints
+    from mtllm_train.run_folder import RunFolder, check_resume_settings
+
+    run = RunFolder(Path(cfg.run.dir) / cfg.run.name)
+    identity = run.identity()
+    if command == "train" and identity is not None:
+        raise ConfigError(f"run folder {run} holds a stage-2 run; give this stage-1 run its own run.name")
+    if command != "train" and identity is None and run.config_file.is_file():
+        raise ConfigError(f"run folder {run} holds a stage-1 run; give this stage-2 run its own run.name")
+    check_resume_settings(cfg, run)
+    complete = Checkpoints(run.path).complete()
+    if complete:
+        meta = Checkpoints(run.path).meta()
+        if meta.get("world_size", world_size) != world_size:
+            raise ConfigError(f"checkpoint {complete[-1][1]} was written by {meta['world_size']} ranks, this launch "
+                              f"starts {world_size}: resume with {meta['world_size']} (or start a new run.name)")
+        if meta.get("backend", cfg.distributed.backend) != cfg.distributed.backend:
+            raise ConfigError(f"checkpoint {complete[-1][1]} was written with distributed.backend "
+                              f"{meta['backend']!r}, this launch uses {cfg.distributed.backend!r}")
+
+
+def _holder(cfg: Config) -> None:
+    import fcntl
+    import os
+    from pathlib import Path
+
+    from mtllm_train.run_folder import RunFolder
+
+    lock = RunFolder(Path(cfg.run.dir) / cfg.run.name).lock_file
+    if not lock.is_file():
+        return
+    fd = os.open(lock, os.O_RDWR)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+        raise ConfigError(f"run folder {lock.parent} is in use by another trainer ({holder}); wait for it to end, "
+                          f"or give this run its own run.name") from None
+    finally:
+        os.close(fd)  # closing releases the lock this check took
+
+
+def _shards(cfg: Config) -> None:
+    from mtllm_train.data.manifest import check_tokenizers, load_manifest
+    from mtllm_train.train import run_tokenizers
+
+    tokenizers = run_tokenizers(cfg)
+    for shards in [cfg.data.shards] + ([cfg.data.eval_shards] if cfg.data.eval_every else []):
+        check_tokenizers(load_manifest(shards), shards, *tokenizers)
+
+
+def _probe_sets(cfg: Config) -> None:
+    from mtllm_train.model.tokenizers import view_tokenizer
+    from mtllm_train.portable.tokens import language_codes
+    from mtllm_train.probe import read_bitext
+
+    codes = language_codes(view_tokenizer(cfg.model, "mt"))
+    for path in cfg.probe.sets:
+        read_bitext(path, codes)
+
+
+def _task_files(cfg: Config, command: str) -> None:
+    from mtllm_train.tasks.encode import TaskData
+    from mtllm_train.tasks.evaluation import eval_languages
+    from mtllm_train.tasks.finetune import check_task_config
+
+    check_task_config(cfg, command)
+    data = TaskData(cfg)
+    data.split(cfg.task.train)
+    for language in eval_languages(cfg, data.tokenizers["mt"]):
+        for spec in (language.dev, language.test):
+            if spec:
+                data.split(spec, language.code)
+
+
+def _wandb(cfg: Config) -> str | None:
+    from mtllm_train.metrics import wandb_mode
+
+    return wandb_mode(cfg.logging)[1]
+
+
+def stage_sections(cfg: Config, command: str) -> None:
+    """A section the command does not read is refused, not ignored: task.* on stage 1."""
+    if command == "train" and cfg.task != TaskConfig():
+        changed = [name for name, value in vars(cfg.task).items() if value != getattr(TaskConfig(), name)]
+        raise ConfigError(f"task.{changed[0]}: stage 1 (mtllm train) does not read the task section; set task.* "
+                          f"for task-train / task-distill (to start stage 1 from another run: train.init_from)")
+
+
+def preflight(command: str, config: str, overrides: list[str], world_size: int) -> tuple[list[str], list[str]]:
+    """(problems, notes): what a launch of `command` on `world_size` processes would refuse, one line each, and
+    what it would say (W&B falling back to offline)."""
+    from mtllm_train.loop import accumulation_steps
+
+    cfg = load_config(config, overrides)  # a config that does not load stops here, as one problem
+    checks: list[Callable[[], None]] = [lambda: stage_sections(cfg, command), lambda: _backend(cfg, world_size),
+                                        lambda: accumulation_steps(cfg, world_size),
+                                        lambda: _run_folder(cfg, command, world_size), lambda: _holder(cfg)]
+    if command == "train":
+        checks += [lambda: _shards(cfg), lambda: _probe_sets(cfg)]
+    else:
+        checks.append(lambda: _task_files(cfg, command))
+    problems = []
+    for check in checks:
+        try:
+            check()
+        except ConfigError as err:
+            problems.append(str(err))
+    note = _wandb(cfg) if not problems else None
+    return problems, [note] if note else []
