@@ -107,6 +107,9 @@ class TrainConfig:
     steps: int = option(1000, "optimizer steps")
     global_batch_size: int = option(256, "sequences per step = micro batch x accumulation x world size")
     grad_clip: float = option(1.0, "max gradient norm; 0 disables clipping")
+    init_from: str = option("", "stage 1: another stage-1 run folder whose checkpoint this run starts from (LoRA "
+                                "and U; a fresh optimizer and schedule): to train longer")
+    init_step: int = option(0, "checkpoint step of train.init_from; 0: its newest")
 
 
 @dataclass
@@ -458,8 +461,8 @@ INLINE_MODEL_KEYS = ("mt_encoder", "llm", "translator")
 
 
 # Inputs a config names (tokenizers, models, shards, data files) travel with it: in a config file they resolve
-# against the file's folder, in an override against the current folder. Run folders (run.dir, task.init_from,
-# task.teacher, task.cache_dir) are where the user works, so they stay relative to the current folder.
+# against the file's folder, in an override against the current folder. Run folders (run.dir, train.init_from,
+# task.init_from, task.teacher, task.cache_dir) are where the user works, so they stay relative to the current folder.
 INPUT_PATH_KEYS = ("data.shards", "data.eval_shards", "distributed.deepspeed_config", "task.train", "task.source_dev",
                    "task.eval.dev", "task.eval.test", "probe.sets")
 # A model or tokenizer is also a hub id: it is a path when it starts with ./ or ../ or exists there (or, from a

@@ -11,8 +11,10 @@ from __future__ import annotations
 import math
 import time
 from contextlib import closing
+from pathlib import Path
 
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 
 from mtllm_train.checkpoint import Checkpoints
 from mtllm_train.config import Config, ConfigError, to_dict
@@ -30,7 +32,7 @@ from mtllm_train.model.stack import MTLLM, build_stack
 from mtllm_train.model.tokenizers import fingerprint, tokenizer_spec, view_tokenizer
 from mtllm_train.probe import BitextProbe
 from mtllm_train.projection_fit import fit_projection
-from mtllm_train.run_folder import open_run_folder
+from mtllm_train.run_folder import RunFolder, open_run_folder
 
 VIEWS = ("mt_input_ids", "mt_attention_mask", "llm_input_ids", "llm_attention_mask")
 WORD_IDS = ("mt_word_ids", "llm_word_ids")  # each token's word span (-1: none), in shards built with spans
@@ -119,6 +121,22 @@ def build_student(model_cfg, device: torch.device) -> MTLLM:
     return stack
 
 
+def start_from(stack: MTLLM, run_dir: str, step: int) -> Path:
+    """train.init_from: the stack starts from another stage-1 run's checkpoint (its LoRA and U); this run's own
+    optimizer, schedule and data position start fresh. Returns the checkpoint."""
+    source = RunFolder(run_dir)
+    if source.identity() is not None:
+        raise ConfigError(f"train.init_from: {run_dir} is a stage-2 run; give a stage-1 run folder (mtllm train)")
+    checkpoints = Checkpoints(source.path)
+    try:
+        checkpoints.load_trainable(stack, step or None)
+    except (RuntimeError, CheckpointException) as err:  # the same names, other shapes (another LoRA rank, model)
+        raise ConfigError(f"train.init_from: {run_dir} trained other shapes than this run's model ("
+                          f"{str(err).strip().splitlines()[0][:160]}); start from a run of the same model and LoRA "
+                          f"settings") from None
+    return checkpoints.path(step or None)
+
+
 def train(cfg: Config) -> dict:
     started = time.perf_counter()
     dist_info = init_distributed(cfg.distributed)
@@ -147,8 +165,10 @@ def train(cfg: Config) -> dict:
     build_start = time.perf_counter()
     stack = build_student(cfg.model, device)
     build_seconds = time.perf_counter() - build_start
-    projection_fit = None
-    if cfg.model.projection_init == "least_squares" and not Checkpoints(run.path).complete():
+    projection_fit = started_from = None
+    if cfg.train.init_from and not Checkpoints(run.path).complete():  # a resume reads its own checkpoint instead
+        started_from = start_from(stack, cfg.train.init_from, cfg.train.init_step)
+    elif cfg.model.projection_init == "least_squares" and not Checkpoints(run.path).complete():
         with closing(shard_reader(cfg, cfg.data.shards, 0, dist_info)) as fit_reader:
             # model.projection_init_samples in all: each rank reads its share
             per_rank = math.ceil(cfg.model.projection_init_samples / world_size)
@@ -173,6 +193,8 @@ def train(cfg: Config) -> dict:
         logger.message(resume_line(resumed.path, start_step, cfg.train.steps))
     if wandb_note:
         logger.message(wandb_note)
+    if started_from:
+        logger.message(f"started from {started_from} (its LoRA and U; a fresh optimizer and schedule)")
     if projection_fit:
         logger.message(f"U fit by least squares on {projection_fit['spans']} word spans: it leaves "
                        f"{projection_fit['fvu']:.1%} of the variance of the LLM's input embeddings unexplained")

@@ -257,3 +257,35 @@ def test_the_last_step_is_logged_off_the_logging_grid_and_a_lone_process_ignores
     train(load_config("configs/tiny.yaml", train_overrides(tmp_path, train_shards, **{
         "run.name": "grid", "train.steps": 7, "logging.every": 5, "distributed.backend": "ddp"})))
     assert [record["step"] for record in read_metrics(tmp_path / "grid")] == [5, 7]
+
+
+def test_a_finished_run_continues_into_a_longer_one(tmp_path, train_shards, capsys):
+    """train.init_from: the new run's first loss is the source run's final weights on the same first batch; a
+    source of other shapes or a stage-2 run is one line."""
+    from mtllm_train.distributed import Dist
+    from mtllm_train.model.loss import squared_error
+    from mtllm_train.train import VIEWS, shard_reader
+
+    quiet = {"model.lora.dropout": 0.0, "data.num_workers": 0}
+    train(_cfg(tmp_path, train_shards, "first", **{"train.steps": 8, **quiet}))
+    longer = train(_cfg(tmp_path, train_shards, "longer", **{"train.steps": 4, "train.init_from": tmp_path / "first",
+                                                              **quiet}))
+    assert f"started from {tmp_path / 'first' / 'checkpoints' / 'step_00000008'}" in capsys.readouterr().out
+    stack, _, _ = load_trained_stack(tmp_path / "first")
+    cfg = _cfg(tmp_path, train_shards, "longer", **quiet)
+    stream = iter(shard_reader(cfg, cfg.data.shards, 0, Dist(0, 1, 0, torch.device("cpu"))))  # its first batches
+    with torch.no_grad():
+        errors = [squared_error(out.student_pooled, out.teacher_pooled) for out in
+                  (stack(**{k: batch[k] for k in VIEWS}) for batch in (next(stream), next(stream)))]
+    assert longer["losses"][0] == pytest.approx(float(torch.cat(errors).mean()), rel=1e-5)
+    fresh = train(_cfg(tmp_path, train_shards, "fresh", **{"train.steps": 1, **quiet}))
+    assert abs(fresh["losses"][0] - longer["losses"][0]) > 1e-3  # the weights were not the initial ones
+    for bad, message in (({"model.lora.r": 4}, r"train\.init_from: \S+/first trained other shapes than this run's "),
+                         ({}, r"train\.init_from: \S+/s2 is a stage-2 run")):
+        source = tmp_path / ("s2" if not bad else "first")
+        if not bad:
+            source.mkdir()
+            (source / "task.json").write_text(json.dumps({"command": "task-train", "kind": "llm"}))
+        with pytest.raises(ConfigError, match=message):
+            train(_cfg(tmp_path, train_shards, f"bad{len(bad)}", **{"train.steps": 2, "train.init_from": source,
+                                                                    **bad}))
