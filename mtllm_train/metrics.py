@@ -376,10 +376,21 @@ class MetricsLogger:
             self.wandb_run.finish()
 
 
+def smoothed(values: list[float], window: int) -> list[float]:
+    """The trailing mean of the last `window` values at each point (NaN-free input)."""
+    sums, out = [0.0], []
+    for index, value in enumerate(values):
+        sums.append(sums[-1] + value)
+        start = max(0, index + 1 - window)
+        out.append((sums[index + 1] - sums[start]) / (index + 1 - start))
+    return out
+
+
 def loss_figure(records: list[dict], title: str):
-    """Loss, FVU (with FVU = 1, the level of predicting only the teacher's mean; the span FVU and the held-out
-    FVU when the run has them), learning rate and gradient norm against step; dotted lines where the run resumed
-    from a checkpoint."""
+    """Loss and gradient norm (each step faint, a moving average over 5% of the run bold), FVU (with FVU = 1,
+    the level of predicting only the teacher's mean; the span FVU and the held-out FVU when the run has them) or,
+    for a stage-2 run, the dev score per language, and the learning rate, against step; dotted lines where the
+    run resumed from a checkpoint."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -387,31 +398,61 @@ def loss_figure(records: list[dict], title: str):
 
     steps = [r["step"] for r in records]
     resumed_at = [r["step"] - 1 for r in records if r.get("resumed")]
+    validated = [r for r in records if any(key.startswith("dev/") for key in r)]
     panels = [("loss", "loss", "log"), ("fvu", "FVU", "linear"), ("lr", "learning rate", "linear"),
               ("grad_norm", "gradient norm", "log")]
     probed = [r for r in records if "probe_stack_mean" in r]
+    window = max(1, len(records) // 20)
     figure, axes = plt.subplots(1, 5 if probed else 4, figsize=(20 if probed else 16, 3.6))
     for axis, (key, label, scale) in zip(axes, panels):
-        axis.plot(steps, [r.get(key, float("nan")) for r in records], color="tab:blue",
-                  label="training (sequence)" if key == "fvu" else None)
+        if key == "fvu" and validated:
+            dev_panel(axis, validated)
+            continue
+        values = [r.get(key, float("nan")) for r in records]
+        noisy = key in ("loss", "grad_norm") and window > 1
+        axis.plot(steps, values, color="tab:blue", alpha=0.3 if noisy else 1.0,
+                  label="training (sequence)" if key == "fvu" else "each step" if noisy else None)
+        if noisy:
+            axis.plot(steps, smoothed(values, window), color="tab:blue", label=f"mean of {window} steps")
+            axis.legend(fontsize=8)
         axis.set(xlabel="step", ylabel=label, yscale=scale, title=label)
         axis.grid(alpha=0.3)
         for index, step in enumerate(resumed_at):
             axis.axvline(step, color="tab:gray", linestyle=":", label=None if index else "resumed from a checkpoint")
-    if any("span_fvu" in r for r in records):
-        axes[1].plot(steps, [r.get("span_fvu", float("nan")) for r in records], color="tab:green",
-                     label="training (word spans)")
-    evaluated = [r for r in records if "eval_fvu" in r]
-    if evaluated:
-        axes[1].plot([r["step"] for r in evaluated], [r["eval_fvu"] for r in evaluated], color="tab:orange",
-                     marker="o", label="held-out")
-    axes[1].axhline(1.0, color="tab:red", linestyle="--", label="FVU = 1 (the teacher's mean)")
-    axes[1].legend(fontsize=8)
+    if not validated:
+        fvu_lines(axes[1], records)
     if probed:
         probe_panel(axes[4], probed)
     figure.suptitle(title)
     figure.tight_layout()
     return figure
+
+
+def fvu_lines(axis, records: list[dict]) -> None:
+    """Stage 1's FVU panel beside the sequence FVU: the span FVU, the held-out FVU, and the level FVU = 1."""
+    steps = [r["step"] for r in records]
+    if any("span_fvu" in r for r in records):
+        axis.plot(steps, [r.get("span_fvu", float("nan")) for r in records], color="tab:green",
+                  label="training (word spans)")
+    evaluated = [r for r in records if "eval_fvu" in r]
+    if evaluated:
+        axis.plot([r["step"] for r in evaluated], [r["eval_fvu"] for r in evaluated], color="tab:orange",
+                  marker="o", label="held-out")
+    axis.axhline(1.0, color="tab:red", linestyle="--", label="FVU = 1 (the teacher's mean)")
+    axis.legend(fontsize=8)
+
+
+def dev_panel(axis, records: list[dict]) -> None:
+    """Stage 2: the dev score per language at each validation, English (the source, S-DEV's) bold."""
+    steps = [r["step"] for r in records]
+    for key in sorted({key for r in records for key in r if key.startswith("dev/")}):
+        name = key.removeprefix("dev/")
+        source = name == "source"
+        axis.plot(steps, [r.get(key, float("nan")) for r in records], marker="o", linewidth=2.5 if source else 1,
+                  color="black" if source else None, label="English (S-DEV)" if source else name)
+    axis.set(xlabel="step", ylabel="dev score", title="dev score per language")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7, ncol=2)
 
 
 def probe_panel(axis, records: list[dict]) -> None:

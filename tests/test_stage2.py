@@ -374,3 +374,16 @@ def test_a_teacher_must_share_the_base_weights_not_the_fp8_choice(runs, tmp_path
     assert teacher_config(distill_config("fp8")).model.quantization == "none"  # same weights, float8 matmuls
     with pytest.raises(ConfigError, match=r"task.teacher: its model.quantization differs from this run's"):
         teacher_config(distill_config("nf4"))  # other (4-bit) weights
+
+
+def test_validation_is_shown_on_the_console_and_plotted(tmp_path, capsys):
+    data = build_sentiment(tmp_path / "data")
+    run_task(tmp_path, data, "watched", **{"task.epochs": 1})  # 4 steps, validated at 1, 2, 3, 4
+    dev = read_validation(tmp_path / "watched")
+    lines = [line for line in capsys.readouterr().out.splitlines() if " dev: English " in line]
+    assert len(lines) == len(dev) == 4
+    for line, step in zip(lines, sorted(dev)):
+        best = _best({s: dev[s] for s in dev if s <= step}, "source")
+        assert line == (f"step {step} dev: English {dev[step]['source']:.3f} (best {dev[best]['source']:.3f} at step "
+                        f"{best}, the S-DEV checkpoint so far)  nusax:ind {dev[step]['nusax:ind']:.3f}")
+    assert (tmp_path / "watched" / "loss_curve.png").stat().st_size > 10_000

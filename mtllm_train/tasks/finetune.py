@@ -27,7 +27,7 @@ from mtllm_train.distributed import all_reduce, barrier, gradient_sync, init_dis
 from mtllm_train.files import atomic_path
 from mtllm_train.loop import (Preemption, accumulation_steps, autocast, backward, check_finite_loss, end_of_step,
                               new_summary, optimizer_step, resume_line, setup_backend)
-from mtllm_train.metrics import MetricsLogger, wandb_mode
+from mtllm_train.metrics import MetricsLogger, plot_loss_curve, wandb_mode
 from mtllm_train.model.fp8 import check_fp8_support, fp8_base
 from mtllm_train.model.loss import squared_error
 from mtllm_train.run_folder import RunFolder, open_run_folder
@@ -35,7 +35,7 @@ from mtllm_train.tasks.encode import TaskData
 from mtllm_train.tasks.evaluation import Evaluator, steps_to_keep
 from mtllm_train.tasks.models import (TaskModel, build_task_model, keep_projection, load_head, load_stage1,
                                       load_teacher, teacher_config)
-from mtllm_train.tasks.selection import read_validation, source_best_step, write_validation
+from mtllm_train.tasks.selection import read_validation, source_best_step, validation_line, write_validation
 
 
 def check_task_config(cfg: Config, command: str) -> str:
@@ -210,10 +210,13 @@ def train_task(cfg: Config, command: str) -> dict:
                 record.update({f"dev/{key}": value for key, value in validation[step].items()})
                 if dist_info.is_main:
                     write_validation(run, validation)
+                logger.message(validation_line(step, validation))
             logger.log(record)
             if end_of_step(step, step in validate_at, preemption=preemption, checkpoints=checkpoints,
                            logger=logger, summary=summary, device=device, keep_last=cfg.checkpoint.keep_last,
                            keep_steps=steps_to_keep(validation, evaluator.prefixes)):
                 break
+    if dist_info.is_main and summary["losses"]:
+        plot_loss_curve(run)
     shutdown()
     return summary

@@ -44,6 +44,15 @@ def source_best_step(run_dir: Path | RunFolder) -> int:
     return best_step(dev, SOURCE)
 
 
+def validation_line(step: int, scores: Scores) -> str:
+    """What a stage-2 run prints at a validation: English (what S-DEV selects on) with the best so far, then each
+    target language's dev score."""
+    best, dev = best_step(scores, SOURCE), scores[step]
+    targets = "  ".join(f"{key} {value:.3f}" for key, value in dev.items() if key != SOURCE)
+    return (f"step {step} dev: English {dev[SOURCE]:.3f} (best {scores[best][SOURCE]:.3f} at step {best}, the S-DEV "
+            f"checkpoint so far)  {targets}")
+
+
 def best_step(scores: Scores, language: str) -> int:
     steps = [step for step in sorted(scores) if language in scores[step]]
     if not steps:
