@@ -206,3 +206,15 @@ def test_readme_your_own_run_commands_work_as_written(tmp_path):
     assert "name: mine" in outputs[2] and "\ntask:" not in outputs[2]
     assert "steps 0 -> 60" in outputs[3] and (tmp_path / "runs" / "mine" / "loss_curve.png").is_file()
     assert len(json.loads(outputs[5])["vector"]) == 64
+    # Then the stage-2 example on a benchmark of one's own, from that run.
+    block = readme.split("### Stage 2 on your own benchmark", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    commands = [line for line in block.splitlines() if line.strip() and not line.startswith("#")]
+    assert [command.split()[1] for command in commands] == ["preflight", "task-train", "evaluate", "export", "predict"]
+    for command in commands:
+        done = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, (command, done.stderr[-2000:])
+        outputs.append(done.stdout + done.stderr)
+    assert "preflight: task-train on 1 process(es)" in outputs[6] and " dev: English " in outputs[7]
+    assert "my_sentiment:deu_Latn" in outputs[7] and "| my_sentiment:fra_Latn |" in outputs[8]
+    assert json.loads(outputs[10].splitlines()[0])["prediction"] in ("negative", "positive")

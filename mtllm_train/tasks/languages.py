@@ -7,6 +7,8 @@ such a language needs an explicit fallback from the config; an unknown code is a
 
 from __future__ import annotations
 
+import difflib
+
 from mtllm_train.config import ConfigError
 
 # XNLI (ISO 639-1)
@@ -28,19 +30,23 @@ BENCHMARKS = {"xnli": XNLI, "americas_nli": AMERICAS_NLI, "kardes_nlu": KARDES_N
 def resolve(code: str, benchmark: str, mt_codes: set[str], fallbacks: dict[str, str] | None = None) -> str:
     """The MT language code for `code` of `benchmark`.
 
-    Belebele already uses FLORES-200 codes (e.g. ell_Grek); other benchmarks go through their table.
+    Belebele already uses FLORES-200 codes (e.g. ell_Grek); the benchmarks above go through their table; any
+    other benchmark (your own) lists FLORES-200 codes too, or maps its own codes in `fallbacks`.
     `mt_codes` are the language tokens the MT tokenizer knows; `fallbacks` maps a benchmark code the MT model
     lacks to a code it has (say so in the config: e.g. {"nij": "ind_Latn"}).
     """
     fallbacks = fallbacks or {}
-    if benchmark in ("belebele", "flores"):  # FLORES-200 codes already (flores: stage 1's probe sets)
-        table = {c: c for c in mt_codes}
-    elif benchmark in BENCHMARKS:
-        table = BENCHMARKS[benchmark]
-    else:
-        raise ConfigError(f"benchmark {benchmark!r}: expected one of belebele, {', '.join(BENCHMARKS)}")
+    if not benchmark:
+        raise ConfigError(f"benchmark: a name for the evaluation set (its results are keyed by it): one of belebele, "
+                          f"{', '.join(BENCHMARKS)}, or your own (with FLORES-200 codes as its languages)")
+    table = BENCHMARKS.get(benchmark) or {c: c for c in mt_codes}  # belebele, flores, your own: FLORES-200 codes
     if code in fallbacks:
         target, reason = fallbacks[code], f"the fallback for {code!r}"
+    elif code not in table and benchmark not in BENCHMARKS:
+        close = difflib.get_close_matches(code, sorted(table), n=2) or sorted(c for c in table if c.startswith(code))[:2]
+        raise ConfigError(f"language {code!r} of {benchmark}: not a FLORES-200 code of the MT tokenizer"
+                          f"{' (did you mean ' + ' or '.join(close) + '?)' if close else ''}; a benchmark without a "
+                          f"built-in table lists FLORES-200 codes, or maps its own codes in task.language_fallbacks")
     elif code not in table:
         raise ConfigError(f"language {code!r} is not a {benchmark} language (known: {', '.join(sorted(table)[:12])}"
                           f"{', ...' if len(table) > 12 else ''})")
