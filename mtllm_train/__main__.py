@@ -89,9 +89,12 @@ def _config(args: argparse.Namespace) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     """train (stage 1), task-train and task-distill (stage 2)."""
+    from pathlib import Path
+
     from mtllm_train.config import load_config
     from mtllm_train.loop import RunStopped
     from mtllm_train.preflight import stage_sections
+    from mtllm_train.run_folder import discard_if_unused
 
     cfg = load_config(args.config, args.overrides)
     stage_sections(cfg, args.command)
@@ -107,6 +110,10 @@ def _train(args: argparse.Namespace) -> int:
     except RunStopped as err:
         print(f"mtllm: stopped: {err}", file=sys.stderr)
         return 1
+    except BaseException:
+        if os.environ.get("RANK", "0") == "0":
+            discard_if_unused(Path(cfg.run.dir) / cfg.run.name)  # refused before its first step: nothing left
+        raise
     if summary["is_main"] and summary["losses"]:
         stage2 = args.command != "train"
         # Step numbers count completed optimizer steps everywhere (metrics.jsonl's "step" is the count after it).

@@ -136,6 +136,7 @@ def check_resume_settings(cfg: Config, run: RunFolder) -> None:
 
 
 _held_locks: dict[Path, int] = {}  # run folder -> the open lock file of this process (released when it exits)
+_created: set[Path] = set()  # run folders this process created (a run refused before its first step removes them)
 NO_LOCKS = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL)  # a file system without record locks
 
 
@@ -153,6 +154,8 @@ def _holder_note(holder: str) -> str:
 def _take_lock(run: RunFolder) -> str:
     """Rank 0's part: "" when this process holds the lock now, else why not."""
     try:
+        if not run.path.exists():
+            _created.add(run.path.resolve())
         run.path.mkdir(parents=True, exist_ok=True)
         fd = os.open(run.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as err:  # a read-only run.dir, a full disk: said on every rank, before anything else
@@ -188,6 +191,23 @@ def lock_run_folder(run: RunFolder, dist_info: Dist) -> None:
     failed = all_reduce(torch.tensor(float(bool(problem)), device=dist_info.device), torch.distributed.ReduceOp.MAX)
     if failed.item():
         raise ConfigError(problem or f"run folder {run}: rank 0 could not take it (its error says why); stopping")
+
+
+def discard_if_unused(run_dir: Path) -> None:
+    """A run refused before its first step leaves nothing behind: the folder this process created, holding only
+    what opening it wrote (the lock, the config, a stage-2 identity), is removed and its lock released."""
+    path = run_dir.resolve()
+    run = RunFolder(path)
+    if path not in _created or not path.is_dir():
+        return
+    if any(entry.name not in (run.lock_file.name, run.config_file.name, run.task_file.name) for entry in path.iterdir()):
+        return  # it trained (metrics, checkpoints) or holds what a user put there
+    for name in (run.config_file, run.task_file, run.lock_file):
+        name.unlink(missing_ok=True)
+    if path in _held_locks:
+        os.close(_held_locks.pop(path))
+    path.rmdir()
+    _created.discard(path)
 
 
 def open_run_folder(cfg: Config, dist_info: Dist, identity: dict | None = None) -> RunFolder:

@@ -639,6 +639,16 @@ def test_stage2_files_are_checked_before_the_first_step(tmp_path, capsys, damage
     assert not (tmp_path / "s2" / "metrics.jsonl").exists()  # found before the first step
 
 
+def test_a_run_refused_before_its_first_step_leaves_nothing(tmp_path, train_shards, capsys):
+    code, err = _run(capsys, *_train_args(tmp_path, tmp_path / "no_shards", "refused"))
+    assert code == 2 and len(err) == 1 and "no_shards" in err[0], err
+    assert not (tmp_path / "refused").exists()
+    (tmp_path / "kept").mkdir()  # a folder the user made is left as it was
+    (tmp_path / "kept" / "notes.txt").write_text("mine")
+    code, err = _run(capsys, *_train_args(tmp_path, tmp_path / "no_shards", "kept"))
+    assert code == 2 and sorted(p.name for p in (tmp_path / "kept").iterdir()) == [".lock", "config.yaml", "notes.txt"]
+
+
 # The table of fault cases: (test, what goes wrong, what must happen).
 FAULTS = [
     ("test_ctrl_c_checkpoints_and_a_second_one_stops_at_once", "Ctrl-C (SIGINT to the process group, 2 loader "
@@ -684,6 +694,8 @@ FAULTS = [
      "one line naming it, before any weights are read"),
     ("test_stage2_files_are_checked_before_the_first_step", "a stage-2 test file missing, a bad label in a dev "
      "file (one target language)", "one line naming file (and line) before the first step, not at validation"),
+    ("test_a_run_refused_before_its_first_step_leaves_nothing", "a new run refused during its set-up (no shards "
+     "there)", "one line; the run folder it had created is gone (a folder that existed is left as it was)"),
     ("test_resume_with_other_settings_is_refused", "resume with model.lora.r / optim.lr / train.steps changed",
      "exit 2 naming key and both values; config.yaml untouched; the run still exports"),
     ("test_resume_may_change_how_it_logs_and_checkpoints", "resume with logging / checkpoint / timeout changed",
