@@ -169,6 +169,7 @@ class LoggingConfig:
     wandb: str = option("disabled", "Weights & Biases mode")
     project: str = option("mtllm-train", "W&B project")
     entity: str = option("", "W&B entity (team); empty: your default")
+    group: str = option("", "W&B group; empty: the stage-1 run's name (its own in stage 1, task.init_from's in stage 2)")
     progress_bar: bool = option(True, "progress bar with ETA on rank 0")
 
 

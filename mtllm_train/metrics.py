@@ -282,6 +282,21 @@ def wandb_mode(cfg: LoggingConfig) -> tuple[str, str | None]:
     return "online", None
 
 
+def wandb_group(cfg: LoggingConfig, config: dict) -> str:
+    """logging.group, else the stage-1 run a run belongs to: a stage-1 run and the stage-2 runs started from it
+    share a group."""
+    init_from = config.get("task", {}).get("init_from")
+    return cfg.group or (Path(init_from).name if init_from else config["run"]["name"])
+
+
+def wandb_key(key: str) -> str:
+    """A record's field as W&B shows it, by section: train/loss, eval/mse, probe/stack_mean, dev/... ."""
+    for prefix in ("eval_", "probe_"):
+        if key.startswith(prefix):
+            return f"{prefix[:-1]}/{key.removeprefix(prefix)}"
+    return key if "/" in key else f"train/{key}"
+
+
 def read_records(path: Path) -> list[dict]:
     """The records of a metrics.jsonl (a line cut short by a crash is skipped)."""
     records = []
@@ -300,9 +315,10 @@ class MetricsLogger:
     run (a bar's carriage-return frames would make one unreadable line there)."""
 
     def __init__(self, run, cfg: LoggingConfig, enabled: bool, start_step: int, total_steps: int,
-                 wandb_id: str | None, config: dict):
-        """run: the RunFolder (run_folder.py) it writes metrics.jsonl into."""
-        self.enabled, self.cfg = enabled, cfg
+                 wandb_id: str | None, config: dict, command: str = "train"):
+        """run: the RunFolder (run_folder.py) it writes metrics.jsonl into; command: train, task-train or
+        task-distill (W&B's job type and tags)."""
+        self.enabled, self.cfg, self.run = enabled, cfg, run
         path = run.metrics_file
         if enabled and path.is_file():
             kept = [record for record in read_records(path) if record["step"] <= start_step]
@@ -317,7 +333,8 @@ class MetricsLogger:
             self.wandb_id = wandb_id or uuid.uuid4().hex[:12]
             self.wandb_run = wandb.init(project=cfg.project, entity=cfg.entity or None, name=run.name,
                                         id=self.wandb_id, resume="allow", mode=cfg.wandb, dir=str(run.path),
-                                        config=config)
+                                        config=config, job_type=command, group=wandb_group(cfg, config),
+                                        tags=["stage1" if command == "train" else "stage2", command])
         progress = enabled and cfg.progress_bar
         self.plain_every = max(1, total_steps // 20) if progress and not sys.stderr.isatty() else 0
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
@@ -345,7 +362,8 @@ class MetricsLogger:
             except OSError as err:  # end_of_step has every rank save and stop
                 self.write_error = err
         if self.wandb_run is not None:
-            self.wandb_run.log(record, step=record["step"])
+            self.wandb_run.log({wandb_key(key): value for key, value in record.items() if key != "step"},
+                               step=record["step"])
 
     def _progress_line(self, record: dict) -> str:
         done = record["step"] - self.start_step
@@ -365,6 +383,7 @@ class MetricsLogger:
             self.bar.write(text)
 
     def close(self) -> None:
+        """Flush, draw the run's plot (and log it to W&B as an artifact), finish W&B."""
         if not self.enabled:
             return
         self.bar.close()
@@ -372,7 +391,14 @@ class MetricsLogger:
             self.file.close()
         except OSError:  # what could not be flushed was reported when the write failed
             pass
+        plot = plot_loss_curve(self.run) if read_records(self.path) else None
         if self.wandb_run is not None:
+            if plot is not None:
+                import wandb
+
+                artifact = wandb.Artifact(f"{self.run.name}-loss-curve", type="plot")
+                artifact.add_file(str(plot))
+                self.wandb_run.log_artifact(artifact)
             self.wandb_run.finish()
 
 

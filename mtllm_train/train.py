@@ -24,8 +24,8 @@ from mtllm_train.distributed import (agree_or_stop, compile_layers, gradient_syn
                                      stop_together)
 from mtllm_train.loop import (Preemption, accumulation_steps, autocast, backward, check_finite_loss, due,
                               end_of_step, new_summary, optimizer_step, resume_line, setup_backend)
-from mtllm_train.metrics import (MetricsLogger, MfuMeter, StepStatistics, StepTiming, loss_record, plot_loss_curve,
-                                 step_record, wandb_mode)
+from mtllm_train.metrics import (MetricsLogger, MfuMeter, StepStatistics, StepTiming, loss_record, step_record,
+                                 wandb_mode)
 from mtllm_train.model.fp8 import check_fp8_support, fp8_base
 from mtllm_train.model.loss import LossTerms, loss_terms, span_count, squared_error, weighted_loss
 from mtllm_train.model.stack import MTLLM, build_stack
@@ -188,7 +188,7 @@ def train(cfg: Config) -> dict:
         reader.load_state_dict(resumed.reader_state)
 
     logger = MetricsLogger(run, cfg.logging, dist_info.is_main, start_step, cfg.train.steps,
-                           resumed.meta.get("wandb_id") if resumed else None, to_dict(cfg))
+                           resumed.meta.get("wandb_id") if resumed else None, to_dict(cfg), "train")
     if resumed:
         logger.message(resume_line(resumed.path, start_step, cfg.train.steps))
     if wandb_note:
@@ -255,7 +255,5 @@ def train(cfg: Config) -> dict:
                 break
     if probe is not None and probe.best is not None:
         summary["probe_best"] = probe.best
-    if dist_info.is_main and summary["losses"]:
-        plot_loss_curve(run)
     shutdown()
     return summary

@@ -20,6 +20,28 @@ def child_pids(parent: int) -> list[int]:
     return pids
 
 
+def wandb_records(path: Path) -> list:
+    """The records of an offline W&B run file (run-<id>.wandb: a 7-byte header, then LevelDB-style log blocks of
+    32 KiB whose fragments carry protobuf `Record`s), to check what a run sent without a server."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data, position, pending, records = path.read_bytes(), 7, b"", []
+    while position + 7 <= len(data):
+        room = 32768 - position % 32768
+        if room < 7:  # a block's tail too short for a fragment header is padding
+            position += room
+            continue
+        _, length, kind = struct.unpack("<IHB", data[position:position + 7])
+        pending += data[position + 7:position + 7 + length]
+        position += 7 + length
+        if kind in (1, 4):  # a whole record, or its last fragment
+            records.append(wandb_internal_pb2.Record.FromString(pending))
+            pending = b""
+    return records
+
+
 def running(pid: int) -> bool:
     """Whether process `pid` exists and has not ended (a zombie waiting to be reaped has ended)."""
     try:

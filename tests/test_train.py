@@ -9,6 +9,7 @@ import torch
 
 import mtllm_train.model.loss as loss_module
 from conftest import preempt_at, read_metrics, trained_weights, train_overrides
+from helpers import wandb_records
 from mtllm_train.checkpoint import COMMIT, Checkpoints
 from mtllm_train.config import ConfigError, load_config
 from mtllm_train.export import export_run, load_mtllm, load_trained_stack
@@ -148,6 +149,24 @@ def test_wandb_offline_run_continues_with_the_same_id_after_resume(tmp_path, tra
     runs = sorted(p.name for p in (tmp_path / "wb" / "wandb").glob("offline-run-*"))
     assert first_id and final_id == first_id
     assert len(runs) == 2 and all(name.endswith(first_id) for name in runs)
+    # What the run sent: grouped and tagged by stage and command, metrics by section, the plot as an artifact.
+    records = wandb_records(next((tmp_path / "wb" / "wandb").glob(f"{runs[-1]}/run-*.wandb")))
+    run = next(r.run for r in records if r.HasField("run"))
+    assert (run.run_group, list(run.tags), run.job_type) == ("wb", ["stage1", "train"], "train")
+    logged = {item.key or "/".join(item.nested_key) for r in records if r.HasField("history") for item in r.history.item}
+    assert {"train/loss", "train/fvu", "train/lr"} <= logged and "loss" not in logged
+    assert [(r.artifact.type, r.artifact.name) for r in records if r.HasField("artifact")] == [("plot", "wb-loss-curve")]
+
+
+def test_wandb_groups_a_stage2_run_with_its_stage1_run_and_names_metrics_by_section():
+    from mtllm_train.config import LoggingConfig, to_dict
+    from mtllm_train.metrics import wandb_group, wandb_key
+
+    stage2 = to_dict(load_config("configs/stage2/tiny_sentiment.yaml", ["task.init_from=runs/mine"]))
+    assert wandb_group(LoggingConfig(), stage2) == "mine"
+    assert wandb_group(LoggingConfig(group="ablation"), stage2) == "ablation"
+    assert [wandb_key(k) for k in ("loss", "eval_mse", "probe_stack_mean", "dev/source")] == [
+        "train/loss", "eval/mse", "probe/stack_mean", "dev/source"]
 
 
 def test_wandb_online_without_a_key_or_a_server_logs_offline_with_one_line_and_wandb_mode_wins(

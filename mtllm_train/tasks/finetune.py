@@ -27,7 +27,7 @@ from mtllm_train.distributed import all_reduce, barrier, gradient_sync, init_dis
 from mtllm_train.files import atomic_path
 from mtllm_train.loop import (Preemption, accumulation_steps, autocast, backward, check_finite_loss, end_of_step,
                               new_summary, optimizer_step, resume_line, setup_backend)
-from mtllm_train.metrics import MetricsLogger, plot_loss_curve, wandb_mode
+from mtllm_train.metrics import MetricsLogger, wandb_mode
 from mtllm_train.model.fp8 import check_fp8_support, fp8_base
 from mtllm_train.model.loss import squared_error
 from mtllm_train.run_folder import RunFolder, open_run_folder
@@ -158,7 +158,7 @@ def train_task(cfg: Config, command: str) -> dict:
     start_step = resumed.meta["step"] if resumed else 0
     validation = {step: dev for step, dev in read_validation(run).items() if step <= start_step}
     logger = MetricsLogger(run, cfg.logging, dist_info.is_main, start_step, total_steps,
-                           resumed.meta.get("wandb_id") if resumed else None, to_dict(cfg))
+                           resumed.meta.get("wandb_id") if resumed else None, to_dict(cfg), command)
     if resumed:
         logger.message(resume_line(resumed.path, start_step, total_steps))
     if wandb_note:
@@ -216,7 +216,5 @@ def train_task(cfg: Config, command: str) -> dict:
                            logger=logger, summary=summary, device=device, keep_last=cfg.checkpoint.keep_last,
                            keep_steps=steps_to_keep(validation, evaluator.prefixes)):
                 break
-    if dist_info.is_main and summary["losses"]:
-        plot_loss_curve(run)
     shutdown()
     return summary
