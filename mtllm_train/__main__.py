@@ -25,6 +25,8 @@ EXAMPLES = {
     "task-train": ["mtllm task-train --config configs/stage2/nusax_llm.yaml"],
     "task-distill": ["mtllm task-distill --config configs/stage2/nusax_stack_s1_s2.yaml"],
     "evaluate": ["mtllm evaluate --run runs/nusax_stack_s1_s2"],
+    "aggregate": ["mtllm aggregate runs/nusax_stack_s1_s2_seed1 runs/nusax_stack_s1_s2_seed2 "
+                  "runs/nusax_stack_s1_s2_seed3 --out results/nusax_stack_s1_s2"],
     "preflight": ["mtllm preflight --world-size 8 --config configs/stage1_nllb600m_llm2vec_llama3_8b.yaml train "
                   "run.name=try1"],
     "export": ["mtllm export --run runs/tiny --out exports/tiny", "mtllm export --run runs/tiny --out exports/tiny --force"],
@@ -128,6 +130,14 @@ def _train(args: argparse.Namespace) -> int:
                   + (f"; stopped early at step {summary['early_stopped']}" if "early_stopped" in summary else "")
                   + f" (mtllm export --run {summary['run_dir']} --best)")
     return 0
+
+
+def _aggregate(args: argparse.Namespace) -> None:
+    from mtllm_train.tasks.aggregate import aggregate
+
+    aggregate(args.runs, args.out)
+    print(open(f"{args.out}.md", encoding="utf-8").read(), end="")
+    print(f"(written to {args.out}.json and {args.out}.md)")
 
 
 def _preflight(args: argparse.Namespace) -> int:
@@ -307,6 +317,12 @@ def build_parser() -> argparse.ArgumentParser:
         task.add_argument("--config", required=True, help="a YAML config with a task section, e.g. configs/stage2/...")
         task.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
         task.set_defaults(func=_train)
+
+    aggregate = command("aggregate", "the paper's table over seeds: mean and std over evaluated runs of one row, per "
+                                     "language and of the average (OUT.json, OUT.md)")
+    aggregate.add_argument("runs", nargs="+", help="stage-2 run folders of one row (one per seed), each evaluated")
+    aggregate.add_argument("--out", required=True, help="OUT.json and OUT.md are written")
+    aggregate.set_defaults(func=_aggregate)
 
     preflight = command("preflight", "check what a launch on N processes would refuse, before it is queued (the "
                                      "launch scripts run it)", config=True)

@@ -34,7 +34,7 @@ def test_resolved_config_round_trips(tmp_path):
 
 @pytest.mark.parametrize("override, message", [
     ("train.stepz=3", r"unknown config key 'train.stepz'; did you mean 'train.steps'\? "
-                      r"expected one of: global_batch_size, grad_clip, steps"),
+                      r"expected one of: global_batch_size, grad_clip, init_from, init_step, steps"),
     ("trian.steps=3", r"unknown config key 'trian'"),
     ("train.steps=many", r"train.steps: expected an integer, got 'many'"),
     ("train.steps=1.5", r"train.steps: expected an integer, got 1.5"),

@@ -253,7 +253,8 @@ def test_compiled_layers_have_no_graph_break_no_recompile_and_equal_losses(tiny_
 
 def test_compiled_fsdp_step_with_checkpointing_equals_the_plain_one(tmp_path, train_shards, monkeypatch):
     """Through the trainer: compile after FSDP2 wrapped the layers, every_2 checkpointing, LoRA dropout on, and
-    aot_eager (AOTAutograd's graphs and recompute, as inductor uses them, without a C++ compiler)."""
+    aot_eager (AOTAutograd's graphs and recompute, as inductor uses them, without a C++ compiler). One static
+    shape (every batch padded to max_length): dynamic lengths are tests/test_static_shapes.py's subject."""
     graphs, aot_eager = [], torch._dynamo.lookup_backend("aot_eager")
 
     def recording_aot_eager(graph_module, example_inputs):
@@ -264,7 +265,8 @@ def test_compiled_fsdp_step_with_checkpointing_equals_the_plain_one(tmp_path, tr
 
     def run(name, **extra):
         cfg = load_config("configs/tiny.yaml", train_overrides(tmp_path, train_shards, **{
-            "run.name": name, "train.steps": 3, "model.activation_checkpointing": "every_2", **extra}))
+            "run.name": name, "train.steps": 3, "model.activation_checkpointing": "every_2", "data.pad_multiple": 48,
+            **extra}))
         return train(cfg)["losses"]
 
     plain = run("plain")

@@ -104,13 +104,20 @@ def test_a_launch_that_would_fail_is_refused_before_anything_starts(tmp_path, tr
     assert "torch.distributed.run" not in done.stdout + done.stderr and time.perf_counter() - start < 60
 
 
-@pytest.mark.parametrize("command", ["task-train", "task-distill"])
-def test_launch_scripts_run_the_stage2_commands(command):
-    """Every training launcher takes the command; the default stays `train`."""
-    config = "configs/stage2/nli_llm.yaml"
+def test_launch_scripts_run_the_stage2_commands(tmp_path):
+    """Every training launcher takes the command (its pre-flight checks the stage-2 run); the default stays `train`."""
+    from mtllm_train.config import dump_config
+
+    config = "configs/tiny_sentiment.yaml"
+    teacher = tmp_path / "teacher"  # a task-train run of the LLM, as task-distill's pre-flight reads it
+    teacher.mkdir()
+    dump_config(load_config(config, ["task.model=llm"]), teacher / "config.yaml")
+    overrides = [f"run.dir={tmp_path}", "run.name=x", "distributed.backend=ddp", "train.global_batch_size=32",
+                 "task.init_from=runs/mine", f"task.teacher={teacher}"]
     env = {"NPROC": "2", "SLURM_NNODES": "2", "SLURM_JOB_ID": "5", "GPUS_PER_NODE": "2", "ZERO": "2"}
-    for script in ("launch/torchrun_single_node.sh", "launch/slurm_multinode.sbatch", "launch/deepspeed_launch.sh"):
-        out = _dry_run(script, command, config, "run.name=x", **env)
+    for script, command in (("launch/torchrun_single_node.sh", "task-distill"), ("launch/slurm_multinode.sbatch",
+                            "task-train"), ("launch/deepspeed_launch.sh", "task-distill")):
+        out = _dry_run(script, command, config, *overrides, **env)
         assert f" -m mtllm_train {command} --config {config} " in out.replace("--module", "-m"), out
 
 

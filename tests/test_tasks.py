@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 
@@ -27,7 +29,10 @@ def test_greek_is_ell_grek_and_wrong_codes_are_refused(mt_codes):
         resolve("ell_Latn", "belebele", mt_codes)
     with pytest.raises(ConfigError, match=r"language 'xx' is not a xnli language"):
         resolve("xx", "xnli", mt_codes)
-    with pytest.raises(ConfigError, match=r"benchmark 'glue'"):
+    # A benchmark of one's own (issue 30): FLORES-200 codes, checked, a close match suggested.
+    assert resolve("eng_Latn", "glue", mt_codes) == "eng_Latn"
+    with pytest.raises(ConfigError, match=r"language 'en' of glue: not a FLORES-200 code of the MT tokenizer "
+                                          r"\(did you mean eng_Latn\?\)"):
         resolve("en", "glue", mt_codes)
 
 
@@ -139,3 +144,24 @@ def test_label_names_match_whatever_the_capitals():
     assert _label("POSITIVE", ("negative", "positive"), "f:1") == 1
     with pytest.raises(ConfigError, match=r"f:1: label 'neutral' is not one of Negative, Positive"):
         _label("neutral", ("Negative", "Positive"), "f:1")
+
+
+def test_aggregate_over_seeds_gives_the_mean_and_sample_std_per_language_and_of_the_average(tmp_path):
+    from mtllm_train.tasks.aggregate import aggregate
+
+    s_dev = [{"deu_Latn": 0.50, "fra_Latn": 0.70}, {"deu_Latn": 0.60, "fra_Latn": 0.80}, {"deu_Latn": 0.70, "fra_Latn": 0.60}]
+    t_dev = [{"deu_Latn": 0.55, "fra_Latn": 0.75}, {"deu_Latn": 0.65, "fra_Latn": 0.85}, {"deu_Latn": 0.75, "fra_Latn": 0.65}]
+    runs = []
+    for seed, (s, t) in enumerate(zip(s_dev, t_dev)):
+        results = tmp_path / f"row_s{seed}" / "results"
+        results.mkdir(parents=True)
+        selection = {"s_dev": {"step": 3, "test": s}, "t_dev": {lang: {"step": 6, "test": v} for lang, v in t.items()}}
+        (results / "stack_s1_s2.json").write_text(json.dumps({"metric": "accuracy", "selection": selection}))
+        runs.append(str(tmp_path / f"row_s{seed}"))
+    table = aggregate(runs, str(tmp_path / "row"))["stack_s1_s2"]
+    # By hand: deu 0.5, 0.6, 0.7 -> mean 0.6, sample std 0.1; run averages 0.6, 0.7, 0.65 -> mean 0.65, std 0.05.
+    assert table["s_dev"]["languages"]["deu_Latn"] == pytest.approx({"mean": 0.6, "std": 0.1, "runs": 3})
+    assert table["s_dev"]["average"] == pytest.approx({"mean": 0.65, "std": 0.05, "runs": 3})
+    assert table["t_dev"]["languages"]["fra_Latn"] == pytest.approx({"mean": 0.75, "std": 0.1, "runs": 3})
+    markdown = (tmp_path / "row.md").read_text()
+    assert "| S-DEV | 60.0 ± 10.0 | 70.0 ± 10.0 | 65.0 ± 5.0 |" in markdown

@@ -25,6 +25,7 @@ NUSAX = {"ace": "ace_Latn", "ban": "ban_Latn", "bjn": "bjn_Latn", "bug": "bug_La
          "ind": "ind_Latn", "jav": "jav_Latn", "min": "min_Latn", "sun": "sun_Latn", "bbc": None, "mad": None,
          "nij": None}
 BENCHMARKS = {"xnli": XNLI, "americas_nli": AMERICAS_NLI, "kardes_nlu": KARDES_NLU, "nusax": NUSAX}
+FLORES_CODED = ("belebele", "flores")  # built-in benchmarks that use FLORES-200 codes (flores: stage 1's probe sets)
 
 
 def resolve(code: str, benchmark: str, mt_codes: set[str], fallbacks: dict[str, str] | None = None) -> str:
@@ -39,10 +40,10 @@ def resolve(code: str, benchmark: str, mt_codes: set[str], fallbacks: dict[str, 
     if not benchmark:
         raise ConfigError(f"benchmark: a name for the evaluation set (its results are keyed by it): one of belebele, "
                           f"{', '.join(BENCHMARKS)}, or your own (with FLORES-200 codes as its languages)")
-    table = BENCHMARKS.get(benchmark) or {c: c for c in mt_codes}  # belebele, flores, your own: FLORES-200 codes
+    table = BENCHMARKS.get(benchmark) or {c: c for c in mt_codes}  # FLORES_CODED and your own: FLORES-200 codes
     if code in fallbacks:
         target, reason = fallbacks[code], f"the fallback for {code!r}"
-    elif code not in table and benchmark not in BENCHMARKS:
+    elif code not in table and benchmark not in BENCHMARKS and benchmark not in FLORES_CODED:
         close = difflib.get_close_matches(code, sorted(table), n=2) or sorted(c for c in table if c.startswith(code))[:2]
         raise ConfigError(f"language {code!r} of {benchmark}: not a FLORES-200 code of the MT tokenizer"
                           f"{' (did you mean ' + ' or '.join(close) + '?)' if close else ''}; a benchmark without a "
