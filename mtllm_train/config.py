@@ -175,7 +175,8 @@ class LoggingConfig:
 
 @dataclass
 class EvalSet:
-    benchmark: str = option("", "language table of the benchmark (xnli, americas_nli, kardes_nlu, nusax, belebele)")
+    benchmark: str = option("", "language table of the benchmark (xnli, americas_nli, kardes_nlu, nusax, pawsx, xcopa; "
+                                "belebele and sib200 use FLORES-200 codes, as does a benchmark of your own)")
     languages: list = option([], "benchmark language codes to validate and test on")
     dev: str = option("", "dev split: a file path with {lang}, or hf://org/dataset[/config]:split with {lang}")
     test: str = option("", "test split, same forms as dev")
@@ -184,10 +185,14 @@ class EvalSet:
 @dataclass
 class TaskConfig:
     name: str = option("nli", "task: nli (premise + hypothesis jointly), sentiment (one text), belebele "
-                              "(passage, question and four answers jointly; multiple choice)")
+                              "(passage, question and four answers jointly; multiple choice), or the general forms "
+                              "classification (one text), pair_classification (two texts), multiple_choice "
+                              "(task.choices answers)")
     model: str = option("llm", "what task-train fine-tunes: the LLM + a new LoRA, the MT encoder + LoRA, or the "
                                "stage-1 stack (S1+FT); task-distill always trains the stack")
-    labels: list = option([], "label names of a sentiment task (NLI: entailment, neutral, contradiction)")
+    labels: list = option([], "label names (sentiment, classification, pair_classification; NLI: entailment, "
+                              "neutral, contradiction); the data's labels are these names or their indices")
+    choices: int = option(4, "answers per example of a multiple-choice task (Belebele 4, XCOPA 2)")
     train: str = option("", "English training split: jsonl / csv / parquet file, or hf://org/dataset[/config]:split")
     source_dev: str = option("", "English dev split, the source of S-DEV selection")
     eval: list = option([], "evaluation sets, each {benchmark, languages, dev, test}")
@@ -247,7 +252,7 @@ CHOICES = {
     "distributed.mixed_precision": ("none", "bf16"),
     "distributed.fsdp_reduce_dtype": ("float32", "bfloat16"),
     "logging.wandb": ("disabled", "offline", "online"),
-    "task.name": ("nli", "sentiment", "belebele"),
+    "task.name": ("nli", "sentiment", "belebele", "classification", "pair_classification", "multiple_choice"),
     "task.model": ("llm", "mt_encoder", "stack"),
     "task.metric": ("accuracy", "macro_f1"),
 }
@@ -352,7 +357,7 @@ def validate(cfg: Config) -> Config:
                 "data.length_group_batches": cfg.data.length_group_batches, "data.pad_multiple": cfg.data.pad_multiple,
                 "task.epochs": cfg.task.epochs,
                 "task.max_length": cfg.task.max_length, "task.eval_batch_size": cfg.task.eval_batch_size,
-                "task.max_new_tokens": cfg.task.max_new_tokens,
+                "task.max_new_tokens": cfg.task.max_new_tokens, "task.choices": cfg.task.choices,
                 "distributed.timeout_minutes": cfg.distributed.timeout_minutes}
     for key, value in positive.items():
         if value <= 0:

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from mtllm_train.config import ConfigError
+from mtllm_train.portable.format import task_shape
 from mtllm_train.portable.modeling_mtllm import MTLLMModel
 
 
@@ -14,7 +15,7 @@ def read_inputs(path: str | None, texts: list[str], model: MTLLMModel) -> list:
     if bool(path) == bool(texts):
         raise ConfigError("mtllm predict: give texts or --input FILE.jsonl (one of them)")
     if texts:
-        if model.config.task is not None and model.config.task["name"] != "sentiment":
+        if model.config.task is not None and task_shape(model.config.task["name"]) != "sequence":
             raise ConfigError(f"mtllm predict: a {model.config.task['name']} model reads several fields per input; "
                               f"give them in --input FILE.jsonl")
         return texts

@@ -70,3 +70,55 @@ def build_belebele(root: Path, count: int = 32, seed: int = 0) -> dict:
     return {"task.name": "belebele", "task.train": str(root / "train.jsonl"), "task.source_dev": str(root / "train.jsonl"),
             "task.eval": json.dumps([{"benchmark": "belebele", "languages": ["deu_Latn"],
                                       "dev": str(root / "dev" / "{lang}.jsonl"), "test": str(root / "test" / "{lang}.jsonl")}])}
+
+
+def _eval_entry(root: Path, benchmark: str, languages: list[str]) -> str:
+    return json.dumps([{"benchmark": benchmark, "languages": languages, "dev": str(root / "dev" / "{lang}.jsonl"),
+                        "test": str(root / "test" / "{lang}.jsonl")}])
+
+
+def _splits(root: Path, rows: list[dict], language: str) -> None:
+    _write(root / "train.jsonl", rows)
+    _write(root / "dev" / f"{language}.jsonl", rows[:16])
+    _write(root / "test" / f"{language}.jsonl", rows[16:32])
+
+
+def build_topics(root: Path, count: int = 64, seed: int = 0) -> dict:
+    """Topic classification with three topics named in the data (SIB-200's shape: text, category)."""
+    rng, topics = random.Random(seed), {"sports": ["ball", "team", "goal"], "food": ["bread", "soup", "cake"],
+                                        "weather": ["rain", "snow", "wind"]}
+    rows = []
+    for _ in range(count):
+        topic = rng.choice(sorted(topics))
+        rows.append({"text": f"The {rng.choice(topics[topic])} was all anyone talked about.", "category": topic})
+    _splits(root, rows, "deu_Latn")
+    return {"task.name": "classification", "task.labels": "[sports, food, weather]", "task.train": str(root / "train.jsonl"),
+            "task.source_dev": str(root / "train.jsonl"), "task.eval": _eval_entry(root, "sib200", ["deu_Latn"])}
+
+
+def build_paraphrase(root: Path, count: int = 64, seed: int = 0) -> dict:
+    """Paraphrase pairs with integer labels (PAWS-X's shape: sentence1, sentence2, label 0/1)."""
+    rng, rows = random.Random(seed), []
+    for _ in range(count):
+        thing, other = rng.sample(THINGS["en"], 2)
+        label = rng.randrange(2)
+        rows.append({"sentence1": f"We saw the {thing} yesterday.",
+                     "sentence2": f"Yesterday the {thing if label else other} was seen by us.", "label": label})
+    _splits(root, rows, "de")
+    return {"task.name": "pair_classification", "task.labels": "[different, paraphrase]",
+            "task.train": str(root / "train.jsonl"), "task.source_dev": str(root / "train.jsonl"),
+            "task.eval": _eval_entry(root, "pawsx", ["de"])}
+
+
+def build_two_choices(root: Path, count: int = 64, seed: int = 0) -> dict:
+    """Two-choice questions (XCOPA's shape: premise, question, choice1, choice2, label 0/1)."""
+    rng, rows = random.Random(seed), []
+    for _ in range(count):
+        thing, other = rng.sample(THINGS["en"], 2)
+        label = rng.randrange(2)
+        choices = [f"the {other} broke", f"the {thing} broke"] if label else [f"the {thing} broke", f"the {other} broke"]
+        rows.append({"premise": f"The {thing} fell off the table.", "question": "effect", "choice1": choices[0],
+                     "choice2": choices[1], "label": label})
+    _splits(root, rows, "id")
+    return {"task.name": "multiple_choice", "task.choices": 2, "task.train": str(root / "train.jsonl"),
+            "task.source_dev": str(root / "train.jsonl"), "task.eval": _eval_entry(root, "xcopa", ["id"])}

@@ -1,8 +1,9 @@
 """Task examples -> token ids of one view -> padded batches, the same at training, evaluation and prediction.
 
-- nli: premise and hypothesis encoded jointly as a pair, with the tokenizer's own pair template;
-- sentiment: the text;
-- belebele: passage, question and the four answers joined into one sequence; each answer's token span is
+- a pair (nli, pair_classification): premise and hypothesis encoded jointly, with the tokenizer's own pair template;
+- a sequence (sentiment, classification): the text;
+- a choice (belebele, multiple_choice): passage, question and the answers (any number) joined into one
+  sequence; each answer's token span is
   found from the tokenizer's character offsets (a token belongs to the answer its characters overlap), and a
   passage too long for max_length is cut so that question and answers always fit.
 Examples that cannot be encoded raise InputError naming why.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from .format import task_shape
 from .tokens import InputError, pad_right
 
 
@@ -43,9 +45,10 @@ def _multiple_choice(example: dict, tokenizer, max_length: int) -> dict:
 def encode_examples(examples: list[dict], task: str, tokenizer, max_length: int) -> list[dict]:
     """Token ids (+ answer spans for multiple choice) and the label of every example, in order."""
     tokenizer.padding_side = "right"
-    if task == "belebele":
+    shape = task_shape(task)
+    if shape == "choice":
         return [_multiple_choice(example, tokenizer, max_length) for example in examples]
-    if task == "nli":
+    if shape == "pair":
         encoded = tokenizer([e["premise"] for e in examples], [e["hypothesis"] for e in examples], truncation=True,
                             max_length=max_length)
     else:

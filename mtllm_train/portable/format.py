@@ -5,7 +5,8 @@ model, so both sides take these from this module (it ships inside every export).
 - four_bit_config: a 4-bit frozen LLM as bitsandbytes loads it;
 - encoder_of: the MT encoder of an encoder-decoder model (NLLB / M2M100), or the model itself;
 - project_to_llm: the student's input to the LLM (the MT encoder's states through U, in the LLM's input dtype);
-- task_head: which head a task gets;
+- TASK_SHAPES / task_shape: what a task's examples hold (one text, a pair, a question with answers), which fixes
+  how they are encoded and which head reads them (task_head);
 - the names of the trained parts' files inside an export.
 """
 
@@ -26,7 +27,15 @@ FROZEN_DIR = "frozen"  # frozen weights of models built from inline configs
 PROJECTION_FILE = "projection.safetensors"  # U
 HEAD_FILE = "head.safetensors"  # a task model's head
 TEACHER_TOKENIZER_DIR = "tokenizers/llm"  # the teacher's tokenizer (a stack)
-MULTIPLE_CHOICE = ("belebele",)  # tasks whose head scores each answer's span
+# task name -> shape: "sequence" (one text), "pair" (two texts encoded jointly), "choice" (a passage, a question
+# and any number of answers, each answer's span scored). The paper's three tasks and the general forms.
+TASK_SHAPES = {"sentiment": "sequence", "classification": "sequence", "nli": "pair", "pair_classification": "pair",
+               "belebele": "choice", "multiple_choice": "choice"}
+SHAPE_FIELDS = {"sequence": ("text",), "pair": ("premise", "hypothesis"), "choice": ("passage", "question", "answers")}
+
+
+def task_shape(task: str) -> str:
+    return TASK_SHAPES[task]
 
 
 def four_bit_config(quant_type: str, double: bool, compute_dtype: str, storage_dtype: str) -> BitsAndBytesConfig:
@@ -45,4 +54,5 @@ def project_to_llm(projection: nn.Linear, mt_states: torch.Tensor, llm_input_dty
 
 def task_head(task: str, hidden_size: int, num_outputs: int) -> nn.Module:
     """A task's head: one score per answer span for multiple choice, else a linear classifier over the classes."""
-    return MultipleChoiceHead(hidden_size) if task in MULTIPLE_CHOICE else ClassificationHead(hidden_size, num_outputs)
+    return MultipleChoiceHead(hidden_size) if task_shape(task) == "choice" else ClassificationHead(hidden_size,
+                                                                                                  num_outputs)

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .format import task_shape
 from .tokens import InputError
 
 GUARD_FILE = "guard.safetensors"
@@ -93,9 +94,10 @@ def probe_set(config) -> list[dict]:
 
 
 def _task_input(task: str, text: str) -> dict:
-    if task == "nli":
+    shape = task_shape(task)
+    if shape == "pair":
         return {"premise": text, "hypothesis": "It is about a river."}
-    if task == "belebele":
+    if shape == "choice":
         return {"passage": text, "question": "What flows?", "answers": ["a river", "a car", "a song", "a cloud"]}
     return {"text": text}
 

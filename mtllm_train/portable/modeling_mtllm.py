@@ -20,8 +20,8 @@ from transformers.modeling_outputs import BaseModelOutput
 from .configuration_mtllm import FORMAT_VERSION, MTLLMConfig
 from .encoding import collate, encode_examples
 from .guard import check, guard_mode
-from .format import (ADAPTER_DIR, DTYPES, HEAD_FILE, PROJECTION_FILE, TEACHER_TOKENIZER_DIR, encoder_of, four_bit_config,
-                     project_to_llm, task_head)
+from .format import (ADAPTER_DIR, DTYPES, HEAD_FILE, PROJECTION_FILE, SHAPE_FIELDS, TEACHER_TOKENIZER_DIR, encoder_of,
+                     four_bit_config, project_to_llm, task_head, task_shape)
 from .heads import choice_pool
 from .pooling import pool
 from .tokens import InputError, pad_id, pad_right, set_source_language
@@ -57,9 +57,6 @@ def _local_folder(name_or_path: str | Path) -> Path:
     except Exception as err:  # not a valid repo id, offline, not found: all mean "no such model"
         cause = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise InputError(f"{name_or_path}: not a local folder, and not found on the model hub ({cause})") from None
-
-
-TASK_FIELDS = {"sentiment": ("text",), "nli": ("premise", "hypothesis"), "belebele": ("passage", "question", "answers")}
 
 
 class MTLLMModel(PreTrainedModel):
@@ -203,23 +200,24 @@ class MTLLMModel(PreTrainedModel):
         return vectors[0] if single else vectors
 
     def _examples(self, inputs) -> tuple[list[dict], bool]:
-        """Task inputs as examples: texts (sentiment), (premise, hypothesis) pairs (nli), or dicts with the
-        task's fields (any task, e.g. passage / question / answers for belebele)."""
-        task = self.config.task["name"]
-        single = isinstance(inputs, (str, dict)) or (task == "nli" and isinstance(inputs, tuple))
+        """Task inputs as examples: texts (a sequence task), (premise, hypothesis) pairs (a pair task), or dicts
+        with the task's fields (any task, e.g. passage / question / answers for multiple choice)."""
+        task, shape = self.config.task["name"], task_shape(self.config.task["name"])
+        single = isinstance(inputs, (str, dict)) or (shape == "pair" and isinstance(inputs, tuple))
         items = [inputs] if single else list(inputs)
         if not items:
             raise InputError("predict: no inputs")
-        if task == "sentiment":
+        if shape == "sequence":
             examples = [item if isinstance(item, dict) else {"text": item} for item in items]
-        elif task == "nli":
+        elif shape == "pair":
             examples = [item if isinstance(item, dict) else {"premise": item[0], "hypothesis": item[1]} for item in items]
         else:
             examples = [dict(item) for item in items]
+        fields = SHAPE_FIELDS[shape]
         for number, example in enumerate(examples, 1):
-            missing = [name for name in TASK_FIELDS[task] if name not in example]
+            missing = [name for name in fields if name not in example]
             if missing:
-                raise InputError(f"input {number}: a {task} model reads {', '.join(TASK_FIELDS[task])}; it has no "
+                raise InputError(f"input {number}: a {task} model reads {', '.join(fields)}; it has no "
                                  f"{', '.join(missing)}")
         return [{**example, "label": 0} for example in examples], single
 

@@ -1,9 +1,14 @@
-"""Task examples from local jsonl / csv / parquet files, or Hugging Face datasets, normalised per task.
+"""Task examples from local jsonl / csv / parquet files, or Hugging Face datasets, normalised per task shape
+(portable/format.py's TASK_SHAPES).
 
-- nli:       premise, hypothesis, label (0 entailment, 1 neutral, 2 contradiction; names accepted)
-- sentiment: text, label (an integer class, or a name listed in the task's label names)
-- belebele:  passage, question, four answers, the correct index (0-based); Belebele's own column names
-             (flores_passage, mc_answer1..4, correct_answer_num 1-based) are accepted as they are
+- a sequence (sentiment, classification): text (or sentence), label (or category: SIB-200's): an integer
+  class, or one of the task's label names
+- a pair (nli, pair_classification): premise and hypothesis (or sentence1 and sentence2: PAWS-X's), label (NLI:
+  0 entailment, 1 neutral, 2 contradiction; names accepted)
+- a choice (belebele, multiple_choice): passage (or premise: XCOPA's; optional for multiple_choice), question,
+  task.choices answers
+  (a list `answers`, or choice1..K / mc_answer1..K), the correct index (label, 0-based; or correct_answer_num,
+  1-based: Belebele's); Belebele's own column names (flores_passage, mc_answer1..4) are accepted as they are
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import json
 from pathlib import Path
 
 from mtllm_train.config import CHOICES, ConfigError
+from mtllm_train.portable.format import task_shape
 
 NLI_LABELS = ("entailment", "neutral", "contradiction")
 
@@ -20,7 +26,7 @@ NLI_LABELS = ("entailment", "neutral", "contradiction")
 def label_names(task) -> tuple[str, ...]:
     """A task's class names (what its data's labels and its predictions are called): task.labels, else NLI's three
     for nli; none for multiple choice (an answer is its index). `task`: the config's TaskConfig."""
-    if task.name == "belebele":
+    if task_shape(task.name) == "choice":
         return ()
     return tuple(task.labels) or (NLI_LABELS if task.name == "nli" else ())
 
@@ -100,47 +106,65 @@ def _hf_rows(spec: str):
     yield from enumerate(datasets.load_dataset(path, config, split=split), 1)
 
 
-def load_split(spec: str, task: str, label_names: tuple[str, ...] = NLI_LABELS, lang: str | None = None) -> list[dict]:
+def load_split(spec: str, task: str, label_names: tuple[str, ...] = NLI_LABELS, lang: str | None = None,
+               choices: int = 4) -> list[dict]:
     """A split given as a file path or hf://org/dataset[/config]:split; `{lang}` in it becomes `lang`."""
     if lang is not None:
         spec = spec.replace("{lang}", lang)
     if spec.startswith("hf://"):
-        return _normalise(_hf_rows(spec), spec, task, label_names)
-    return read_task_file(spec, task, label_names)
+        return _normalise(_hf_rows(spec), spec, task, label_names, choices)
+    return read_task_file(spec, task, label_names, choices)
 
 
-def read_task_file(path: str | Path, task: str, label_names: tuple[str, ...] = NLI_LABELS) -> list[dict]:
+def read_task_file(path: str | Path, task: str, label_names: tuple[str, ...] = NLI_LABELS,
+                   choices: int = 4) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"task file {str(path)!r} does not exist")
-    examples = _normalise(_rows(path), str(path), task, label_names)
+    examples = _normalise(_rows(path), str(path), task, label_names, choices)
     if not examples:
         raise ConfigError(f"task file {str(path)!r} holds no examples")
     return examples
 
 
-def _normalise(rows, source: str, task: str, label_names: tuple[str, ...]) -> list[dict]:
+def _answers(row: dict, choices: int, where: str) -> list:
+    """A multiple-choice row's answers: a list, or numbered columns (choice1.., mc_answer1..)."""
+    answers = row.get("answers")
+    if answers is None:
+        prefix = next((p for p in ("mc_answer", "choice") if f"{p}1" in row), None)
+        if prefix is None:
+            raise ConfigError(f"{where}: no answers (a list `answers`, or columns choice1.. / mc_answer1..)")
+        answers = [row[f"{prefix}{k}"] for k in range(1, choices + 1) if f"{prefix}{k}" in row]
+        if f"{prefix}{choices + 1}" in row:
+            answers.append(row[f"{prefix}{choices + 1}"])
+    if not isinstance(answers, list) or len(answers) != choices:
+        count = len(answers) if isinstance(answers, list) else type(answers).__name__
+        raise ConfigError(f"{where}: expected {choices} answers (task.choices), got {count}")
+    return answers
+
+
+def _normalise(rows, source: str, task: str, label_names: tuple[str, ...], choices: int = 4) -> list[dict]:
     if task not in CHOICES["task.name"]:
         raise ConfigError(f"task {task!r}: expected one of {', '.join(CHOICES['task.name'])}")
-    examples = []
+    shape, examples = task_shape(task), []
+    names = NLI_LABELS if task == "nli" else label_names
     for number, row in rows:
         where = f"{source}:{number}"
-        if task == "nli":
-            examples.append({"premise": str(_field(row, ("premise",), where)),
-                             "hypothesis": str(_field(row, ("hypothesis",), where)),
-                             "label": _label(_field(row, ("label",), where), NLI_LABELS, where)})
-        elif task == "sentiment":
-            examples.append({"text": str(_field(row, ("text",), where)),
-                             "label": _label(_field(row, ("label",), where), label_names, where)})
+        if shape == "pair":
+            examples.append({"premise": str(_field(row, ("premise", "sentence1"), where)),
+                             "hypothesis": str(_field(row, ("hypothesis", "sentence2"), where)),
+                             "label": _label(_field(row, ("label",), where), names, where)})
+        elif shape == "sequence":
+            examples.append({"text": str(_field(row, ("text", "sentence"), where)),
+                             "label": _label(_field(row, ("label", "category"), where), names, where)})
         else:
-            answers = row.get("answers") or [_field(row, (f"mc_answer{k}",), where) for k in range(1, 5)]
+            indices = tuple(str(k) for k in range(1, choices + 1))
             if "correct_answer_num" in row:
-                correct = _label(int(row["correct_answer_num"]) - 1, ("1", "2", "3", "4"), where)
+                correct = _label(int(row["correct_answer_num"]) - 1, indices, where)
             else:
-                correct = _label(_field(row, ("label",), where), ("1", "2", "3", "4"), where)
-            if len(answers) != 4:
-                raise ConfigError(f"{where}: expected 4 answers, got {len(answers)}")
-            examples.append({"passage": str(_field(row, ("flores_passage", "passage"), where)),
-                             "question": str(_field(row, ("question",), where)),
-                             "answers": [str(a) for a in answers], "label": correct})
-    return examples
+                correct = _label(_field(row, ("label",), where), indices, where)
+            passage = next((row[k] for k in ("flores_passage", "passage", "premise") if row.get(k) is not None), "") \
+                if task == "multiple_choice" else _field(row, ("flores_passage", "passage"), where)
+            examples.append({"passage": str(passage or ""), "question": str(_field(row, ("question",), where)),
+                             "answers": [str(a) for a in _answers(row, choices, where)], "label": correct})
+

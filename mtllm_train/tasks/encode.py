@@ -20,7 +20,7 @@ class TaskData:
     """
 
     def __init__(self, cfg: Config):
-        self.task, self.max_length = cfg.task.name, cfg.task.max_length
+        self.task, self.max_length, self.choices = cfg.task.name, cfg.task.max_length, cfg.task.choices
         self.labels = label_names(cfg.task)
         self.tokenizers = {view: view_tokenizer(cfg.model, view) for view in ("llm", "mt")}
         self.pads = {view: pad_id(tokenizer) for view, tokenizer in self.tokenizers.items()}
@@ -29,7 +29,7 @@ class TaskData:
     def split(self, spec: str, lang: str | None = None) -> list[dict]:
         """A split's examples, read once (a run checks every split before its first step, then validates)."""
         if (spec, lang) not in self._splits:
-            self._splits[(spec, lang)] = load_split(spec, self.task, self.labels, lang)
+            self._splits[(spec, lang)] = load_split(spec, self.task, self.labels, lang, self.choices)
         return self._splits[(spec, lang)]
 
     def encode(self, examples: list[dict], view: str, lang: str = ENGLISH) -> list[dict]:

@@ -24,8 +24,17 @@ KARDES_NLU = {"az": "azj_Latn", "kk": "kaz_Cyrl", "ky": "kir_Cyrl", "ug": "uig_A
 NUSAX = {"ace": "ace_Latn", "ban": "ban_Latn", "bjn": "bjn_Latn", "bug": "bug_Latn", "eng": "eng_Latn",
          "ind": "ind_Latn", "jav": "jav_Latn", "min": "min_Latn", "sun": "sun_Latn", "bbc": None, "mad": None,
          "nij": None}
-BENCHMARKS = {"xnli": XNLI, "americas_nli": AMERICAS_NLI, "kardes_nlu": KARDES_NLU, "nusax": NUSAX}
-FLORES_CODED = ("belebele", "flores")  # built-in benchmarks that use FLORES-200 codes (flores: stage 1's probe sets)
+# PAWS-X paraphrase pairs (ISO 639-1)
+PAWSX = {"de": "deu_Latn", "en": "eng_Latn", "es": "spa_Latn", "fr": "fra_Latn", "ja": "jpn_Jpan", "ko": "kor_Hang",
+         "zh": "zho_Hans"}
+# XCOPA causal commonsense, two choices (ISO 639-1 / -3); Quechua is Ayacucho Quechua in NLLB-200.
+XCOPA = {"et": "est_Latn", "ht": "hat_Latn", "id": "ind_Latn", "it": "ita_Latn", "qu": "quy_Latn", "sw": "swh_Latn",
+         "ta": "tam_Taml", "th": "tha_Thai", "tr": "tur_Latn", "vi": "vie_Latn", "zh": "zho_Hans"}
+BENCHMARKS = {"xnli": XNLI, "americas_nli": AMERICAS_NLI, "kardes_nlu": KARDES_NLU, "nusax": NUSAX, "pawsx": PAWSX,
+              "xcopa": XCOPA}
+# Built-in benchmarks that use FLORES-200 codes already (flores: stage 1's probe sets; SIB-200: topic
+# classification of FLORES-200 sentences in 205 languages).
+FLORES_CODED = ("belebele", "flores", "sib200")
 
 
 def resolve(code: str, benchmark: str, mt_codes: set[str], fallbacks: dict[str, str] | None = None) -> str:

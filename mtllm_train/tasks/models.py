@@ -26,7 +26,7 @@ from mtllm_train.model.loading import build_llm, build_mt_encoder, seeded
 from mtllm_train.portable.pooling import pool
 from mtllm_train.model.stack import add_lora, build_stack, lora_train_mode
 from mtllm_train.tasks.data import label_names
-from mtllm_train.portable.format import task_head
+from mtllm_train.portable.format import task_head, task_shape
 from mtllm_train.portable.heads import choice_pool
 from mtllm_train.run_folder import RunFolder
 
@@ -86,8 +86,8 @@ class TaskModel(nn.Module):
 
 
 def num_classes(cfg: Config) -> int:
-    if cfg.task.name == "belebele":
-        return 4  # four answers
+    if task_shape(cfg.task.name) == "choice":
+        return cfg.task.choices  # one score per answer
     names = label_names(cfg.task)
     if len(names) < 2:
         raise ConfigError(f"task.labels: a {cfg.task.name} task needs at least two label names, got {cfg.task.labels}")
