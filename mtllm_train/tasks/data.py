@@ -167,4 +167,5 @@ def _normalise(rows, source: str, task: str, label_names: tuple[str, ...], choic
                 if task == "multiple_choice" else _field(row, ("flores_passage", "passage"), where)
             examples.append({"passage": str(passage or ""), "question": str(_field(row, ("question",), where)),
                              "answers": [str(a) for a in _answers(row, choices, where)], "label": correct})
+    return examples
 
