@@ -148,15 +148,20 @@ def _normalise(rows, source: str, task: str, label_names: tuple[str, ...], choic
         raise ConfigError(f"task {task!r}: expected one of {', '.join(CHOICES['task.name'])}")
     shape, examples = task_shape(task), []
     names = NLI_LABELS if task == "nli" else label_names
+
+    def aliases(name: str, other: str) -> tuple[str, ...]:
+        """The general shapes also read the column names of SIB-200 and PAWS-X; the paper's tasks their own."""
+        return (name,) if task in ("nli", "sentiment", "belebele") else (name, other)
+
     for number, row in rows:
         where = f"{source}:{number}"
         if shape == "pair":
-            examples.append({"premise": str(_field(row, ("premise", "sentence1"), where)),
-                             "hypothesis": str(_field(row, ("hypothesis", "sentence2"), where)),
+            examples.append({"premise": str(_field(row, aliases("premise", "sentence1"), where)),
+                             "hypothesis": str(_field(row, aliases("hypothesis", "sentence2"), where)),
                              "label": _label(_field(row, ("label",), where), names, where)})
         elif shape == "sequence":
-            examples.append({"text": str(_field(row, ("text", "sentence"), where)),
-                             "label": _label(_field(row, ("label", "category"), where), names, where)})
+            examples.append({"text": str(_field(row, aliases("text", "sentence"), where)),
+                             "label": _label(_field(row, aliases("label", "category"), where), names, where)})
         else:
             indices = tuple(str(k) for k in range(1, choices + 1))
             if "correct_answer_num" in row:
