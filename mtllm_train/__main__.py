@@ -72,7 +72,7 @@ def _package_version() -> str:
 def _demo(args: argparse.Namespace) -> None:
     from mtllm_train.demo import run_demo
 
-    run_demo(args.workdir)
+    run_demo(args.workdir, args.steps)
 
 
 def _config(args: argparse.Namespace) -> None:
@@ -278,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = command("demo", "run the end-to-end demo on tiny models (CPU, no model hub)")
     demo.add_argument("--workdir", default="runs/demo", help="where the demo writes its files (default: runs/demo)")
+    demo.add_argument("--steps", type=int, default=None, help="stage-1 steps (default: configs/tiny.yaml's 200)")
     demo.set_defaults(func=_demo)
 
     shards = add_parser("shards", help="build and inspect pre-tokenized shards", description="Build and inspect "

@@ -337,6 +337,15 @@ def checkpointing_policy(value: str | bool) -> str:
 MAX_RUN_NAME = 200
 
 
+def accumulation_steps(cfg: Config, world_size: int) -> int:
+    """Micro-batches per rank and step: the global batch must split evenly over micro batches and ranks."""
+    per_step = cfg.data.micro_batch_size * world_size
+    if cfg.train.global_batch_size % per_step:
+        raise ConfigError(f"train.global_batch_size {cfg.train.global_batch_size} is not a multiple of "
+                          f"data.micro_batch_size {cfg.data.micro_batch_size} x world size {world_size} = {per_step}")
+    return cfg.train.global_batch_size // per_step
+
+
 def validate(cfg: Config) -> Config:
     flat = to_dict(cfg)
     for key, options in CHOICES.items():

@@ -42,9 +42,9 @@ def _launch(overrides: list[str]) -> subprocess.Popen:
     return subprocess.Popen(["bash", str(LAUNCHER), str(CONFIG), *overrides], env=env)
 
 
-def run_demo(workdir: str) -> None:
+def run_demo(workdir: str, steps: int | None = None) -> None:
     start = time.perf_counter()
-    cfg = load_config(CONFIG)
+    cfg = load_config(CONFIG, [f"train.steps={steps}"] if steps else [])
     documents = Path(SAMPLE).read_text(encoding="utf-8").splitlines()
     held_out = [json.loads(line)["text"][:600] for line in documents[-HELD_OUT:]]
     Path(workdir).mkdir(parents=True, exist_ok=True)
@@ -55,7 +55,8 @@ def run_demo(workdir: str) -> None:
         build_shards([str(train_file)], str(shards), cfg.model.llm_tokenizer, cfg.model.mt_tokenizer, ENGLISH,
                      cfg.data.max_length, shard_size=50, workers=1)
 
-    overrides = [f"run.dir={workdir}", f"data.shards={shards}", "distributed.backend=fsdp"]
+    overrides = [f"run.dir={workdir}", f"data.shards={shards}", "distributed.backend=fsdp",
+                 f"train.steps={cfg.train.steps}"]
     run = RunFolder(Path(workdir) / cfg.run.name)
     run_dir, metrics = run.path, run.metrics_file
     shutil.rmtree(run_dir, ignore_errors=True)  # the demo starts from step 0 every time

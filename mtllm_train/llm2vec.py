@@ -23,7 +23,7 @@ def prepare_llm2vec(out: str, base: str = BASE, adapters: list[str] | None = Non
     from peft import PeftModel
     from transformers import AutoModel
 
-    from mtllm_train.model.loading import from_pretrained
+    from mtllm_train.model.hub import from_pretrained
     from mtllm_train.portable.format import DTYPES
     from mtllm_train.model.tokenizers import load_tokenizer
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from mtllm_train.checkpoint import Checkpoints
-from mtllm_train.config import Config, ConfigError, DistributedConfig
+from mtllm_train.config import Config, DistributedConfig
 from mtllm_train.distributed import Dist, all_reduce, deepspeed_engine, wrap_model
 from mtllm_train.metrics import MetricsLogger
 from mtllm_train.model.stack import trainable_parameters
@@ -92,14 +92,6 @@ class Preemption:
         """The run saved and stops: a requeued job must run on, so the STOP file goes."""
         if self.is_main:
             self.stop_file.unlink(missing_ok=True)
-
-
-def accumulation_steps(cfg: Config, world_size: int) -> int:
-    per_step = cfg.data.micro_batch_size * world_size
-    if cfg.train.global_batch_size % per_step:
-        raise ConfigError(f"train.global_batch_size {cfg.train.global_batch_size} is not a multiple of "
-                          f"data.micro_batch_size {cfg.data.micro_batch_size} x world size {world_size} = {per_step}")
-    return cfg.train.global_batch_size // per_step
 
 
 def setup_backend(module: nn.Module, cfg: Config, dist_info: Dist, accumulation: int, total_steps: int, *,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from mtllm_train.config import Config, ConfigError, TaskConfig, load_config
+from mtllm_train.config import Config, ConfigError, TaskConfig, accumulation_steps, load_config
 
 
 def _backend(cfg: Config, world_size: int) -> None:
@@ -66,9 +66,9 @@ def _holder(cfg: Config) -> None:
 
 def _shards(cfg: Config) -> None:
     from mtllm_train.data.manifest import check_tokenizers, load_manifest
-    from mtllm_train.train import run_tokenizers
+    from mtllm_train.model.tokenizers import run_tokenizers
 
-    tokenizers = run_tokenizers(cfg)
+    tokenizers = run_tokenizers(cfg.model)
     for shards in [cfg.data.shards] + ([cfg.data.eval_shards] if cfg.data.eval_every else []):
         check_tokenizers(load_manifest(shards), shards, *tokenizers)
 
@@ -114,8 +114,6 @@ def stage_sections(cfg: Config, command: str) -> None:
 def preflight(command: str, config: str, overrides: list[str], world_size: int) -> tuple[list[str], list[str]]:
     """(problems, notes): what a launch of `command` on `world_size` processes would refuse, one line each, and
     what it would say (W&B falling back to offline)."""
-    from mtllm_train.loop import accumulation_steps
-
     cfg = load_config(config, overrides)  # a config that does not load stops here, as one problem
     checks: list[Callable[[], None]] = [lambda: stage_sections(cfg, command), lambda: _backend(cfg, world_size),
                                         lambda: accumulation_steps(cfg, world_size),

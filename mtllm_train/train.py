@@ -17,31 +17,25 @@ import torch
 from torch.distributed.checkpoint.api import CheckpointException
 
 from mtllm_train.checkpoint import Checkpoints
-from mtllm_train.config import Config, ConfigError, to_dict
+from mtllm_train.config import Config, ConfigError, accumulation_steps, to_dict
 from mtllm_train.data.manifest import check_tokenizers, require_word_spans
 from mtllm_train.data.reader import BatchReader
 from mtllm_train.distributed import (agree_or_stop, compile_layers, gradient_sync, init_distributed, shutdown,
                                      stop_together)
-from mtllm_train.loop import (Preemption, accumulation_steps, autocast, backward, check_finite_loss, due,
+from mtllm_train.loop import (Preemption, autocast, backward, check_finite_loss, due,
                               end_of_step, new_summary, optimizer_step, resume_line, setup_backend)
 from mtllm_train.metrics import (MetricsLogger, MfuMeter, StepStatistics, StepTiming, loss_record, step_record,
                                  wandb_mode)
 from mtllm_train.model.fp8 import check_fp8_support, fp8_base
 from mtllm_train.model.loss import LossTerms, loss_terms, span_count, squared_error, weighted_loss
 from mtllm_train.model.stack import MTLLM, build_stack
-from mtllm_train.model.tokenizers import fingerprint, tokenizer_spec, view_tokenizer
+from mtllm_train.model.tokenizers import run_tokenizers
 from mtllm_train.probe import BitextProbe
 from mtllm_train.projection_fit import fit_projection
 from mtllm_train.run_folder import RunFolder, open_run_folder
 
 VIEWS = ("mt_input_ids", "mt_attention_mask", "llm_input_ids", "llm_attention_mask")
 WORD_IDS = ("mt_word_ids", "llm_word_ids")  # each token's word span (-1: none), in shards built with spans
-
-
-def run_tokenizers(cfg: Config) -> tuple[tuple[str, str], tuple[str, str]]:
-    """(name, fingerprint) of the run's LLM and MT tokenizers, to check against the shards."""
-    llm, mt = ((tokenizer_spec(cfg.model, view), fingerprint(view_tokenizer(cfg.model, view))) for view in ("llm", "mt"))
-    return llm, mt
 
 
 def step_batches(batches, accumulation: int, device: torch.device, spans: bool) -> tuple[list[dict], dict[str, float]]:
@@ -106,7 +100,7 @@ def shard_reader(cfg: Config, shards: str, num_workers: int, dist_info) -> Batch
     reader = BatchReader(shards, dist_info.rank, dist_info.world_size, cfg.data.micro_batch_size, num_workers,
                          cfg.run.seed, cfg.data.length_group_batches, cfg.data.skip_bad_samples, cfg.data.max_length,
                          cfg.data.pad_multiple)
-    check_tokenizers(reader.manifest, shards, *run_tokenizers(cfg))
+    check_tokenizers(reader.manifest, shards, *run_tokenizers(cfg.model))
     return reader
 
 

@@ -14,12 +14,12 @@ from mtllm_train.checkpoint import Checkpoints
 from mtllm_train.config import load_config
 from mtllm_train.train import train
 
-STEPS = 40
+STEPS = 24
 # No LoRA dropout: 1 process and 2 ranks then compute the same function (dropout streams are per rank). Every
 # loss term (sequence, word-span, in-batch contrastive), a held-out evaluation and the multilingual probe, so
 # each is tested across ranks.
-COMMON = {"train.steps": STEPS, "checkpoint.every": 10, "model.lora.dropout": 0.0, "loss.span_weight": 0.5,
-          "loss.contrastive_weight": 0.1, "data.eval_every": 20, "probe.every": 20,
+COMMON = {"train.steps": STEPS, "checkpoint.every": 6, "model.lora.dropout": 0.0, "loss.span_weight": 0.5,
+          "loss.contrastive_weight": 0.1, "data.eval_every": 12, "probe.every": 12,
           "probe.sets": "[shards/sample/bitext_probe.jsonl]"}
 
 
@@ -65,17 +65,20 @@ def test_two_ranks_train_match_one_process_and_resume(tmp_path, train_shards, re
     mse = [m["mse"] for m in records]
     assert len(losses) == STEPS and sum(mse[-5:]) < 0.5 * sum(mse[:5]) and losses[-1] < losses[0]
     assert {"span_mse", "contrastive"} <= records[0].keys()
-    assert [m["step"] for m in records if "eval_mse" in m] == [20, 40] and records[39]["eval_mse"] < records[19]["eval_mse"]
-    assert output.count("steps 0 -> 40") == 1, "only rank 0 reports"
+    assert [m["step"] for m in records if "eval_mse" in m] == [12, 24] and records[23]["eval_mse"] < records[11]["eval_mse"]
+    assert output.count(f"steps 0 -> {STEPS}") == 1, "only rank 0 reports"
     # Same samples in every global batch; only the order of float sums differs (ddp measured exact, fsdp and
     # deepspeed within 1e-7 relative on this machine).
     torch.testing.assert_close(torch.tensor(losses), torch.tensor([m["loss"] for m in reference]), rtol=1e-5, atol=1e-7)
-    # The probe: each rank encodes its share; the gathered vectors give the one-process numbers.
+    # The probe: each rank encodes its share; the gathered vectors give the one-process numbers. Under ddp the
+    # weights are the one process's bit for bit, so the R@1 values are equal; fsdp and deepspeed sum in another
+    # order (weights within 1e-7), which may flip a near tie of the tiny untrained model: one of 16 sentences.
     probed = [{k: v for k, v in m.items() if k.startswith("probe_")} for m in records if "probe_stack_mean" in m]
     expected = [{k: v for k, v in m.items() if k.startswith("probe_")} for m in reference if "probe_stack_mean" in m]
     assert len(probed) == len(expected) == 2 and len(probed[0]) == 2 * 2 * 5 + 2  # spaces x directions x languages
-    assert all(ours == pytest.approx(theirs, abs=1e-6) for ours, theirs in zip(probed, expected)), [
-        (k, a[k], b[k]) for a, b in zip(probed, expected) for k in a if abs(a[k] - b[k]) > 1e-6]
+    tolerance = 1e-6 if backend == "ddp" else 1 / 16 + 1e-6
+    assert all(ours == pytest.approx(theirs, abs=tolerance) for ours, theirs in zip(probed, expected)), [
+        (k, a[k], b[k]) for a, b in zip(probed, expected) for k in a if abs(a[k] - b[k]) > tolerance]
 
     stopped = _run_preempted(tmp_path, train_shards, "preempted", backend)
     assert 1 <= stopped < STEPS

@@ -175,14 +175,15 @@ def test_readme_configuration_reference_matches_the_dataclasses():
 
 
 def test_demo_runs_end_to_end(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "mtllm_train", "demo", "--workdir", str(tmp_path)], cwd=ROOT,
+    done = subprocess.run([sys.executable, "-m", "mtllm_train", "demo", "--workdir", str(tmp_path), "--steps", "80"],
+                          cwd=ROOT,
                           capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "preempted: saved step" in done.stderr + done.stdout
     assert "resumed from" in done.stderr + done.stdout
     assert re.search(r"set-up took [\d.]+ s \(stack built on cpu in [\d.]+ s\)", done.stderr + done.stdout)
-    assert "steps            0 -> 200 (resumed once)" in done.stdout
+    assert "steps            0 -> 80 (resumed once)" in done.stdout
     assert (tmp_path / "tiny" / "loss_curve.png").stat().st_size > 10_000
     assert (tmp_path / "tiny" / "export" / "adapter" / "adapter_model.safetensors").is_file()
     for route in ("AutoModel", "SentenceTransformer"):  # the export loads three ways, to the same vectors

@@ -5,7 +5,6 @@ from __future__ import annotations
 import inspect
 import tempfile
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 from safetensors.torch import save_model
@@ -13,25 +12,10 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, BitsAndBytesConfig
 
 from mtllm_train.config import ConfigError, ModelConfig, stored_quantization
+from mtllm_train.model.hub import from_pretrained
 from mtllm_train.portable.format import DTYPES, encoder_of, four_bit_config
 from mtllm_train.portable.modeling_mtllm import make_bidirectional
 from mtllm_train.portable.tokens import InputError
-
-def _is_local_path(spec: str) -> bool:
-    return spec.startswith(("/", "./", "../", "~")) or Path(spec).exists()
-
-
-def from_pretrained(loader, spec: str, key: str, **kwargs):
-    """Call `loader.from_pretrained(spec)`, turning "not found" into one line naming the config key."""
-    if _is_local_path(spec) and not Path(spec).expanduser().is_dir():
-        raise ConfigError(f"{key}: {spec!r} is not a folder (expected a model folder or a hub id)")
-    try:
-        return loader.from_pretrained(str(Path(spec).expanduser()) if _is_local_path(spec) else spec, **kwargs)
-    except (OSError, ValueError) as err:
-        cause = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError(f"{key}: cannot load {spec!r}: not a local model folder and not in the local "
-                          f"Hugging Face cache ({cause})") from None
-
 
 def quantization_config(cfg: ModelConfig) -> BitsAndBytesConfig | None:
     if stored_quantization(cfg) == "none":

@@ -13,7 +13,7 @@ import json
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from mtllm_train.config import ConfigError, ModelConfig
-from mtllm_train.model.loading import from_pretrained
+from mtllm_train.model.hub import from_pretrained
 from mtllm_train.portable import tokens
 # (the tokenizer key, the model key it defaults to) of each view
 _VIEW_KEYS = {"llm": ("llm_tokenizer", "llm"), "mt": ("mt_tokenizer", "mt_encoder")}
@@ -52,3 +52,9 @@ def set_source_language(tokenizer: PreTrainedTokenizerBase, lang: str | None) ->
         return tokens.set_source_language(tokenizer, lang)
     except tokens.InputError as err:
         raise ConfigError(str(err)) from None
+
+
+def run_tokenizers(model_cfg: ModelConfig) -> tuple[tuple[str, str], tuple[str, str]]:
+    """(name, fingerprint) of the run's LLM and MT tokenizers, to check against the shards."""
+    llm, mt = ((tokenizer_spec(model_cfg, view), fingerprint(view_tokenizer(model_cfg, view))) for view in ("llm", "mt"))
+    return llm, mt

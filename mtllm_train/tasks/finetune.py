@@ -22,10 +22,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from mtllm_train.checkpoint import Checkpoints
-from mtllm_train.config import Config, ConfigError, to_dict
+from mtllm_train.config import Config, ConfigError, accumulation_steps, to_dict
 from mtllm_train.distributed import all_reduce, barrier, gradient_sync, init_distributed, shutdown
 from mtllm_train.files import atomic_path
-from mtllm_train.loop import (Preemption, accumulation_steps, autocast, backward, check_finite_loss, end_of_step,
+from mtllm_train.loop import (Preemption, autocast, backward, check_finite_loss, end_of_step,
                               new_summary, optimizer_step, resume_line, setup_backend)
 from mtllm_train.metrics import MetricsLogger, wandb_mode
 from mtllm_train.model.fp8 import check_fp8_support, fp8_base
