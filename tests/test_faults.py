@@ -121,6 +121,12 @@ def test_damaged_shard_is_refused(tmp_path, train_shards, capsys, damage):
     code, err = _run(capsys, *_train_args(tmp_path, shards, "d", **{"data.num_workers": 0}))
     expected = "missing (listed in the manifest)" if damage == "missing" else "checksum mismatch"
     assert code == 2 and len(err) == 1 and "shard-000003.tar" in err[0] and expected in err[0], err
+    if damage == "missing":  # found when the reader opens the folder, before any batch is read
+        from mtllm_train.data.reader import BatchReader
+        from mtllm_train.data.tar_reader import ShardError
+
+        with pytest.raises(ShardError, match=r"shard-000003\.tar: missing \(listed in the manifest\)"):
+            BatchReader(str(shards), num_workers=0)
 
 
 def test_skip_bad_samples_counts_every_dropped_sample(tmp_path, train_shards, capsys):
@@ -649,6 +655,21 @@ def test_a_run_refused_before_its_first_step_leaves_nothing(tmp_path, train_shar
     assert code == 2 and sorted(p.name for p in (tmp_path / "kept").iterdir()) == [".lock", "config.yaml", "notes.txt"]
 
 
+def test_a_file_system_without_locks_runs_unlocked_with_one_line(tmp_path, train_shards, capsys, monkeypatch):
+    import errno
+
+    import mtllm_train.run_folder as run_folder_module
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(run_folder_module.fcntl, "lockf", no_locks)
+    code, err = _run(capsys, *_train_args(tmp_path, train_shards, "nfs", **{"train.steps": 2}))
+    assert code == 0 and [line for line in err if "lock" in line] == [
+        f"{tmp_path / 'nfs' / '.lock'}: this file system does not lock files (No locks available); the run goes on "
+        f"unlocked: keep one trainer per run.name"], err
+
+
 # The table of fault cases: (test, what goes wrong, what must happen).
 FAULTS = [
     ("test_ctrl_c_checkpoints_and_a_second_one_stops_at_once", "Ctrl-C (SIGINT to the process group, 2 loader "
@@ -696,6 +717,8 @@ FAULTS = [
      "file (one target language)", "one line naming file (and line) before the first step, not at validation"),
     ("test_a_run_refused_before_its_first_step_leaves_nothing", "a new run refused during its set-up (no shards "
      "there)", "one line; the run folder it had created is gone (a folder that existed is left as it was)"),
+    ("test_a_file_system_without_locks_runs_unlocked_with_one_line", "the run folder's file system has no locks "
+     "(Lustre without flock)", "one line says so; the run goes on unlocked"),
     ("test_resume_with_other_settings_is_refused", "resume with model.lora.r / optim.lr / train.steps changed",
      "exit 2 naming key and both values; config.yaml untouched; the run still exports"),
     ("test_resume_may_change_how_it_logs_and_checkpoints", "resume with logging / checkpoint / timeout changed",

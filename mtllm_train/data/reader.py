@@ -196,6 +196,10 @@ class BatchReader:
         self.seed, self.group_batches, self.skip_bad_samples = seed, group_batches, skip_bad_samples
         self.epoch, self.batches, self.dropped = 0, 0, 0
         self.epoch_batches(0)  # fail now, not in the first step, if the data cannot feed every reader
+        if not locations.is_remote(shards_dir) and not skip_bad_samples:  # a missing shard: now, not mid-epoch
+            for shard in self.shards:
+                if not (self.shards_dir / shard["name"]).is_file():
+                    raise ShardError(shard_problem(self.shards_dir / shard["name"], shard))
 
     def epoch_batches(self, epoch: int) -> int:
         """Batches every rank yields in `epoch` (the same on all ranks)."""
