@@ -22,6 +22,7 @@ from __future__ import annotations
 import csv
 import json
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
 import torch
@@ -51,11 +52,39 @@ class Bitext:
     english: list[str]
 
 
+def hub_flores_rows(spec: str) -> tuple[str, list[tuple[int, dict]]]:
+    """(name, rows) of FLORES-200 on the hub, `hf://ORG/DATASET:SPLIT?langs=L1,L2[&sentences=N]` (e.g.
+    hf://openlanguagedata/flores_plus:dev?langs=deu_Latn,swh_Latn): each language's configuration read with the
+    `datasets` package, line-aligned with eng_Latn's, its first N sentences (default 200)."""
+    from mtllm_train.tasks.data import _hf_rows
+
+    location, _, query = spec.partition("?")
+    repo, _, split = location.removeprefix("hf://").partition(":")
+    options = dict(part.split("=", 1) for part in query.split("&") if "=" in part)
+    languages = [code for code in options.get("langs", "").split(",") if code]
+    if not repo or not split or not languages or not options.get("sentences", "200").isdigit():
+        raise ConfigError(f"probe.sets: {spec!r}: expected hf://ORG/DATASET:SPLIT?langs=L1,L2[&sentences=N], e.g. "
+                          f"hf://openlanguagedata/flores_plus:dev?langs=deu_Latn,swh_Latn")
+    sentences = int(options.get("sentences", "200"))
+
+    def texts(code: str) -> list[str]:
+        rows = _hf_rows(f"hf://{repo}/{code}:{split}")
+        return [str(row.get("text", row.get("sentence", ""))) for _, row in islice(rows, sentences)]
+
+    english = texts(ENGLISH)
+    rows = [{"lang": code, "text": text, "english": source} for code in languages
+            for text, source in zip(texts(code), english)]
+    return f"{repo.rsplit('/', 1)[-1]}_{split}", list(enumerate(rows, 1))
+
+
 def read_bitext(path: str, mt_codes: set[str]) -> Bitext:
     """A probe set from jsonl ({"lang", "text", "english"} per line), tsv (lang, text, english) or parquet (those
-    columns). Every problem is one line naming the file (and line); languages are FLORES-200 codes the MT
-    tokenizer knows (stage 2's table), or, for an MT tokenizer without language codes (which reads every
-    language alike, e.g. e5's), any well-formed one."""
+    columns), or FLORES-200 from the hub (hub_flores_rows). Every problem is one line naming the file (and
+    line); languages are FLORES-200 codes the MT tokenizer knows (stage 2's table), or, for an MT tokenizer
+    without language codes (which reads every language alike, e.g. e5's), any well-formed one."""
+    if path.startswith("hf://"):
+        name, rows = hub_flores_rows(path)
+        return _bitext(name, path, rows, mt_codes)
     file = Path(path)
     if not file.is_file():
         raise ConfigError(f"probe.sets: {path!r} does not exist")
@@ -85,7 +114,12 @@ def read_bitext(path: str, mt_codes: set[str]) -> Bitext:
         raise ConfigError(f"probe.sets: {path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     except OSError as err:
         raise ConfigError(f"probe.sets: {path}: cannot be read ({err})") from None
-    bitext, english = Bitext(file.stem, [], [], [], []), {}
+    return _bitext(file.stem, path, rows, mt_codes)
+
+
+def _bitext(name: str, path: str, rows: list[tuple[int, object]], mt_codes: set[str]) -> Bitext:
+    """The set from its numbered records, each checked."""
+    bitext, english = Bitext(name, [], [], [], []), {}
     for number, record in rows:
         if not isinstance(record, dict) or not all(isinstance(record.get(k), str) and record[k].strip()
                                                    for k in ("lang", "text", "english")):

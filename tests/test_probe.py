@@ -162,3 +162,41 @@ def test_a_flores_release_folder_becomes_a_probe_set(tmp_path, capsys):
     assert main(["probe-set", "--flores", str(tmp_path / "flores200_dataset"), "--out", str(out),
                  "--langs", "fra_Latn"]) == 2
     assert "no fra_Latn.dev in" in capsys.readouterr().err
+
+
+def test_flores_from_the_hub_through_the_datasets_package(monkeypatch):
+    """hf://ORG/DATASET:SPLIT?langs=...: each language's configuration, line-aligned with English's, read with
+    `datasets` (here a stand-in that serves FLORES-shaped rows: the hub is not reachable from the tests)."""
+    import sys
+    import types
+
+    from mtllm_train.config import ConfigError
+
+    served = {"eng_Latn": ["One.", "Two.", "Three."], "deu_Latn": ["Eins.", "Zwei.", "Drei."],
+              "swh_Latn": ["Moja.", "Mbili.", "Tatu."]}
+    calls = []
+
+    def load_dataset(path, config, split):
+        calls.append((path, config, split))
+        return [{"id": k, "text": text} for k, text in enumerate(served[config])]
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    bitext = read_bitext("hf://openlanguagedata/flores_plus:dev?langs=deu_Latn,swh_Latn&sentences=2", set(served))
+    assert bitext.name == "flores_plus_dev" and bitext.english == ["One.", "Two."]
+    assert list(zip(bitext.langs, bitext.texts, bitext.english_index)) == [
+        ("deu_Latn", "Eins.", 0), ("deu_Latn", "Zwei.", 1), ("swh_Latn", "Moja.", 0), ("swh_Latn", "Mbili.", 1)]
+    assert calls[0] == ("openlanguagedata/flores_plus", "eng_Latn", "dev")
+    with pytest.raises(ConfigError, match=r"expected hf://ORG/DATASET:SPLIT\?langs=L1,L2"):
+        read_bitext("hf://openlanguagedata/flores_plus:dev", set(served))
+    monkeypatch.delitem(sys.modules, "datasets")
+    monkeypatch.setattr("builtins.__import__", _no_datasets(__import__))
+    with pytest.raises(ConfigError, match=r"needs the `datasets` package"):
+        read_bitext("hf://openlanguagedata/flores_plus:dev?langs=deu_Latn", set(served))
+
+
+def _no_datasets(real_import):
+    def importing(name, *args, **kwargs):
+        if name == "datasets":
+            raise ImportError("No module named 'datasets'")
+        return real_import(name, *args, **kwargs)
+    return importing
