@@ -93,13 +93,11 @@ def _train(args: argparse.Namespace) -> int:
     """train (stage 1), task-train and task-distill (stage 2)."""
     from pathlib import Path
 
-    from mtllm_train.config import load_config
     from mtllm_train.loop import RunStopped
-    from mtllm_train.preflight import stage_sections
+    from mtllm_train.preflight import launch_problems
     from mtllm_train.run_folder import discard_if_unused
 
-    cfg = load_config(args.config, args.overrides)
-    stage_sections(cfg, args.command)
+    cfg = launch_problems(args.config, args.overrides, args.command, int(os.environ.get("WORLD_SIZE", "1")))
     try:
         if args.command == "train":
             from mtllm_train.train import train
@@ -433,7 +431,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args) or 0
     except (ConfigError, InputError) as err:
-        print(f"mtllm: error: {err}", file=sys.stderr)
+        # A mistake every rank of a launch finds alike (the config) is said once, by rank 0.
+        if not (getattr(err, "same_on_every_rank", False) and os.environ.get("RANK", "0") != "0"):
+            print(f"mtllm: error: {err}", file=sys.stderr)
         return 2
     except OSError as err:
         code, safe = AFTER_FILE_ERROR.get(args.command, (2, ""))

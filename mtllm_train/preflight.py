@@ -103,6 +103,21 @@ def _wandb(cfg: Config) -> str | None:
     return wandb_mode(cfg.logging)[1]
 
 
+def launch_problems(config: str, overrides: list[str], command: str, world_size: int) -> Config:
+    """The config, with what every rank of a launch would find alike (the file, its values, the sections the
+    command reads, the backend and batch geometry for the world size): a ConfigError marked `same_on_every_rank`,
+    so that only rank 0 says it."""
+    try:
+        cfg = load_config(config, overrides)
+        stage_sections(cfg, command)
+        _backend(cfg, world_size)
+        accumulation_steps(cfg, world_size)
+    except ConfigError as err:
+        err.same_on_every_rank = True
+        raise
+    return cfg
+
+
 def stage_sections(cfg: Config, command: str) -> None:
     """A section the command does not read is refused, not ignored: task.* on stage 1."""
     if command == "train" and cfg.task != TaskConfig():

@@ -104,6 +104,19 @@ def test_a_launch_that_would_fail_is_refused_before_anything_starts(tmp_path, tr
     assert "torch.distributed.run" not in done.stdout + done.stderr and time.perf_counter() - start < 60
 
 
+def test_a_config_mistake_inside_a_launch_is_said_once(tmp_path, train_shards):
+    """Past the pre-flight (torchrun started directly), a mistake every rank finds alike is one line, rank 0's."""
+    from helpers import finish, torchrun
+
+    code, output = finish(torchrun("train", "--config", "configs/tiny.yaml", f"run.dir={tmp_path}",
+                                   f"data.shards={train_shards}", "distributed.backend=ddp", "task.train=x.jsonl"),
+                          timeout=120)
+    lines = [line for line in output.splitlines() if line.startswith("mtllm: error:")]
+    assert code != 0 and lines == ["mtllm: error: task.train: stage 1 (mtllm train) does not read the task section; "
+                                   "set task.* for task-train / task-distill (to start stage 1 from another run: "
+                                   "train.init_from)"], output[-2000:]
+
+
 def test_launch_scripts_run_the_stage2_commands(tmp_path):
     """Every training launcher takes the command (its pre-flight checks the stage-2 run); the default stays `train`."""
     from mtllm_train.config import dump_config
