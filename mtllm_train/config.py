@@ -337,6 +337,11 @@ def checkpointing_policy(value: str | bool) -> str:
 MAX_RUN_NAME = 200
 
 
+def check_backend(backend: str, world_size: int) -> None:
+    if backend == "none" and world_size > 1:
+        raise ConfigError(f"distributed.backend: 'none' cannot run on {world_size} processes; use ddp, fsdp or deepspeed")
+
+
 def accumulation_steps(cfg: Config, world_size: int) -> int:
     """Micro-batches per rank and step: the global batch must split evenly over micro batches and ranks."""
     per_step = cfg.data.micro_batch_size * world_size

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import nn
 from transformers.utils import logging as transformers_logging
 
-from mtllm_train.config import Config, ConfigError, DistributedConfig
+from mtllm_train.config import Config, ConfigError, DistributedConfig, check_backend
 from mtllm_train.portable.format import DTYPES
 
 
@@ -58,8 +58,7 @@ def init_distributed(cfg: DistributedConfig) -> Dist:
     """Read torchrun / deepspeed-launcher variables; a lone process gets a 1-rank group when a backend needs one."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     backend = cfg.backend
-    if backend == "none" and world_size > 1:
-        raise ConfigError(f"distributed.backend: 'none' cannot run on {world_size} processes; use ddp, fsdp or deepspeed")
+    check_backend(backend, world_size)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if "LOCAL_RANK" in os.environ:  # started by a launcher (torchrun, deepspeed): when it is gone, preempt and stop
         die_with_parent(signal.SIGTERM)

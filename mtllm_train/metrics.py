@@ -391,7 +391,7 @@ class MetricsLogger:
             self.file.close()
         except OSError:  # what could not be flushed was reported when the write failed
             pass
-        plot = plot_loss_curve(self.run) if read_records(self.path) else None
+        plot = plot_loss_curve(self.run)
         if self.wandb_run is not None:
             if plot is not None:
                 import wandb
@@ -497,11 +497,14 @@ def probe_panel(axis, records: list[dict]) -> None:
 
 
 def plot_loss_curve(run) -> Path | None:
-    """The RunFolder's loss_curve.png from its metrics.jsonl (None, said in one line, when it cannot be written:
-    the run itself is saved)."""
+    """The RunFolder's loss_curve.png from its metrics.jsonl (None when it holds no step, or, said in one line,
+    when the file cannot be written: the run itself is saved)."""
     import matplotlib.pyplot as plt
 
-    figure = loss_figure(read_records(run.metrics_file), run.name)
+    records = read_records(run.metrics_file) if run.metrics_file.is_file() else []
+    if not records:
+        return None
+    figure = loss_figure(records, run.name)
     try:
         figure.savefig(run.plot_file, dpi=110)
     except OSError as err:

@@ -10,13 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from mtllm_train.config import Config, ConfigError, TaskConfig, accumulation_steps, load_config
-
-
-def _backend(cfg: Config, world_size: int) -> None:
-    if cfg.distributed.backend == "none" and world_size > 1:
-        raise ConfigError(f"distributed.backend: 'none' cannot run on {world_size} processes; use ddp, fsdp or "
-                          f"deepspeed")
+from mtllm_train.config import Config, ConfigError, TaskConfig, accumulation_steps, check_backend, load_config
 
 
 def _run_folder(cfg: Config, command: str, world_size: int) -> None:
@@ -44,24 +38,14 @@ def _run_folder(cfg: Config, command: str, world_size: int) -> None:
 
 
 def _holder(cfg: Config) -> None:
-    import fcntl
-    import os
     from pathlib import Path
 
-    from mtllm_train.run_folder import RunFolder
+    from mtllm_train.run_folder import RunFolder, in_use_line, lock_holder
 
-    lock = RunFolder(Path(cfg.run.dir) / cfg.run.name).lock_file
-    if not lock.is_file():
-        return
-    fd = os.open(lock, os.O_RDWR)
-    try:
-        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
-        raise ConfigError(f"run folder {lock.parent} is in use by another trainer ({holder}); wait for it to end, "
-                          f"or give this run its own run.name") from None
-    finally:
-        os.close(fd)  # closing releases the lock this check took
+    run = RunFolder(Path(cfg.run.dir) / cfg.run.name)
+    holder = lock_holder(run)
+    if holder is not None:
+        raise ConfigError(in_use_line(run, holder))
 
 
 def _shards(cfg: Config) -> None:
@@ -85,16 +69,13 @@ def _probe_sets(cfg: Config) -> None:
 
 def _task_files(cfg: Config, command: str) -> None:
     from mtllm_train.tasks.encode import TaskData
-    from mtllm_train.tasks.evaluation import eval_languages
+    from mtllm_train.tasks.evaluation import eval_languages, read_every_split
     from mtllm_train.tasks.finetune import check_task_config
 
     check_task_config(cfg, command)
     data = TaskData(cfg)
     data.split(cfg.task.train)
-    for language in eval_languages(cfg, data.tokenizers["mt"]):
-        for spec in (language.dev, language.test):
-            if spec:
-                data.split(spec, language.code)
+    read_every_split(data, eval_languages(cfg, data.tokenizers["mt"]))
 
 
 def _wandb(cfg: Config) -> str | None:
@@ -110,7 +91,7 @@ def launch_problems(config: str, overrides: list[str], command: str, world_size:
     try:
         cfg = load_config(config, overrides)
         stage_sections(cfg, command)
-        _backend(cfg, world_size)
+        check_backend(cfg.distributed.backend, world_size)
         accumulation_steps(cfg, world_size)
     except ConfigError as err:
         err.same_on_every_rank = True
@@ -130,7 +111,8 @@ def preflight(command: str, config: str, overrides: list[str], world_size: int) 
     """(problems, notes): what a launch of `command` on `world_size` processes would refuse, one line each, and
     what it would say (W&B falling back to offline)."""
     cfg = load_config(config, overrides)  # a config that does not load stops here, as one problem
-    checks: list[Callable[[], None]] = [lambda: stage_sections(cfg, command), lambda: _backend(cfg, world_size),
+    checks: list[Callable[[], None]] = [lambda: stage_sections(cfg, command),
+                                        lambda: check_backend(cfg.distributed.backend, world_size),
                                         lambda: accumulation_steps(cfg, world_size),
                                         lambda: _run_folder(cfg, command, world_size), lambda: _holder(cfg)]
     if command == "train":

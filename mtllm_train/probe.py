@@ -56,7 +56,7 @@ def hub_flores_rows(spec: str) -> tuple[str, list[tuple[int, dict]]]:
     """(name, rows) of FLORES-200 on the hub, `hf://ORG/DATASET:SPLIT?langs=L1,L2[&sentences=N]` (e.g.
     hf://openlanguagedata/flores_plus:dev?langs=deu_Latn,swh_Latn): each language's configuration read with the
     `datasets` package, line-aligned with eng_Latn's, its first N sentences (default 200)."""
-    from mtllm_train.tasks.data import _hf_rows
+    from mtllm_train.tasks.data import hf_rows
 
     location, _, query = spec.partition("?")
     repo, _, split = location.removeprefix("hf://").partition(":")
@@ -68,7 +68,7 @@ def hub_flores_rows(spec: str) -> tuple[str, list[tuple[int, dict]]]:
     sentences = int(options.get("sentences", "200"))
 
     def texts(code: str) -> list[str]:
-        rows = _hf_rows(f"hf://{repo}/{code}:{split}")
+        rows = hf_rows(f"hf://{repo}/{code}:{split}")
         return [str(row.get("text", row.get("sentence", ""))) for _, row in islice(rows, sentences)]
 
     english = texts(ENGLISH)

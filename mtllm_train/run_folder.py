@@ -151,6 +151,26 @@ def _holder_note(holder: str) -> str:
     return f"{holder}; that process has ended, a process it started holds the lock"
 
 
+def in_use_line(run: RunFolder, holder: str) -> str:
+    return (f"run folder {run} is in use by another trainer ({_holder_note(holder)}); wait for it to end, or give "
+            f"this run its own run.name")
+
+
+def lock_holder(run: RunFolder) -> str | None:
+    """Who holds RUN/.lock now, or None: the lock is taken and released at once (for a process that does not
+    hold it: closing any descriptor of the file releases this process's record locks)."""
+    if not run.lock_file.is_file():
+        return None
+    fd = os.open(run.lock_file, os.O_RDWR)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        return None if err.errno in NO_LOCKS else os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+    finally:
+        os.close(fd)
+    return None
+
+
 def _take_lock(run: RunFolder) -> str:
     """Rank 0's part: "" when this process holds the lock now, else why not."""
     try:
@@ -171,8 +191,7 @@ def _take_lock(run: RunFolder) -> str:
             return ""
         if err.errno not in (errno.EACCES, errno.EAGAIN):
             raise
-        return (f"run folder {run} is in use by another trainer ({_holder_note(holder)}); wait for it to end, or "
-                f"give this run its own run.name")
+        return in_use_line(run, holder)
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"host {socket.gethostname()}, pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
               .encode(), 0)

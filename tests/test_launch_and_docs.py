@@ -239,3 +239,22 @@ def test_readme_your_own_run_commands_work_as_written(tmp_path):
     assert "preflight: task-train on 1 process(es)" in outputs[6] and " dev: English " in outputs[7]
     assert "my_sentiment:deu_Latn" in outputs[7] and "| my_sentiment:fra_Latn |" in outputs[8]
     assert json.loads(outputs[10].splitlines()[0])["prediction"] in ("negative", "positive")
+
+
+def test_preflight_names_a_trainer_holding_the_run_folder(tmp_path, train_shards):
+    import torch
+
+    from mtllm_train.distributed import Dist
+    from mtllm_train.run_folder import RunFolder, _held_locks, lock_run_folder
+
+    run = RunFolder(tmp_path / "held")
+    lock_run_folder(run, Dist(0, 1, 0, torch.device("cpu")))  # this process: the trainer
+    try:
+        done = subprocess.run([sys.executable, "-m", "mtllm_train", "preflight", "--world-size", "1", "--config",
+                               "configs/tiny.yaml", "train", f"run.dir={tmp_path}", "run.name=held",
+                               f"data.shards={train_shards}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    finally:
+        os.close(_held_locks.pop(run.path.resolve()))
+    assert done.returncode == 2 and done.stderr.startswith(f"mtllm: error: run folder {run.path} is in use by another "
+                                                           f"trainer (host "), done.stderr
+    assert f"pid {os.getpid()}" in done.stderr and "; running)" in done.stderr

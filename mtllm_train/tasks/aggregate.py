@@ -46,11 +46,10 @@ def aggregate(runs: list[str], out: str) -> dict:
     for row, per_run in sorted(results.items()):
         if len(per_run) != len(runs):
             raise ConfigError(f"row {row}: evaluated in {len(per_run)} of the {len(runs)} runs; evaluate every run")
-        metric = per_run[0]["metric"]
+        metric, columns = per_run[0]["metric"], sorted(selected_scores(per_run[0]["selection"], "s_dev"))
         table[row] = {"metric": metric}
         lines += [f"## {row} ({metric}, mean ± std over {len(runs)} runs)", "",
-                  "| selection | " + " | ".join(sorted(selected_scores(per_run[0]["selection"], "s_dev"))) +
-                  " | average |", "|---|" + "---|" * (len(selected_scores(per_run[0]["selection"], "s_dev")) + 1)]
+                  "| selection | " + " | ".join(columns) + " | average |", "|---|" + "---|" * (len(columns) + 1)]
         for kind in SELECTIONS:
             scores = [selected_scores(result["selection"], kind) for result in per_run]
             languages = sorted(scores[0])

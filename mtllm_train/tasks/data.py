@@ -91,7 +91,7 @@ def _field(row: dict, names: tuple[str, ...], where: str):
     raise ConfigError(f"{where}: no {' / '.join(names)} field")
 
 
-def _hf_rows(spec: str):
+def hf_rows(spec: str):
     """hf://org/dataset[/config]:split -> numbered rows (needs the optional `datasets` package and the hub)."""
     try:
         import datasets
@@ -112,7 +112,7 @@ def load_split(spec: str, task: str, label_names: tuple[str, ...] = NLI_LABELS, 
     if lang is not None:
         spec = spec.replace("{lang}", lang)
     if spec.startswith("hf://"):
-        return _normalise(_hf_rows(spec), spec, task, label_names, choices)
+        return _normalise(hf_rows(spec), spec, task, label_names, choices)
     return read_task_file(spec, task, label_names, choices)
 
 

@@ -56,6 +56,13 @@ def eval_languages(cfg: Config, mt_tokenizer) -> list[Language]:
     return languages
 
 
+def read_every_split(data: TaskData, languages: list[Language]) -> None:
+    for language in languages:
+        for spec in (language.dev, language.test):
+            if spec:
+                data.split(spec, language.code)
+
+
 def score(confusion: torch.Tensor, metric: str) -> float:
     """Accuracy, or macro-F1 over the classes that occur in the labels or the predictions."""
     confusion = confusion.double()
@@ -80,10 +87,7 @@ class Evaluator:
     def check_files(self) -> None:
         """Read every dev and test split the run and `mtllm evaluate` will read, before the first step: a missing
         file or a bad line is one line naming file and line now, not at the first validation (or after training)."""
-        for language in self.languages:
-            for spec in (language.dev, language.test):
-                if spec:
-                    self.data.split(spec, language.code)
+        read_every_split(self.data, self.languages)
 
     def targets(self) -> list[str]:
         return [language.key for language in self.languages if language.key != SOURCE]
