@@ -207,11 +207,12 @@ def test_a_trainer_killed_outright_frees_its_run_folder_at_once(tmp_path, train_
                                                             "data.num_workers": 2})
     trainer = subprocess.Popen([sys.executable, "-m", "mtllm_train", *map(str, args)], cwd=ROOT, env=subprocess_env(),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 60
-    while not (tmp_path / "killed" / "metrics.jsonl").is_file() and time.time() < deadline:  # in the loop
+    # metrics.jsonl is created before the loader forks its workers: wait for the workers themselves
+    deadline, workers = time.time() + 120, []
+    while not workers and trainer.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    workers = child_pids(trainer.pid)  # the loader workers (as many as have started)
-    assert workers
+        workers = child_pids(trainer.pid)  # the loader workers (as many as have started)
+    assert workers, f"no loader worker started (trainer exit code {trainer.poll()})"
     os.kill(trainer.pid, signal.SIGKILL)
     trainer.wait(timeout=10)
     run = RunFolder(tmp_path / "killed")
