@@ -188,9 +188,12 @@ def _predict(args: argparse.Namespace) -> None:
         for vector in model.encode(inputs, lang=args.lang).tolist():
             print(json.dumps({"vector": [round(value, 6) for value in vector]}))
         return
-    probabilities = model.predict_proba(inputs, lang=args.lang)
-    for label, row in zip(model.predict(inputs, lang=args.lang), probabilities.tolist()):
-        print(json.dumps({"prediction": label, "probabilities": [round(value, 6) for value in row]}))
+    probabilities = model.predict_proba(inputs, lang=args.lang)  # per input [C], or [words, C] (a token task)
+    def rounded(values):
+        return [rounded(value) for value in values] if isinstance(values, list) else round(values, 6)
+
+    for label, row in zip(model.predict(inputs, lang=args.lang), probabilities):
+        print(json.dumps({"prediction": label, "probabilities": rounded(row.tolist())}))
 
 
 def _verify(args: argparse.Namespace) -> int:
@@ -353,7 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--lang", default=None, help="the texts' language, a FLORES-200 code (default: English)")
     predict.add_argument("--input", default=None, help="a jsonl file: one object per input with the task's fields "
                                                        "(text; premise + hypothesis; passage + question + answers)")
-    predict.add_argument("texts", nargs="*", help="texts to read (single-text models: embedders, sentiment)")
+    predict.add_argument("texts", nargs="*", help="texts to read (single-text models: embedders, sentiment; a token "
+                                                  "model labels each white-space-separated word)")
     predict.set_defaults(func=_predict)
 
     probe_set = command("probe-set", "a multilingual probe set (probe.sets) from a FLORES-200 release folder")

@@ -21,7 +21,7 @@ from typing import Any, Union
 import yaml
 
 from mtllm_train.files import write_atomic
-from mtllm_train.portable.pooling import POOLINGS
+from mtllm_train.portable.pooling import POOLINGS, WORD_POOLINGS
 
 
 class ConfigError(ValueError):
@@ -175,7 +175,8 @@ class LoggingConfig:
 
 @dataclass
 class EvalSet:
-    benchmark: str = option("", "language table of the benchmark (xnli, americas_nli, kardes_nlu, nusax, pawsx, xcopa; "
+    benchmark: str = option("", "language table of the benchmark (xnli, americas_nli, kardes_nlu, nusax, pawsx, xcopa, "
+                                "wikiann, masakhaner, udpos; "
                                 "belebele and sib200 use FLORES-200 codes, as does a benchmark of your own)")
     languages: list = option([], "benchmark language codes to validate and test on")
     dev: str = option("", "dev split: a file path with {lang}, or hf://org/dataset[/config]:split with {lang}")
@@ -187,12 +188,14 @@ class TaskConfig:
     name: str = option("nli", "task: nli (premise + hypothesis jointly), sentiment (one text), belebele "
                               "(passage, question and four answers jointly; multiple choice), or the general forms "
                               "classification (one text), pair_classification (two texts), multiple_choice "
-                              "(task.choices answers)")
+                              "(task.choices answers), token_classification (a label per word: NER, POS)")
     model: str = option("llm", "what task-train fine-tunes: the LLM + a new LoRA, the MT encoder + LoRA, or the "
                                "stage-1 stack (S1+FT); task-distill always trains the stack")
     labels: list = option([], "label names (sentiment, classification, pair_classification; NLI: entailment, "
                               "neutral, contradiction); the data's labels are these names or their indices")
     choices: int = option(4, "answers per example of a multiple-choice task (Belebele 4, XCOPA 2)")
+    word_pooling: str = option("first", "token_classification: a word is read from its first token's output, or "
+                                        "the mean of its tokens'")
     train: str = option("", "English training split: jsonl / csv / parquet file, or hf://org/dataset[/config]:split")
     source_dev: str = option("", "English dev split, the source of S-DEV selection")
     eval: list = option([], "evaluation sets, each {benchmark, languages, dev, test}")
@@ -200,7 +203,8 @@ class TaskConfig:
     epochs: int = option(3, "passes over the training split (stage 2 ignores train.steps)")
     validate_every: float = option(0.1, "validate and checkpoint every this fraction of the training steps")
     max_length: int = option(256, "tokens per example and view")
-    metric: str = option("accuracy", "reported score (macro_f1: NusaX)")
+    metric: str = option("accuracy", "reported score (macro_f1: NusaX; entity_f1: seqeval's entity F1 of a "
+                                     "token_classification task with BIO labels, e.g. NER)")
     init_from: str = option("", "stage-1 run folder the stack starts from (task.model stack, and task-distill)")
     init_step: int = option(0, "checkpoint step of task.init_from; 0: its newest")
     teacher: str = option("", "task-distill: the task-train run (task.model llm) whose S-DEV checkpoint teaches")
@@ -252,9 +256,11 @@ CHOICES = {
     "distributed.mixed_precision": ("none", "bf16"),
     "distributed.fsdp_reduce_dtype": ("float32", "bfloat16"),
     "logging.wandb": ("disabled", "offline", "online"),
-    "task.name": ("nli", "sentiment", "belebele", "classification", "pair_classification", "multiple_choice"),
+    "task.name": ("nli", "sentiment", "belebele", "classification", "pair_classification", "multiple_choice",
+                  "token_classification"),
     "task.model": ("llm", "mt_encoder", "stack"),
-    "task.metric": ("accuracy", "macro_f1"),
+    "task.metric": ("accuracy", "macro_f1", "entity_f1"),
+    "task.word_pooling": WORD_POOLINGS,
 }
 
 
@@ -426,6 +432,14 @@ def validate(cfg: Config) -> Config:
                           "DTensor kernels); use adamw with fsdp (LoRA optimizer state is small), or ddp / deepspeed")
     if not 0 < cfg.task.validate_every <= 1:
         raise ConfigError(f"task.validate_every: expected a fraction in (0, 1], got {cfg.task.validate_every}")
+    if cfg.task.metric == "entity_f1":
+        if cfg.task.name != "token_classification":
+            raise ConfigError(f"task.metric: entity_f1 scores the labelled words of token_classification, not "
+                              f"{cfg.task.name}; expected accuracy or macro_f1")
+        not_bio = [label for label in cfg.task.labels if label != "O" and not re.fullmatch(r"[BI]-.+", str(label))]
+        if not_bio:
+            raise ConfigError(f"task.labels: entity_f1 reads BIO tags (O, B-<type>, I-<type>); {not_bio[0]!r} is not "
+                              f"one (score POS-like labels with accuracy)")
     for index, entry in enumerate(cfg.task.eval):
         if not isinstance(entry, dict):
             raise ConfigError(f"task.eval[{index}]: expected a mapping with benchmark, languages, dev, test")

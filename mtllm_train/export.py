@@ -49,7 +49,7 @@ from mtllm_train.portable import configuration_mtllm, guard
 from mtllm_train.files import pid_alive
 from mtllm_train.portable.configuration_mtllm import FORMAT_VERSION, MTLLMConfig
 from mtllm_train.portable.format import (ADAPTER_DIR, FROZEN_DIR, HEAD_FILE, MERGED_LLM_DIR, PROJECTION_FILE,
-                                         TEACHER_TOKENIZER_DIR)
+                                         TEACHER_TOKENIZER_DIR, task_shape)
 from mtllm_train.portable.modeling_mtllm import MTLLMModel
 from mtllm_train.portable.tokens import ENGLISH, language_codes
 from mtllm_train.run_folder import RunFolder
@@ -151,6 +151,8 @@ def _trained_model(run: RunFolder, step: int | None):
     step = source_best_step(run) if step is None else step  # S-DEV's checkpoint: one model for every language
     meta = Checkpoints(run).load_trainable(model, step)
     task = {"name": cfg.task.name, "labels": list(label_names(cfg.task)), "metric": cfg.task.metric}
+    if task_shape(cfg.task.name) == "token":
+        task["word_pooling"] = cfg.task.word_pooling
     return model, identity["kind"], task, meta, cfg, identity
 
 

@@ -15,7 +15,8 @@ def read_inputs(path: str | None, texts: list[str], model: MTLLMModel) -> list:
     if bool(path) == bool(texts):
         raise ConfigError("mtllm predict: give texts or --input FILE.jsonl (one of them)")
     if texts:
-        if model.config.task is not None and task_shape(model.config.task["name"]) != "sequence":
+        # A sequence model reads a text; a token model the text's words (split at white space).
+        if model.config.task is not None and task_shape(model.config.task["name"]) not in ("sequence", "token"):
             raise ConfigError(f"mtllm predict: a {model.config.task['name']} model reads several fields per input; "
                               f"give them in --input FILE.jsonl")
         return texts
@@ -38,7 +39,7 @@ def read_inputs(path: str | None, texts: list[str], model: MTLLMModel) -> list:
             if model.config.task is None and "text" not in record:
                 raise ConfigError(f"{path}:{number}: no 'text' field to embed")
             for name, value in record.items():
-                texts = value if name == "answers" and isinstance(value, list) else [value]
+                texts = value if name in ("answers", "words") and isinstance(value, list) else [value]
                 if name != "label" and not all(isinstance(text, str) for text in texts):
                     raise ConfigError(f"{path}:{number}: '{name}' must be text, got {type(value).__name__}")
             records.append(record if model.config.task is not None else record["text"])

@@ -1,5 +1,6 @@
-"""Tiny multilingual task data for the stage-2 tests: sentiment (English, Indonesian), NLI and Belebele-style
-multiple choice, generated from small word lists with a fixed seed."""
+"""Tiny multilingual task data for the stage-2 tests: sentiment (English, Indonesian), NLI, Belebele-style
+multiple choice, topics, paraphrases, two choices and named entities, generated from small word lists with a
+fixed seed."""
 
 import json
 import random
@@ -122,3 +123,21 @@ def build_two_choices(root: Path, count: int = 64, seed: int = 0) -> dict:
     _splits(root, rows, "id")
     return {"task.name": "multiple_choice", "task.choices": 2, "task.train": str(root / "train.jsonl"),
             "task.source_dev": str(root / "train.jsonl"), "task.eval": _eval_entry(root, "xcopa", ["id"])}
+
+
+ENTITY_LABELS = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
+
+
+def build_entities(root: Path, count: int = 64, seed: int = 0) -> dict:
+    """Named entities with BIO tags as label indices (WikiANN's shape: tokens, ner_tags), one- and two-word names."""
+    rng, rows = random.Random(seed), []
+    people, places = [["Anna"], ["Peter"], ["Maria", "Lopez"], ["John", "Smith"]], [["Berlin"], ["Paris"], ["New", "York"]]
+    for _ in range(count):
+        person, place = rng.choice(people), rng.choice(places)
+        words = ["Yesterday", *person, "visited", *place, "with", "friends", "."]
+        tags = ["O", "B-PER", *["I-PER"] * (len(person) - 1), "O", "B-LOC", *["I-LOC"] * (len(place) - 1), "O", "O", "O"]
+        rows.append({"tokens": words, "ner_tags": [ENTITY_LABELS.index(tag) for tag in tags]})
+    _splits(root, rows, "de")
+    return {"task.name": "token_classification", "task.labels": f"[{', '.join(ENTITY_LABELS)}]",
+            "task.metric": "entity_f1", "task.train": str(root / "train.jsonl"),
+            "task.source_dev": str(root / "train.jsonl"), "task.eval": _eval_entry(root, "wikiann", ["de"])}

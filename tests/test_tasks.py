@@ -6,7 +6,7 @@ import torch
 from mtllm_train.config import ConfigError
 from mtllm_train.model.tokenizers import load_tokenizer
 from mtllm_train.portable.tokens import language_codes
-from mtllm_train.portable.heads import ClassificationHead, MultipleChoiceHead, choice_pool
+from mtllm_train.portable.heads import ClassificationHead, MultipleChoiceHead, span_pool
 from mtllm_train.tasks.languages import BENCHMARKS, resolve
 
 
@@ -44,12 +44,12 @@ def test_languages_without_an_nllb_code_need_an_explicit_fallback(mt_codes):
         resolve("nij", "nusax", mt_codes, {"nij": "ind_Grek"})
 
 
-def test_multiple_choice_pools_each_choice_over_its_own_span():
+def test_multiple_span_pools_each_choice_over_its_own_span():
     head = MultipleChoiceHead(2)
     head.linear.weight.data = torch.tensor([[1.0, 0.0]])
     hidden = torch.tensor([[[1.0, 0.0], [3.0, 0.0], [10.0, 0.0], [20.0, 0.0], [99.0, 0.0]]])
-    choice_masks = torch.tensor([[[1, 1, 0, 0, 0], [0, 0, 1, 1, 0], [0, 0, 0, 0, 1]]])
-    torch.testing.assert_close(head(choice_pool(hidden, choice_masks)), torch.tensor([[2.0, 15.0, 99.0]]))
+    span_masks = torch.tensor([[[1, 1, 0, 0, 0], [0, 0, 1, 1, 0], [0, 0, 0, 0, 1]]])
+    torch.testing.assert_close(head(span_pool(hidden, span_masks)), torch.tensor([[2.0, 15.0, 99.0]]))
 
 
 def test_classification_head_has_no_bias():

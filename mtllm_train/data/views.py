@@ -10,7 +10,6 @@ indices (`word_spans`), which word-span distillation pools over.
 from __future__ import annotations
 
 import re
-from bisect import bisect_left, bisect_right
 from typing import NamedTuple
 
 import numpy as np
@@ -18,6 +17,7 @@ from transformers import PreTrainedTokenizerBase
 
 from mtllm_train.config import ConfigError
 from mtllm_train.model.tokenizers import load_tokenizer, set_source_language
+from mtllm_train.portable.tokens import token_pieces
 
 # No token spans more than this many characters: documents are pre-cut here before tokenizing.
 MAX_CHARS_PER_TOKEN = 32
@@ -43,10 +43,9 @@ def word_spans(text: str, offsets: list[list[tuple[int, int]]]) -> list[np.ndarr
     hidden states and compares them, so a span must be a whole run of tokens in every view and the same text in
     all of them. Spans start as the text's words and single punctuation marks (`\w+|[^\w\s]`); wherever a token
     of any view straddles the boundary of two neighbouring pieces ("n't", "e.g", "stop."), they are merged, so
-    every span boundary is a token boundary in every view. A token is placed by its offsets with surrounding
-    whitespace stripped (SentencePiece tokens carry the space before a word). -1 marks special tokens (empty
-    offsets), whitespace-only tokens, and the tokens of a span that some view has no token for (characters its
-    normaliser drops), so every view holds the same spans.
+    every span boundary is a token boundary in every view (tokens are placed by portable/tokens.token_pieces).
+    -1 marks special tokens (empty offsets), whitespace-only tokens, and the tokens of a span that some view has
+    no token for (characters its normaliser drops), so every view holds the same spans.
     """
     pieces = [match.span() for match in _WORD_PIECES.finditer(text)]
     starts, ends = [start for start, _ in pieces], [end for _, end in pieces]
@@ -54,11 +53,8 @@ def word_spans(text: str, offsets: list[list[tuple[int, int]]]) -> list[np.ndarr
     first_piece = []  # per view and token: the first piece its stripped text touches; -1: none
     for view in offsets:
         first_piece.append(np.full(len(view), -1))
-        for token, (start, end) in enumerate(view):
-            content = text[start:end]
-            if content.strip():
-                start, end = start + len(content) - len(content.lstrip()), end - len(content) + len(content.rstrip())
-                first, last = bisect_right(ends, start), bisect_left(starts, end) - 1
+        for token, (first, last) in enumerate(token_pieces(text, view, starts, ends)):
+            if first >= 0:
                 joined[first:last] = True
                 first_piece[-1][token] = first
     # Each piece's span: a new one starts at every piece no token joins to the one before. The appended -1 is

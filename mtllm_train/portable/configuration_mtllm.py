@@ -16,7 +16,8 @@ class MTLLMConfig(PretrainedConfig):
 
     mt_encoder / llm: where the frozen weights come from: a hub id or absolute path, or a folder inside the
     export (relative path). merged: the LoRA is merged into the saved LLM (no adapter/ folder).
-    task: None for an embedder; else {"name": nli | sentiment | belebele, "labels": [...]} and a head.
+    task: None for an embedder; else {"name": a task of format.TASK_SHAPES, "labels": [...], "metric": ...,
+    and for token classification "word_pooling"} and a head.
     view_max_length: tokens per view ({"mt": n, "llm": n}) the model was trained with.
     quantization (none, nf4, fp4) and quant_double / quant_compute_dtype / quant_storage_dtype: the 4-bit LLM as
     the run loaded it (the defaults are what exports made before they were recorded).

@@ -28,10 +28,12 @@ PROJECTION_FILE = "projection.safetensors"  # U
 HEAD_FILE = "head.safetensors"  # a task model's head
 TEACHER_TOKENIZER_DIR = "tokenizers/llm"  # the teacher's tokenizer (a stack)
 # task name -> shape: "sequence" (one text), "pair" (two texts encoded jointly), "choice" (a passage, a question
-# and any number of answers, each answer's span scored). The paper's three tasks and the general forms.
+# and any number of answers, each answer's span scored), "token" (a sentence's words, each word's span labelled).
+# The paper's three tasks and the general forms.
 TASK_SHAPES = {"sentiment": "sequence", "classification": "sequence", "nli": "pair", "pair_classification": "pair",
-               "belebele": "choice", "multiple_choice": "choice"}
-SHAPE_FIELDS = {"sequence": ("text",), "pair": ("premise", "hypothesis"), "choice": ("passage", "question", "answers")}
+               "belebele": "choice", "multiple_choice": "choice", "token_classification": "token"}
+SHAPE_FIELDS = {"sequence": ("text",), "pair": ("premise", "hypothesis"), "choice": ("passage", "question", "answers"),
+                "token": ("words",)}
 
 
 def task_shape(task: str) -> str:
@@ -53,6 +55,7 @@ def project_to_llm(projection: nn.Linear, mt_states: torch.Tensor, llm_input_dty
 
 
 def task_head(task: str, hidden_size: int, num_outputs: int) -> nn.Module:
-    """A task's head: one score per answer span for multiple choice, else a linear classifier over the classes."""
+    """A task's head: one score per answer span for multiple choice, else a linear classifier over the classes
+    (of the pooled text, or of each word's span)."""
     return MultipleChoiceHead(hidden_size) if task_shape(task) == "choice" else ClassificationHead(hidden_size,
                                                                                                   num_outputs)

@@ -99,6 +99,8 @@ def _task_input(task: str, text: str) -> dict:
         return {"premise": text, "hypothesis": "It is about a river."}
     if shape == "choice":
         return {"passage": text, "question": "What flows?", "answers": ["a river", "a car", "a song", "a cloud"]}
+    if shape == "token":
+        return {"words": text.split()}
     return {"text": text}
 
 
@@ -117,7 +119,8 @@ def probe_outputs(model, probes: list[dict]) -> torch.Tensor:
     finally:
         if source_language is not None:
             model.tokenizer.src_lang = source_language
-    return torch.stack([row.float().cpu() for row in rows])
+    # A token model's probe gives [words, C]: each probe's row is all its words' logits, zero-padded to the longest.
+    return torch.nn.utils.rnn.pad_sequence([row.float().cpu().reshape(-1) for row in rows], batch_first=True)
 
 
 def record(model, folder: Path) -> dict:

@@ -3,6 +3,7 @@
 - sequence / pair classification: the pooled vector [B, D] -> Linear(D, C, bias=False) (a pair is encoded jointly)
 - multiple choice: each choice's own token span mean-pooled [B, K, D] -> Linear(D, 1) -> logits [B, K];
   cross-entropy over the choices
+- token classification: each word's token span pooled [B, W, D] -> Linear(D, C, bias=False) -> logits [B, W, C]
 """
 
 from __future__ import annotations
@@ -10,15 +11,28 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .pooling import pool
 
 
-def choice_pool(hidden: torch.Tensor, choice_masks: torch.Tensor) -> torch.Tensor:
-    """hidden [B, T, D]; choice_masks [B, K, T] with 1 on the tokens of choice k -> span means [B, K, D] (fp32)."""
-    batch, choices, length = choice_masks.shape
-    expanded = hidden.unsqueeze(1).expand(batch, choices, length, hidden.shape[-1])
-    spans = pool(expanded.reshape(batch * choices, length, -1), choice_masks.reshape(batch * choices, length), "mean")
-    return spans.view(batch, choices, -1)
+def span_pool(hidden: torch.Tensor, span_masks: torch.Tensor) -> torch.Tensor:
+    """hidden [B, T, D]; span_masks [B, K, T] with 1 on the tokens of span k (an answer, a word) -> span means
+    [B, K, D] (fp32; a span without tokens: zeros)."""
+    # One batched product, not the [B, K, T, D] copy per span that a sentence of many words would need; in fp32
+    # whatever autocast says.
+    with torch.autocast(hidden.device.type, enabled=False):
+        weights = span_masks.to(device=hidden.device, dtype=torch.float32)
+        sums = torch.bmm(weights, hidden.float())
+    return sums / weights.sum(-1, keepdim=True).clamp_min(1.0)
+
+
+def word_presence(span_masks: torch.Tensor) -> torch.Tensor:
+    """[B, W, T] word spans -> [B, W]: which words have tokens (a word cut by max_length has none)."""
+    return span_masks.sum(-1) > 0
+
+
+def word_predictions(logits: torch.Tensor, span_masks: torch.Tensor) -> torch.Tensor:
+    """Token classification's label per word [B, W]: the best class, and the first label for a word without
+    tokens (there is nothing to read it from)."""
+    return logits.argmax(-1).masked_fill(~word_presence(span_masks), 0)
 
 
 class ClassificationHead(nn.Module):

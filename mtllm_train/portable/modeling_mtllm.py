@@ -22,7 +22,7 @@ from .encoding import collate, encode_examples
 from .guard import check, guard_mode
 from .format import (ADAPTER_DIR, DTYPES, HEAD_FILE, PROJECTION_FILE, SHAPE_FIELDS, TEACHER_TOKENIZER_DIR, encoder_of,
                      four_bit_config, project_to_llm, task_head, task_shape)
-from .heads import choice_pool
+from .heads import span_pool, word_presence
 from .pooling import pool
 from .tokens import InputError, pad_id, pad_right, set_source_language
 
@@ -142,11 +142,12 @@ class MTLLMModel(PreTrainedModel):
         """Token states, as transformers' feature extractors and sentence-transformers expect them."""
         return BaseModelOutput(last_hidden_state=self.hidden_states(input_ids, attention_mask))
 
-    def representation(self, input_ids, attention_mask, choice_masks=None) -> torch.Tensor:
-        """The pooled vector [B, D] (fp32), or each answer's span mean [B, K, D] for multiple choice."""
+    def representation(self, input_ids, attention_mask, span_masks=None) -> torch.Tensor:
+        """The pooled vector [B, D] (fp32), or each answer's or word's span mean [B, K, D] (multiple choice, token
+        classification)."""
         hidden = self.hidden_states(input_ids, attention_mask)
-        if choice_masks is not None:
-            return choice_pool(hidden, choice_masks)
+        if span_masks is not None:
+            return span_pool(hidden, span_masks)
         return pool(hidden, attention_mask, self.config.pooling)
 
     def _batches(self, tokenizer, texts: list[str], batch_size: int, view: str):
@@ -200,8 +201,9 @@ class MTLLMModel(PreTrainedModel):
         return vectors[0] if single else vectors
 
     def _examples(self, inputs) -> tuple[list[dict], bool]:
-        """Task inputs as examples: texts (a sequence task), (premise, hypothesis) pairs (a pair task), or dicts
-        with the task's fields (any task, e.g. passage / question / answers for multiple choice)."""
+        """Task inputs as examples: texts (a sequence task; a token task splits them at white space), (premise,
+        hypothesis) pairs (a pair task), or dicts with the task's fields (any task, e.g. passage / question /
+        answers for multiple choice, words for token classification)."""
         task, shape = self.config.task["name"], task_shape(self.config.task["name"])
         single = isinstance(inputs, (str, dict)) or (shape == "pair" and isinstance(inputs, tuple))
         items = [inputs] if single else list(inputs)
@@ -209,6 +211,8 @@ class MTLLMModel(PreTrainedModel):
             raise InputError("predict: no inputs")
         if shape == "sequence":
             examples = [item if isinstance(item, dict) else {"text": item} for item in items]
+        elif shape == "token":
+            examples = [item if isinstance(item, dict) else {"words": item.split()} for item in items]
         elif shape == "pair":
             examples = [item if isinstance(item, dict) else {"premise": item[0], "hypothesis": item[1]} for item in items]
         else:
@@ -219,30 +223,58 @@ class MTLLMModel(PreTrainedModel):
             if missing:
                 raise InputError(f"input {number}: a {task} model reads {', '.join(fields)}; it has no "
                                  f"{', '.join(missing)}")
+        if shape == "token":
+            for number, example in enumerate(examples, 1):
+                if not isinstance(example["words"], list) or not example["words"]:
+                    raise InputError(f"input {number}: a {task} model reads words: a non-empty list of words")
+            return [{**example, "label": [0] * len(example["words"])} for example in examples], single
         return [{**example, "label": 0} for example in examples], single
 
     @torch.no_grad()
-    def logits(self, inputs, lang: str | None = None, batch_size: int = 32) -> torch.Tensor:
-        """Class (or answer) logits [N, C] of a task model, float32; one input gives [C]."""
+    def _scores(self, inputs, lang: str | None, batch_size: int) -> tuple[list[torch.Tensor], bool]:
+        """Per input: its class (or answer) logits [C], or for token classification its words' [W, C] (a word
+        without tokens scores 0 everywhere, so its prediction is the first label, as in evaluation)."""
         if self.head is None:
             raise InputError("predict needs a task model (a stage-2 export); this export is an embedder: use encode")
         examples, single = self._examples(inputs)
         set_source_language(self.tokenizer, lang or self.config.source_language)
-        items = encode_examples(examples, self.config.task["name"], self.tokenizer, self.config.view_max_length[self.view])
-        logits = []
+        items = encode_examples(examples, self.config.task["name"], self.tokenizer, self.config.view_max_length[self.view],
+                                self.config.task.get("word_pooling", "first"))
+        scores = []
         for start in range(0, len(items), batch_size):
-            batch, _ = collate(items[start:start + batch_size], pad_id(self.tokenizer))
-            logits.append(self.head(self.representation(**{k: v.to(self.device) for k, v in batch.items()})).float())
-        logits = torch.cat(logits)
-        return logits[0] if single else logits
+            chunk = items[start:start + batch_size]
+            batch, _ = collate(chunk, pad_id(self.tokenizer))
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            logits = self.head(self.representation(**batch)).float()
+            if isinstance(chunk[0]["label"], list):
+                logits = logits.masked_fill(~word_presence(batch["span_masks"]).unsqueeze(-1), 0.0)
+                scores.extend(row[:len(item["label"])] for row, item in zip(logits, chunk))
+            else:
+                scores.extend(logits)
+        return scores, single
 
-    def predict_proba(self, inputs, lang: str | None = None, batch_size: int = 32) -> torch.Tensor:
-        """Class (or answer) probabilities [N, C] of a task model; one input gives [C]."""
-        return self.logits(inputs, lang, batch_size).softmax(-1)
+    def logits(self, inputs, lang: str | None = None, batch_size: int = 32):
+        """Class (or answer) logits [N, C] of a task model, float32; one input gives [C]. Token classification:
+        a list of [W, C] (one per input: its words); one input gives [W, C]."""
+        scores, single = self._scores(inputs, lang, batch_size)
+        if single:
+            return scores[0]
+        return scores if task_shape(self.config.task["name"]) == "token" else torch.stack(scores)
+
+    def predict_proba(self, inputs, lang: str | None = None, batch_size: int = 32):
+        """Class (or answer) probabilities, shaped as `logits`."""
+        logits = self.logits(inputs, lang, batch_size)
+        return [row.softmax(-1) for row in logits] if isinstance(logits, list) else logits.softmax(-1)
 
     def predict(self, inputs, lang: str | None = None, batch_size: int = 32):
-        """Predicted label names (for multiple choice: the index of the answer), one per input."""
-        chosen = self.predict_proba(inputs, lang, batch_size).argmax(-1)
+        """Predicted label names (for multiple choice: the index of the answer), one per input; for token
+        classification a list of label names per input, one per word."""
         labels = self.config.task.get("labels")
-        names = [labels[k] if labels else k for k in chosen.reshape(-1).tolist()]
-        return names[0] if chosen.dim() == 0 else names
+        scores, single = self._scores(inputs, lang, batch_size)
+
+        def named(chosen: torch.Tensor):
+            names = [labels[k] if labels else k for k in chosen.reshape(-1).tolist()]
+            return names[0] if chosen.dim() == 0 else names
+
+        predictions = [named(row.argmax(-1)) for row in scores]
+        return predictions[0] if single else predictions

@@ -3,6 +3,7 @@
 import torch
 
 POOLINGS = ("mean", "eos", "bos")
+WORD_POOLINGS = ("first", "mean")  # token classification: a word is its first token's output, or its tokens' mean
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, strategy: str) -> torch.Tensor:

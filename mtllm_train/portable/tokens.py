@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import re
+from bisect import bisect_left, bisect_right
 
 import numpy as np
 import torch
@@ -14,6 +15,23 @@ class InputError(ValueError):
 
 ENGLISH = "eng_Latn"  # the FLORES-200 / NLLB code of English: stage 1's text, stage 2's source language
 _LANGUAGE_CODE = re.compile(r"[a-z]{3}_[A-Z][a-z]{3}")
+
+
+def token_pieces(text: str, offsets, starts: list[int], ends: list[int]) -> list[tuple[int, int]]:
+    """Each token's first and last piece of `text`: pieces are sorted, disjoint character ranges (words), given
+    by their starts and ends. A token is placed by its character offsets with surrounding whitespace stripped
+    (SentencePiece and BPE tokens carry the space before a word); (-1, -1): a token with no text (a special
+    token, whitespace). The one rule for which words a token belongs to: stage 1's word spans and stage 2's
+    token classification both place tokens here."""
+    placed = []
+    for start, end in offsets:
+        content = text[start:end]
+        if not content.strip():
+            placed.append((-1, -1))
+            continue
+        start, end = start + len(content) - len(content.lstrip()), end - len(content) + len(content.rstrip())
+        placed.append((bisect_right(ends, start), bisect_left(starts, end) - 1))
+    return placed
 
 
 def pad_id(tokenizer) -> int:

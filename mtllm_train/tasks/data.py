@@ -9,6 +9,9 @@
   task.choices answers
   (a list `answers`, or choice1..K / mc_answer1..K), the correct index (label, 0-based; or correct_answer_num,
   1-based: Belebele's); Belebele's own column names (flores_passage, mc_answer1..4) are accepted as they are
+- words (token_classification): tokens (or words) and one label per word in labels (or tags, ner_tags,
+  pos_tags: WikiANN's, MasakhaNER's, UDPOS's), each a name of task.labels or its index; a csv cell holds
+  them space-separated
 """
 
 from __future__ import annotations
@@ -143,6 +146,20 @@ def _answers(row: dict, choices: int, where: str) -> list:
     return answers
 
 
+def _word_labels(row: dict, names: tuple[str, ...], where: str) -> dict:
+    """A token-classification row: its words and one label per word."""
+    words, labels = _field(row, ("tokens", "words"), where), _field(row, ("labels", "tags", "ner_tags", "pos_tags"), where)
+    words, labels = (value.split() if isinstance(value, str) else value for value in (words, labels))
+    if not isinstance(words, list) or not isinstance(labels, list):
+        raise ConfigError(f"{where}: expected a list of words and a list of labels, got {type(words).__name__} and "
+                          f"{type(labels).__name__}")
+    if not words:
+        raise ConfigError(f"{where}: no words")
+    if len(labels) != len(words):
+        raise ConfigError(f"{where}: {len(words)} words but {len(labels)} labels (one label per word)")
+    return {"words": [str(word) for word in words], "label": [_label(label, names, where) for label in labels]}
+
+
 def _normalise(rows, source: str, task: str, label_names: tuple[str, ...], choices: int = 4) -> list[dict]:
     if task not in CHOICES["task.name"]:
         raise ConfigError(f"task {task!r}: expected one of {', '.join(CHOICES['task.name'])}")
@@ -159,6 +176,8 @@ def _normalise(rows, source: str, task: str, label_names: tuple[str, ...], choic
             examples.append({"premise": str(_field(row, aliases("premise", "sentence1"), where)),
                              "hypothesis": str(_field(row, aliases("hypothesis", "sentence2"), where)),
                              "label": _label(_field(row, ("label",), where), names, where)})
+        elif shape == "token":
+            examples.append(_word_labels(row, names, where))
         elif shape == "sequence":
             examples.append({"text": str(_field(row, aliases("text", "sentence"), where)),
                              "label": _label(_field(row, aliases("label", "category"), where), names, where)})

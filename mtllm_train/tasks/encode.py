@@ -21,6 +21,7 @@ class TaskData:
 
     def __init__(self, cfg: Config):
         self.task, self.max_length, self.choices = cfg.task.name, cfg.task.max_length, cfg.task.choices
+        self.word_pooling = cfg.task.word_pooling
         self.labels = label_names(cfg.task)
         self.tokenizers = {view: view_tokenizer(cfg.model, view) for view in ("llm", "mt")}
         self.pads = {view: pad_id(tokenizer) for view, tokenizer in self.tokenizers.items()}
@@ -37,7 +38,7 @@ class TaskData:
         tokenizer = self.tokenizers[view]
         set_source_language(tokenizer, lang)
         try:
-            return encode_examples(examples, self.task, tokenizer, self.max_length)
+            return encode_examples(examples, self.task, tokenizer, self.max_length, self.word_pooling)
         except InputError as err:
             raise ConfigError(str(err)) from None
 

@@ -1,7 +1,8 @@
 """Zero-shot cross-lingual evaluation.
 
 `Evaluator` scores a task model on every language's dev or test split (accuracy or macro-F1 from a confusion
-matrix summed over ranks, so it runs under every backend). `evaluate_run` is `mtllm evaluate`: it tests the
+matrix of examples, or of words for token classification; entity F1 from entity counts: all summed over ranks,
+so it runs under every backend). `evaluate_run` is `mtllm evaluate`: it tests the
 checkpoints that S-DEV and T-DEV select from the dev scores the run recorded while training, and writes
 RUN/results/<row>.json and .md.
 
@@ -20,6 +21,8 @@ import torch
 from mtllm_train.checkpoint import Checkpoints
 from mtllm_train.config import Config, ConfigError, EvalSet, from_dict
 from mtllm_train.distributed import Dist, all_reduce, barrier
+from mtllm_train.portable.encoding import IGNORED
+from mtllm_train.portable.heads import word_predictions
 from mtllm_train.portable.tokens import ENGLISH, language_codes
 from mtllm_train.tasks.encode import TaskData
 from mtllm_train.tasks.languages import resolve
@@ -63,9 +66,27 @@ def read_every_split(data: TaskData, languages: list[Language]) -> None:
                 data.split(spec, language.code)
 
 
-def score(confusion: torch.Tensor, metric: str) -> float:
-    """Accuracy, or macro-F1 over the classes that occur in the labels or the predictions."""
-    confusion = confusion.double()
+def entity_counts(gold: list[list[str]], predicted: list[list[str]]) -> list[int]:
+    """[entities found exactly (type, first and last word), entities predicted, entities in the gold labels]
+    of BIO-tagged sentences, entities read as seqeval reads them (its default, conlleval's rule)."""
+    from seqeval.metrics.sequence_labeling import get_entities
+
+    found = predicted_count = gold_count = 0
+    for gold_tags, predicted_tags in zip(gold, predicted):
+        gold_entities, predicted_entities = set(get_entities(gold_tags)), set(get_entities(predicted_tags))
+        found += len(gold_entities & predicted_entities)
+        predicted_count += len(predicted_entities)
+        gold_count += len(gold_entities)
+    return [found, predicted_count, gold_count]
+
+
+def score(tally: torch.Tensor, metric: str) -> float:
+    """Accuracy, macro-F1 over the classes that occur in the labels or the predictions (from a confusion matrix),
+    or entity F1 (micro, seqeval's f1_score) from entity counts."""
+    if metric == "entity_f1":
+        found, predicted, gold = tally.double().tolist()
+        return 2 * found / (predicted + gold) if predicted + gold else 0.0
+    confusion = tally.double()
     if metric == "accuracy":
         return float(confusion.trace() / confusion.sum().clamp_min(1))
     true_positive = confusion.diag()
@@ -116,27 +137,40 @@ class Evaluator:
         return self._encoded[(key, split, view)]
 
     @torch.no_grad()
-    def confusion(self, model, items: list[dict], view: str) -> torch.Tensor:
-        """Confusion matrix [label, prediction] over all ranks: each rank scores every world_size-th example.
-        Every rank runs the same number of forward passes (FSDP / ZeRO-3 gather weights in each)."""
+    def tally(self, model, items: list[dict], view: str) -> torch.Tensor:
+        """What the metric is computed from, summed over all ranks: a confusion matrix [label, prediction] (of
+        examples, or of words), or for entity_f1 entity counts (entity_counts). Each rank scores every
+        world_size-th example; every rank runs the same number of forward passes (FSDP / ZeRO-3 gather weights
+        in each)."""
         rank, world, device = self.dist_info.rank, self.dist_info.world_size, self.dist_info.device
-        size, classes = self.cfg.task.eval_batch_size, num_classes(self.cfg)
+        size, classes, metric = self.cfg.task.eval_batch_size, num_classes(self.cfg), self.cfg.task.metric
         mine = items[rank::world]
-        confusion = torch.zeros(classes, classes, dtype=torch.long, device=device)
+        tally = torch.zeros((3,) if metric == "entity_f1" else (classes, classes), dtype=torch.long, device=device)
         for start in range(0, math.ceil(len(items) / world / size) * size, size):
             chunk = mine[start:start + size]
             inputs, labels = self.data.batch(chunk or items[:1], view)
             _, logits, _ = model(**{name: tensor.to(device) for name, tensor in inputs.items()})
+            if not chunk:  # a rank with fewer examples still joins the forward pass, and counts nothing
+                continue
             labels = labels.to(device)
-            if chunk:  # a rank with fewer examples still joins the forward pass, and counts nothing
-                confusion.index_put_((labels, logits.argmax(-1)), torch.ones_like(labels), accumulate=True)
-        return all_reduce(confusion)
+            if labels.dim() == 1:
+                predictions, real = logits.argmax(-1), torch.ones_like(labels, dtype=torch.bool)
+            else:  # a label per word; padding words are IGNORED
+                predictions, real = word_predictions(logits, inputs["span_masks"].to(device)), labels != IGNORED
+            if metric == "entity_f1":
+                names = self.data.labels
+                gold = [[names[k] for k in row[keep].tolist()] for row, keep in zip(labels, real)]
+                predicted = [[names[k] for k in row[keep].tolist()] for row, keep in zip(predictions, real)]
+                tally += torch.tensor(entity_counts(gold, predicted), device=device)
+            else:
+                tally.index_put_((labels[real], predictions[real]), torch.ones_like(labels[real]), accumulate=True)
+        return all_reduce(tally)
 
     def scores(self, model, split: str, keys: list[str] | None = None) -> dict[str, float]:
         view = "llm" if self.kind == "llm" else "mt"
         was_training = model.training
         model.eval()
-        results = {key: score(self.confusion(model, self.encoded(key, split, view), view), self.cfg.task.metric)
+        results = {key: score(self.tally(model, self.encoded(key, split, view), view), self.cfg.task.metric)
                    for key in (keys if keys is not None else self.keys(split))}
         model.train(was_training)
         return results

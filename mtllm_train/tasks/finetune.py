@@ -30,6 +30,9 @@ from mtllm_train.loop import (Preemption, autocast, backward, check_finite_loss,
 from mtllm_train.metrics import MetricsLogger, wandb_mode
 from mtllm_train.model.fp8 import check_fp8_support, fp8_base
 from mtllm_train.model.loss import squared_error
+from mtllm_train.portable.encoding import IGNORED
+from mtllm_train.portable.format import task_shape
+from mtllm_train.portable.heads import word_presence
 from mtllm_train.run_folder import RunFolder, open_run_folder
 from mtllm_train.tasks.encode import TaskData
 from mtllm_train.tasks.evaluation import Evaluator, steps_to_keep
@@ -49,6 +52,9 @@ def check_task_config(cfg: Config, command: str) -> str:
         if not cfg.task.teacher:
             raise ConfigError("task.teacher: required by task-distill (the task-train run of the LLM)")
         teacher_config(cfg)  # before anything is written
+    if cfg.task.translate_test and task_shape(cfg.task.name) == "token":
+        raise ConfigError("task.translate_test: token_classification labels the words of the original text, and a "
+                          "translation keeps neither its words nor their order; token tasks are evaluated zero-shot")
     if cfg.task.translate_test and kind != "llm":
         raise ConfigError("task.translate_test: only a task-train run of task.model llm is evaluated on translations")
     return kind
@@ -66,34 +72,69 @@ def step_examples(step: int, steps_per_epoch: int, global_batch: int, count: int
     return order[position * global_batch:(position + 1) * global_batch].tolist()
 
 
+def loss_targets(items: dict[str, list[dict]], views: list[str], token_task: bool) -> list[int]:
+    """Per training example, how many targets its loss sums: one, or for token classification its words with
+    tokens in every view the loss reads (a step's loss is divided by its global count, whatever the ranks)."""
+    if not token_task:
+        return [1] * len(items[views[0]])
+    return [sum(all(view_items[index]["spans"][word] for view_items in (items[view] for view in views))
+                for word in range(len(items[views[0]][index]["spans"])))
+            for index in range(len(items[views[0]]))]
+
+
 def teacher_representations(teacher: TaskModel, items: list[dict], batch_size: int, data: TaskData,
-                            device: torch.device) -> torch.Tensor:
-    """The teacher's task representation of every training example, in order (float32, on CPU)."""
-    out = []
+                            device: torch.device) -> dict[str, torch.Tensor]:
+    """The teacher's task representation of every training example, in order (float32, on CPU): "representations"
+    [N, ...]; for token classification one row per word of every example ([words, D]) and "present" [words]
+    (the word has tokens in the teacher's view)."""
+    rows, present = [], []
     with torch.no_grad():
         for start in range(0, len(items), batch_size):
-            inputs, _ = data.batch(items[start:start + batch_size], "llm")
-            out.append(teacher.representation(**{k: v.to(device) for k, v in inputs.items()}).float().cpu())
-    return torch.cat(out)
+            chunk = items[start:start + batch_size]
+            inputs, _ = data.batch(chunk, "llm")
+            representation = teacher.representation(**{k: v.to(device) for k, v in inputs.items()}).float().cpu()
+            if not isinstance(chunk[0]["label"], list):
+                rows.append(representation)
+                continue
+            for row, item in enumerate(chunk):
+                rows.append(representation[row, :len(item["label"])])
+                present.append(word_presence(inputs["span_masks"][row, :len(item["label"])]))
+    return {"representations": torch.cat(rows)} | ({"present": torch.cat(present)} if present else {})
+
+
+def cached_targets(cached: dict[str, torch.Tensor], items: list[dict], micro: list[int],
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A micro-batch's cached teacher representations (and, for token classification, their words' presence,
+    padded to the batch's most words as the student's batch is)."""
+    if "present" not in cached:
+        return cached["representations"][micro].to(device), None
+    offsets = [0]
+    for item in items:
+        offsets.append(offsets[-1] + len(item["label"]))
+    pick = [slice(offsets[index], offsets[index + 1]) for index in micro]
+    pad = torch.nn.utils.rnn.pad_sequence
+    return (pad([cached["representations"][where] for where in pick], batch_first=True).to(device),
+            pad([cached["present"][where] for where in pick], batch_first=True).to(device))
 
 
 def cached_teacher(cfg: Config, run: RunFolder, is_main: bool, teacher_step: int, train_spec_digest: str,
-                   compute) -> torch.Tensor:
+                   compute) -> dict[str, torch.Tensor]:
     """The teacher's representations from the cache, computed once (by rank 0) when the fingerprint is new.
     The fingerprint covers the training data, the teacher checkpoint and every setting that changes them."""
     teacher_checkpoints = Checkpoints(cfg.task.teacher)
     key = json.dumps({"data": train_spec_digest, "teacher": str(teacher_checkpoints.path(teacher_step).resolve()),
                       "saved_at": teacher_checkpoints.meta(teacher_step)["saved_at"],
-                      "model": to_dict(cfg.model), "task": cfg.task.name, "max_length": cfg.task.max_length},
+                      "model": to_dict(cfg.model), "task": cfg.task.name, "max_length": cfg.task.max_length,
+                      **({"word_pooling": cfg.task.word_pooling} if task_shape(cfg.task.name) == "token" else {})},
                      sort_keys=True)
     fingerprint = hashlib.sha256(key.encode()).hexdigest()[:16]
     path = Path(cfg.task.cache_dir or run.teacher_cache_dir) / f"{fingerprint}.safetensors"
     if is_main and not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as partial:
-            save_file({"representations": compute()}, str(partial))
+            save_file(compute(), str(partial))
     barrier()
-    return load_file(str(path))["representations"]
+    return load_file(str(path))
 
 
 def train_task(cfg: Config, command: str) -> dict:
@@ -129,6 +170,8 @@ def train_task(cfg: Config, command: str) -> dict:
     evaluator.check_files()
     views = [model_module.view] + (["llm"] if distill else [])
     train_items = {view: data.encode(examples, view) for view in views}
+    token_task = task_shape(cfg.task.name) == "token"
+    targets = loss_targets(train_items, views, token_task)
     steps_per_epoch = len(examples) // cfg.train.global_batch_size
     if steps_per_epoch == 0:
         raise ConfigError(f"task.train: {len(examples)} examples is less than one global batch "
@@ -172,6 +215,7 @@ def train_task(cfg: Config, command: str) -> dict:
         for step in range(start_step + 1, total_steps + 1):
             indices = step_examples(step, steps_per_epoch, cfg.train.global_batch_size, len(examples), cfg.run.seed)
             mine = indices[dist_info.rank * per_rank:(dist_info.rank + 1) * per_rank]
+            step_targets = max(1, sum(targets[i] for i in indices))  # every rank counts the whole global batch
             loss_sum = torch.zeros((), device=device, dtype=torch.float64)
             for index in range(accumulation):
                 last = index == accumulation - 1
@@ -186,14 +230,25 @@ def train_task(cfg: Config, command: str) -> dict:
                     with autocast(cfg.distributed, device):
                         representation, logits, teacher_representation = model(**inputs)
                         if distill:
+                            teacher_present = None
                             if cached is not None:
-                                teacher_representation = cached[micro].to(device)
-                            # Every target vector (one per example, or per answer) weighs the same.
+                                teacher_representation, teacher_present = cached_targets(
+                                    cached, train_items["llm"], micro, device)
+                            # Every target vector (one per example, per answer or per word) weighs the same.
                             errors = squared_error(representation, teacher_representation)
-                            per_example = errors.numel() // len(micro)
-                            loss = errors.sum() * world_size / (cfg.train.global_batch_size * per_example)
+                            if token_task:  # the words both views have tokens for
+                                if teacher_present is None:
+                                    teacher_present = word_presence(inputs["teacher_span_masks"])
+                                both = word_presence(inputs["span_masks"]) & teacher_present
+                                loss = errors[both].sum() * world_size / step_targets
+                            else:
+                                per_example = errors.numel() // len(micro)
+                                loss = errors.sum() * world_size / (cfg.train.global_batch_size * per_example)
                         else:
-                            loss = F.cross_entropy(logits.float(), labels, reduction="sum") * world_size / cfg.train.global_batch_size
+                            if token_task:  # a word without tokens in this view is not trained on
+                                labels = labels.masked_fill(~word_presence(inputs["span_masks"]), IGNORED)
+                            loss = F.cross_entropy(logits.float().flatten(0, -2), labels.flatten(), reduction="sum",
+                                                   ignore_index=IGNORED) * world_size / step_targets
                     backward(model, loss, backend, last)
                 loss_sum += loss.detach().double() / world_size
             loss_value = all_reduce(loss_sum).item()

@@ -30,8 +30,26 @@ PAWSX = {"de": "deu_Latn", "en": "eng_Latn", "es": "spa_Latn", "fr": "fra_Latn",
 # XCOPA causal commonsense, two choices (ISO 639-1 / -3); Quechua is Ayacucho Quechua in NLLB-200.
 XCOPA = {"et": "est_Latn", "ht": "hat_Latn", "id": "ind_Latn", "it": "ita_Latn", "qu": "quy_Latn", "sw": "swh_Latn",
          "ta": "tam_Taml", "th": "tha_Thai", "tr": "tur_Latn", "vi": "vie_Latn", "zh": "zho_Hans"}
+# WikiANN NER, the 40 languages of its XTREME split (ISO 639-1; Malay is Standard Malay in NLLB-200).
+WIKIANN = {"af": "afr_Latn", "ar": "arb_Arab", "bg": "bul_Cyrl", "bn": "ben_Beng", "de": "deu_Latn", "el": "ell_Grek",
+           "en": "eng_Latn", "es": "spa_Latn", "et": "est_Latn", "eu": "eus_Latn", "fa": "pes_Arab", "fi": "fin_Latn",
+           "fr": "fra_Latn", "he": "heb_Hebr", "hi": "hin_Deva", "hu": "hun_Latn", "id": "ind_Latn", "it": "ita_Latn",
+           "ja": "jpn_Jpan", "jv": "jav_Latn", "ka": "kat_Geor", "kk": "kaz_Cyrl", "ko": "kor_Hang", "ml": "mal_Mlym",
+           "mr": "mar_Deva", "ms": "zsm_Latn", "my": "mya_Mymr", "nl": "nld_Latn", "pt": "por_Latn", "ru": "rus_Cyrl",
+           "sw": "swh_Latn", "ta": "tam_Taml", "te": "tel_Telu", "th": "tha_Thai", "tl": "tgl_Latn", "tr": "tur_Latn",
+           "ur": "urd_Arab", "vi": "vie_Latn", "yo": "yor_Latn", "zh": "zho_Hans"}
+# MasakhaNER 1.0 and 2.0 (ISO 639-3): Nigerian Pidgin and Ghomala are not NLLB-200 languages.
+MASAKHANER = {"amh": "amh_Ethi", "bam": "bam_Latn", "bbj": None, "ewe": "ewe_Latn", "fon": "fon_Latn",
+              "hau": "hau_Latn", "ibo": "ibo_Latn", "kin": "kin_Latn", "lug": "lug_Latn", "luo": "luo_Latn",
+              "mos": "mos_Latn", "nya": "nya_Latn", "pcm": None, "sna": "sna_Latn", "swa": "swh_Latn",
+              "tsn": "tsn_Latn", "twi": "twi_Latn", "wol": "wol_Latn", "xho": "xho_Latn", "yor": "yor_Latn",
+              "zul": "zul_Latn"}
+# UDPOS, the Universal Dependencies treebanks of XTREME (ISO 639-1).
+UDPOS = {code: WIKIANN[code] for code in ("af", "ar", "bg", "de", "el", "en", "es", "et", "eu", "fa", "fi", "fr", "he",
+                                          "hi", "hu", "id", "it", "ja", "kk", "ko", "mr", "nl", "pt", "ru", "ta", "te",
+                                          "th", "tl", "tr", "ur", "vi", "yo", "zh")} | {"wo": "wol_Latn"}
 BENCHMARKS = {"xnli": XNLI, "americas_nli": AMERICAS_NLI, "kardes_nlu": KARDES_NLU, "nusax": NUSAX, "pawsx": PAWSX,
-              "xcopa": XCOPA}
+              "xcopa": XCOPA, "wikiann": WIKIANN, "masakhaner": MASAKHANER, "udpos": UDPOS}
 # Built-in benchmarks that use FLORES-200 codes already (flores: stage 1's probe sets; SIB-200: topic
 # classification of FLORES-200 sentences in 205 languages).
 FLORES_CODED = ("belebele", "flores", "sib200")

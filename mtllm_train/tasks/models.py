@@ -6,8 +6,8 @@ kinds of body:
 - stack:      the stage-1 stack on the MT tokenization: its stage-1 LoRA continues, the projection U stays as
               stage 1 left it (the paper trains only the LoRA adapters in stage 2)
 
-The task representation is the pooled vector (model.pooling) or, for multiple choice, each answer's own
-span mean-pooled. In task-distill the stack's representation is pulled towards the teacher's (MSE), and the
+The task representation is the pooled vector (model.pooling) or, for multiple choice and token classification,
+each answer's or word's own span mean-pooled (portable/heads.span_pool). In task-distill the stack's representation is pulled towards the teacher's (MSE), and the
 teacher's head, frozen, predicts.
 """
 
@@ -27,7 +27,7 @@ from mtllm_train.portable.pooling import pool
 from mtllm_train.model.stack import add_lora, build_stack, lora_train_mode
 from mtllm_train.tasks.data import label_names
 from mtllm_train.portable.format import task_head, task_shape
-from mtllm_train.portable.heads import choice_pool
+from mtllm_train.portable.heads import span_pool
 from mtllm_train.run_folder import RunFolder
 
 VIEW_OF = {"llm": "llm", "mt_encoder": "mt", "stack": "mt"}
@@ -56,25 +56,25 @@ class TaskModel(nn.Module):
             self.teacher.eval()
         return self
 
-    def representation(self, input_ids, attention_mask, choice_masks=None) -> torch.Tensor:
+    def representation(self, input_ids, attention_mask, span_masks=None) -> torch.Tensor:
         if self.kind == "stack":
             hidden = self.body.student_hidden(input_ids, attention_mask)
         else:
             hidden = self.body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        if choice_masks is not None:
-            return choice_pool(hidden, choice_masks)
+        if span_masks is not None:
+            return span_pool(hidden, span_masks)
         return pool(hidden, attention_mask, self.pooling)
 
-    def forward(self, input_ids, attention_mask, choice_masks=None, teacher_input_ids=None,
-                teacher_attention_mask=None, teacher_choice_masks=None):
+    def forward(self, input_ids, attention_mask, span_masks=None, teacher_input_ids=None,
+                teacher_attention_mask=None, teacher_span_masks=None):
         """(representation, logits, teacher representation or None): one call, so the DDP / FSDP / DeepSpeed
         wrappers see a single forward."""
-        representation = self.representation(input_ids, attention_mask, choice_masks)
+        representation = self.representation(input_ids, attention_mask, span_masks)
         teacher_representation = None
         if self.teacher is not None and teacher_input_ids is not None:
             with torch.no_grad():
                 teacher_representation = self.teacher.representation(teacher_input_ids, teacher_attention_mask,
-                                                                      teacher_choice_masks)
+                                                                      teacher_span_masks)
         return representation, self.head(representation), teacher_representation
 
     def backend_parts(self) -> tuple[nn.Module, list[nn.Module]]:
