@@ -242,10 +242,15 @@ def test_stage2_user_errors_name_the_problem(runs, tmp_path):
         load_config("configs/tiny.yaml", ["task.eval=[3]"])
 
 
-@pytest.mark.parametrize("backend", ["ddp", "fsdp"])
-def test_two_process_task_distill_matches_one_process(runs, backend):
+@pytest.mark.parametrize("backend, task", [("ddp", "sentiment"), ("fsdp", "entities")])
+def test_two_process_task_distill_matches_one_process(runs, ner, backend, task):
+    """Sentiment under DDP; named entities under FSDP (a step's loss divided by its words over both ranks, entity
+    counts summed over both)."""
     root, data = runs
-    extra = {"task.init_from": str(root / "s1"), "task.teacher": str(root / "llm"), "model.lora.dropout": 0.0}
+    teacher = root / "llm"
+    if task == "entities":
+        data, teacher = ner
+    extra = {"task.init_from": str(root / "s1"), "task.teacher": str(teacher), "model.lora.dropout": 0.0}
     reference = run_task(root, data, f"s2_one_{backend}", "task-distill", **extra)
     process = torchrun("task-distill", "--config", "configs/tiny.yaml",
                        *overrides(root, data, f"s2_two_{backend}", **extra, **{"distributed.backend": backend}))
@@ -481,3 +486,29 @@ def test_token_classification_trains_selects_and_evaluates_by_entity_f1(tmp_path
     exported = load_mtllm(export_run(str(tmp_path / "ner"), str(tmp_path / "export")))
     assert exported.predict([{"words": row["tokens"]} for row in rows]) == predicted
     assert exported.predict(" ".join(rows[0]["tokens"])) == predicted[0]  # a text: its white-space words
+
+
+@pytest.fixture(scope="module")
+def ner(runs):
+    """Named-entity data and the LLM fine-tuned on it (a token task's task-distill teacher)."""
+    from stage2_data import build_entities
+
+    root, _ = runs
+    data = build_entities(root / "ner_data")
+    run_task(root, data, "ner_teacher", **{"optim.lr": 1e-2, "task.epochs": 1})
+    return data, root / "ner_teacher"
+
+
+def test_a_token_task_distils_the_stack_from_a_live_or_cached_teacher(runs, ner):
+    """NER on the stack (MT tokens) distilled from the LLM fine-tuned on it (LLM tokens): each word's vector is
+    pulled towards the teacher's, the cached teacher (one row per word) gives the live teacher's losses, and the
+    run evaluates by entity F1."""
+    root, _ = runs
+    data, teacher = ner
+    extra = {"task.init_from": str(root / "s1"), "task.teacher": str(teacher), "task.epochs": 2}
+    live = run_task(root, data, "ner_live", "task-distill", **extra)
+    cached = run_task(root, data, "ner_cached", "task-distill", **extra, **{"task.cache_teacher": "true"})
+    assert cached["losses"] == pytest.approx(live["losses"], rel=1e-5)
+    assert live["losses"][-1] < live["losses"][0]
+    (written,) = evaluate_run(str(root / "ner_live"))
+    assert json.loads(written.with_suffix(".json").read_text())["metric"] == "entity_f1"

@@ -5,7 +5,7 @@ import torch
 
 from mtllm_train.config import ConfigError
 from mtllm_train.model.tokenizers import load_tokenizer
-from mtllm_train.portable.tokens import language_codes
+from mtllm_train.portable.tokens import language_codes, pad_id, set_source_language
 from mtllm_train.portable.heads import ClassificationHead, MultipleChoiceHead, span_pool
 from mtllm_train.tasks.languages import BENCHMARKS, resolve
 
@@ -165,3 +165,66 @@ def test_aggregate_over_seeds_gives_the_mean_and_sample_std_per_language_and_of_
     assert table["t_dev"]["languages"]["fra_Latn"] == pytest.approx({"mean": 0.75, "std": 0.1, "runs": 3})
     markdown = (tmp_path / "row.md").read_text()
     assert "| S-DEV | 60.0 ± 10.0 | 70.0 ± 10.0 | 65.0 ± 5.0 |" in markdown
+
+
+def test_word_labels_land_on_each_words_tokens_in_both_views():
+    """Token classification's spans: every word's tokens cover exactly that word in the LLM's and the MT encoder's
+    tokenization (words of several tokens, split differently by the two); first-subword keeps the first; words
+    cut by max_length have none and are predicted as the first label; padding words carry IGNORED."""
+    from mtllm_train.portable.encoding import IGNORED, collate, encode_examples
+    from mtllm_train.portable.heads import word_predictions
+
+    words = ["Yesterday", "Maximiliane", "Oberholzer-Schmidt", "visited", "Kraków", "."]
+    example = {"words": words, "label": [0, 1, 2, 0, 3, 0]}
+    counts = {}
+    for view in ("llm", "mt"):
+        tokenizer = load_tokenizer(f"configs/tiny/{view}_tokenizer", view)
+        set_source_language(tokenizer, "eng_Latn")
+        offsets = tokenizer(" ".join(words), return_offsets_mapping=True)["offset_mapping"]
+        (item,) = encode_examples([example], "token_classification", tokenizer, 64, "mean")
+        text = " ".join(words)
+        assert all(span == list(range(span[0], span[-1] + 1)) for span in item["spans"])  # a run of tokens
+        assert [text[offsets[span[0]][0]:offsets[span[-1]][1]].strip() for span in item["spans"]] == words
+        counts[view] = [len(span) for span in item["spans"]]
+        (first,) = encode_examples([example], "token_classification", tokenizer, 64, "first")
+        assert first["spans"] == [span[:1] for span in item["spans"]] and first["ids"] == item["ids"]
+        (cut,) = encode_examples([example], "token_classification", tokenizer, 8, "mean")
+        assert [len(span) for span in cut["spans"]][2:] == [0, 0, 0, 0] and cut["spans"][0] == item["spans"][0]
+        short = {"words": ["Kraków"], "label": [3]}
+        inputs, labels = collate([cut, *encode_examples([short], "token_classification", tokenizer, 8, "mean")],
+                                 pad_id(tokenizer))
+        assert labels.tolist() == [example["label"], [3] + [IGNORED] * 5]
+        logits = torch.zeros(2, 6, 4)
+        logits[:, :, 3] = 1.0  # every word scores label 3 best
+        assert word_predictions(logits, inputs["span_masks"]).tolist() == [[3, 3, 0, 0, 0, 0], [3, 0, 0, 0, 0, 0]]
+    assert all(n > 1 for n in counts["llm"][:3]) and all(n > 1 for n in counts["mt"][:3])
+    assert counts["llm"][0] != counts["mt"][0]  # "Yesterday": 5 LLM tokens, 4 MT tokens
+
+
+def test_entity_f1_counts_hand_labelled_entities_as_seqeval_does():
+    from seqeval.metrics import f1_score
+
+    from mtllm_train.tasks.evaluation import entity_counts, score
+
+    gold = [["B-PER", "I-PER", "O", "B-LOC"], ["O", "B-ORG", "I-ORG", "O"], ["B-LOC", "O", "O", "O"]]
+    predicted = [["B-PER", "I-PER", "O", "B-ORG"],  # PER found; LOC missed, a wrong ORG predicted
+                 ["O", "B-ORG", "O", "O"],  # ORG cut short: not found
+                 ["B-LOC", "O", "I-PER", "O"]]  # LOC found; a stray I-PER is an entity of its own (conlleval)
+    counts = entity_counts(gold, predicted)
+    assert counts == [2, 5, 4]  # found, predicted, gold
+    assert score(torch.tensor(counts), "entity_f1") == pytest.approx(2 * 2 / 9) == pytest.approx(f1_score(gold, predicted))
+
+
+def test_token_task_settings_are_checked():
+    from mtllm_train.config import load_config
+    from mtllm_train.tasks.finetune import check_task_config
+
+    base = ["task.name=token_classification", "task.labels=[O, B-PER, I-PER]", "task.train=x.jsonl"]
+    with pytest.raises(ConfigError, match=r"task.labels: entity_f1 reads BIO tags .*'NOUN' is not one"):
+        load_config("configs/tiny.yaml", [*base[:1], "task.labels=[NOUN, VERB]", "task.metric=entity_f1"])
+    with pytest.raises(ConfigError, match=r"task.metric: entity_f1 scores the labelled words of token_classification, "
+                                          r"not sentiment"):
+        load_config("configs/tiny.yaml", ["task.name=sentiment", "task.metric=entity_f1"])
+    with pytest.raises(ConfigError, match=r"task.translate_test: token_classification labels the words of the original "
+                                          r"text"):
+        check_task_config(load_config("configs/tiny.yaml", [*base, "task.translate_test=true"]), "task-train")
