@@ -239,6 +239,19 @@ def test_readme_your_own_run_commands_work_as_written(tmp_path):
     assert "preflight: task-train on 1 process(es)" in outputs[6] and " dev: English " in outputs[7]
     assert "my_sentiment:deu_Latn" in outputs[7] and "| my_sentiment:fra_Latn |" in outputs[8]
     assert json.loads(outputs[10].splitlines()[0])["prediction"] in ("negative", "positive")
+    # And the token task from the same run: a tag per word of the text.
+    block = readme.split("A token task the same way", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    commands = [line for line in block.splitlines() if line.strip() and not line.startswith("#")]
+    assert [command.split()[1] for command in commands] == ["task-train", "export", "predict"]
+    for command in commands:
+        done = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, (command, done.stderr[-2000:])
+        outputs.append(done.stdout + done.stderr)
+    assert "my_entities:deu_Latn" in outputs[11]
+    tags = json.loads(outputs[13].splitlines()[0])["prediction"]
+    assert len(tags) == len(commands[2].split('"')[1].split()) and set(tags) <= {"O", "B-PER", "I-PER", "B-ORG",
+                                                                                   "I-ORG", "B-LOC", "I-LOC"}
 
 
 def test_preflight_names_a_trainer_holding_the_run_folder(tmp_path, train_shards):
