@@ -207,6 +207,9 @@ class TaskConfig:
                                      "token_classification task with BIO labels, e.g. NER)")
     init_from: str = option("", "stage-1 run folder the stack starts from (task.model stack, and task-distill)")
     init_step: int = option(0, "checkpoint step of task.init_from; 0: its newest")
+    stage1_lora: str = option("continue", "the stack's stage-1 LoRA in stage 2: continue training it (the paper), or "
+                                          "merge it into the frozen LLM and train a fresh task LoRA (the authors' "
+                                          "released model)")
     teacher: str = option("", "task-distill: the task-train run (task.model llm) whose S-DEV checkpoint teaches")
     cache_teacher: bool = option(False, "task-distill: compute the teacher's task representations once and cache "
                                         "them (keyed by a fingerprint of data, teacher and settings)")
@@ -261,6 +264,7 @@ CHOICES = {
     "task.model": ("llm", "mt_encoder", "stack"),
     "task.metric": ("accuracy", "macro_f1", "entity_f1"),
     "task.word_pooling": WORD_POOLINGS,
+    "task.stage1_lora": ("continue", "merge"),
 }
 
 

@@ -43,7 +43,7 @@ from mtllm_train.checkpoint import Checkpoints
 from mtllm_train.config import Config, ConfigError, ModelConfig, stored_quantization
 from mtllm_train.model_card import model_card
 from mtllm_train.model.loading import build_llm, load_model
-from mtllm_train.model.stack import MTLLM, build_stack
+from mtllm_train.model.stack import MTLLM, add_lora, build_stack
 from mtllm_train.model.tokenizers import view_tokenizer
 from mtllm_train.portable import configuration_mtllm, guard
 from mtllm_train.files import pid_alive
@@ -106,10 +106,11 @@ def _recover_interrupted_exports(out_dir: Path) -> None:
             shutil.rmtree(stale, ignore_errors=True)
 
 
-def _frozen_source(spec: str | dict, name: str, module_fn, folder: Path) -> str:
+def _frozen_source(spec: str | dict, name: str, module_fn, folder: Path, changed: bool = False) -> str:
     """Where the export's loader finds a frozen part: the hub id / path it was trained from, or, for a model
-    built from an inline config, its weights saved into the export (nothing else could rebuild them)."""
-    if isinstance(spec, str):
+    built from an inline config or `changed` after loading (a stage-1 LoRA merged in), its weights saved into
+    the export (nothing else could rebuild them)."""
+    if isinstance(spec, str) and not changed:
         return spec
     module_fn().save_pretrained(str(folder / FROZEN_DIR / name))
     return f"./{FROZEN_DIR}/{name}"
@@ -168,7 +169,12 @@ def export_run(run: str, out: str | None = None, step: int | None = None, force:
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     try:
-        _write_export(partial, model, body, task, cfg, _training_facts(run_folder, cfg, meta, identity), merge)
+        stage1_lora = None
+        if identity is not None and identity["kind"] == "stack" and cfg.task.stage1_lora == "merge":
+            from mtllm_train.tasks.models import kept_stage1_lora
+            stage1_lora = kept_stage1_lora(run_folder)
+        _write_export(partial, model, body, task, cfg, _training_facts(run_folder, cfg, meta, identity), merge,
+                      stage1_lora)
         del model  # the export is loaded back next: one copy of the model in memory at a time
         _record_guard(partial)
         if out_dir.exists():  # an earlier export, with force: swap, then drop the old one
@@ -183,10 +189,22 @@ def export_run(run: str, out: str | None = None, step: int | None = None, force:
     return out_dir
 
 
-def _write_export(folder: Path, model, body: str, task: dict | None, cfg: Config, facts: dict, merge: bool) -> None:
+def _write_export(folder: Path, model, body: str, task: dict | None, cfg: Config, facts: dict, merge: bool,
+                  stage1_lora: dict | None = None) -> None:
+    """stage1_lora: the stage-1 LoRA a task.stage1_lora merge run merged into its frozen LLM (which the export
+    then holds)."""
     model_cfg = cfg.model
     body_module = model if task is None else model.body  # the MTLLM stack, or the LoRA-wrapped LLM / encoder
     adapted = body_module.llm if body == "stack" else body_module
+
+    def frozen_llm(llm_cfg: ModelConfig):
+        """The frozen LLM as the run trained on it."""
+        llm = build_llm(llm_cfg)
+        if stage1_lora is None:
+            return llm
+        from mtllm_train.tasks.models import merged_stage1
+        return merged_stage1(add_lora(llm, llm_cfg), stage1_lora)
+
     sources = {}
     if body in ("stack", "mt_encoder"):
         # The whole model an encoder-decoder's encoder comes from: the loader takes its encoder again.
@@ -194,11 +212,12 @@ def _write_export(folder: Path, model, body: str, task: dict | None, cfg: Config
             model_cfg.mt_encoder, "model.mt_encoder", model_cfg, quantize=False), folder)
     if body in ("stack", "llm"):
         unquantized = dataclasses.replace(model_cfg, quantization="none", bidirectional=False)
-        sources["llm"] = _frozen_source(model_cfg.llm, "llm", lambda: build_llm(unquantized), folder)
+        sources["llm"] = _frozen_source(model_cfg.llm, "llm", lambda: frozen_llm(unquantized), folder,
+                                        changed=stage1_lora is not None)
     if merge:
         if body == "mt_encoder":
             raise ConfigError("--merge: only an LLM body (stage 1, or stage-2 stack / llm models) is merged")
-        _merged_llm(adapted, model_cfg).save_pretrained(str(folder / MERGED_LLM_DIR))
+        _merged_llm(adapted, model_cfg, frozen_llm).save_pretrained(str(folder / MERGED_LLM_DIR))
         sources["llm"] = f"./{MERGED_LLM_DIR}"
     else:
         adapted.save_pretrained(str(folder / ADAPTER_DIR))
@@ -250,10 +269,11 @@ def _record_guard(folder: Path) -> None:
     (folder / "README.md").write_text(model_card(model.config), encoding="utf-8")
 
 
-def _merged_llm(adapted, model_cfg: ModelConfig):
-    """The LoRA merged into the LLM in bfloat16 (a 4-bit base is rebuilt unquantized first)."""
+def _merged_llm(adapted, model_cfg: ModelConfig, frozen_llm=build_llm):
+    """The LoRA merged into the LLM in bfloat16 (a 4-bit base is rebuilt unquantized first); frozen_llm builds
+    the frozen LLM the run trained on from a model config."""
     merged_cfg = dataclasses.replace(model_cfg, quantization="none", dtype="bfloat16", bidirectional=False)
-    base = build_llm(merged_cfg)
+    base = frozen_llm(merged_cfg)
     from peft import PeftModel, set_peft_model_state_dict
     from peft.utils import get_peft_model_state_dict
 

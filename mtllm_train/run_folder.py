@@ -12,6 +12,7 @@ RUN/
     validation.jsonl    stage 2: dev scores per validated step (tasks/selection.py)
     results/            stage 2: test scores of the selected checkpoints, per row (ROW.json, ROW.md)
     stage1_projection.safetensors, translations/, teacher_cache/    stage 2's frozen U, translate-test and teacher caches
+    stage1_lora.safetensors  stage 2 with task.stage1_lora merge: the stage-1 LoRA merged into the frozen LLM
     export/             `mtllm export`'s default destination
 """
 
@@ -57,6 +58,7 @@ class RunFolder:
         self.validation_file = self.path / "validation.jsonl"
         self.results_dir = self.path / "results"
         self.projection_file = self.path / "stage1_projection.safetensors"
+        self.stage1_lora_file = self.path / "stage1_lora.safetensors"
         self.translations_dir = self.path / "translations"
         self.teacher_cache_dir = self.path / "teacher_cache"
         self.export_dir = self.path / "export"

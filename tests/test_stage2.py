@@ -512,3 +512,48 @@ def test_a_token_task_distils_the_stack_from_a_live_or_cached_teacher(runs, ner)
     assert live["losses"][-1] < live["losses"][0]
     (written,) = evaluate_run(str(root / "ner_live"))
     assert json.loads(written.with_suffix(".json").read_text())["metric"] == "entity_f1"
+
+
+def test_stage1_lora_merge_trains_a_fresh_task_lora_on_the_merged_base(runs):
+    """task.stage1_lora merge (the authors' released recipe): the stack with the stage-1 LoRA merged into its LLM and
+    a fresh task LoRA computes what the stage-1 stack computes; it fine-tunes, evaluates, and its export (holding
+    the merged LLM) predicts what evaluation scored."""
+    from mtllm_train.export import export_run, load_mtllm
+    from mtllm_train.model.stack import trainable_parameters
+    from mtllm_train.portable.encoding import collate
+    from mtllm_train.tasks.models import load_task_run, merge_stage1_lora
+    from mtllm_train.tasks.selection import source_best_step
+
+    root, data = runs
+    extra = {"task.model": "stack", "task.init_from": str(root / "s1"), "task.stage1_lora": "merge", "task.epochs": 1}
+    run_task(root, data, "merged", **extra)
+    cfg = load_config(root / "merged" / "config.yaml")
+    stage1, merged = build_task_model(cfg, "stack"), build_task_model(cfg, "stack")
+    for model in (stage1, merged):
+        load_stage1(model, str(root / "s1"), 0)
+    stage1_lora = {name: tensor.clone() for name, tensor in trainable_parameters(merged.body.llm).items()}
+    merge_stage1_lora(merged, cfg)
+    fresh = trainable_parameters(merged.body.llm)
+    assert set(fresh) == set(stage1_lora)  # the same adapter layout, new weights: B zero, A drawn anew
+    assert all(not tensor.any() for name, tensor in fresh.items() if "lora_B" in name)
+    assert all(not torch.equal(tensor, stage1_lora[name]) for name, tensor in fresh.items() if "lora_A" in name)
+    evaluator = Evaluator(cfg, root / "merged", finetune.init_distributed(cfg.distributed), "stack")
+    inputs, _ = collate(evaluator.encoded("source", "dev", "mt"), evaluator.data.pads["mt"])
+    with torch.no_grad():
+        torch.testing.assert_close(merged.eval().representation(**inputs), stage1.eval().representation(**inputs),
+                                   rtol=1e-5, atol=1e-5)
+    # The run rebuilt (evaluation, export) holds the merged base and the trained task LoRA.
+    rebuilt, _, _ = load_task_run(root / "merged")
+    step = source_best_step(root / "merged")
+    Checkpoints(root / "merged").load_trainable(rebuilt, step)
+    (written,) = evaluate_run(str(root / "merged"))
+    reported = json.loads(written.with_suffix(".json").read_text())["selection"]["s_dev"]["test"]["nusax:ind"]
+    test_inputs, labels = collate(evaluator.encoded("nusax:ind", "test", "mt"), evaluator.data.pads["mt"])
+    with torch.no_grad():
+        _, logits, _ = rebuilt.eval()(**test_inputs)
+    assert float((logits.argmax(-1) == labels).float().mean()) == pytest.approx(reported)
+    exported = load_mtllm(export_run(str(root / "merged"), str(root / "merged_export")))
+    assert (root / "merged_export" / "frozen" / "llm").is_dir() and (root / "merged_export" / "adapter").is_dir()
+    language = next(lang for lang in evaluator.languages if lang.key == "nusax:ind")
+    texts = [example["text"] for example in evaluator.data.split(language.test, language.code)]
+    assert exported.predict(texts, lang="ind_Latn") == [cfg.task.labels[k] for k in logits.argmax(-1).tolist()]

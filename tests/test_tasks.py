@@ -215,7 +215,7 @@ def test_entity_f1_counts_hand_labelled_entities_as_seqeval_does():
     assert score(torch.tensor(counts), "entity_f1") == pytest.approx(2 * 2 / 9) == pytest.approx(f1_score(gold, predicted))
 
 
-def test_token_task_settings_are_checked():
+def test_token_task_and_stage1_lora_settings_are_checked():
     from mtllm_train.config import load_config
     from mtllm_train.tasks.finetune import check_task_config
 
@@ -228,3 +228,10 @@ def test_token_task_settings_are_checked():
     with pytest.raises(ConfigError, match=r"task.translate_test: token_classification labels the words of the original "
                                           r"text"):
         check_task_config(load_config("configs/tiny.yaml", [*base, "task.translate_test=true"]), "task-train")
+    with pytest.raises(ConfigError, match=r"task.stage1_lora: merge merges the stage-1 stack's LoRA; task-train of "
+                                          r"task.model llm has none"):
+        check_task_config(load_config("configs/tiny.yaml", [*base, "task.stage1_lora=merge"]), "task-train")
+    with pytest.raises(ConfigError, match=r"task.stage1_lora: merge cannot add the stage-1 LoRA to a nf4 base"):
+        check_task_config(load_config("configs/tiny.yaml", [*base, "task.stage1_lora=merge", "task.model=stack",
+                                                            "task.init_from=runs/x", "model.quantization=nf4"]),
+                          "task-train")

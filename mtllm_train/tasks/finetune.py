@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from mtllm_train.checkpoint import Checkpoints
-from mtllm_train.config import Config, ConfigError, accumulation_steps, to_dict
+from mtllm_train.config import Config, ConfigError, accumulation_steps, stored_quantization, to_dict
 from mtllm_train.distributed import all_reduce, barrier, gradient_sync, init_distributed, shutdown
 from mtllm_train.files import atomic_path
 from mtllm_train.loop import (Preemption, autocast, backward, check_finite_loss, end_of_step,
@@ -36,8 +36,8 @@ from mtllm_train.portable.heads import word_presence
 from mtllm_train.run_folder import RunFolder, open_run_folder
 from mtllm_train.tasks.encode import TaskData
 from mtllm_train.tasks.evaluation import Evaluator, steps_to_keep
-from mtllm_train.tasks.models import (TaskModel, build_task_model, keep_projection, load_head, load_stage1,
-                                      load_teacher, teacher_config)
+from mtllm_train.tasks.models import (TaskModel, build_task_model, keep_stage1, load_head, load_stage1,
+                                      load_teacher, merge_stage1_lora, teacher_config)
 from mtllm_train.tasks.selection import read_validation, source_best_step, validation_line, write_validation
 
 
@@ -52,6 +52,13 @@ def check_task_config(cfg: Config, command: str) -> str:
         if not cfg.task.teacher:
             raise ConfigError("task.teacher: required by task-distill (the task-train run of the LLM)")
         teacher_config(cfg)  # before anything is written
+    if cfg.task.stage1_lora == "merge":
+        if kind != "stack":
+            raise ConfigError(f"task.stage1_lora: merge merges the stage-1 stack's LoRA; {command} of task.model "
+                              f"{kind} has none (use continue)")
+        if stored_quantization(cfg.model) != "none":
+            raise ConfigError(f"task.stage1_lora: merge cannot add the stage-1 LoRA to a {cfg.model.quantization} "
+                              f"base exactly (4-bit weights); use model.quantization none, or continue")
     if cfg.task.translate_test and task_shape(cfg.task.name) == "token":
         raise ConfigError("task.translate_test: token_classification labels the words of the original text, and a "
                           "translation keeps neither its words nor their order; token tasks are evaluated zero-shot")
@@ -149,11 +156,13 @@ def train_task(cfg: Config, command: str) -> dict:
     if fp8:
         check_fp8_support(device)  # before minutes of loading
     model_module = build_task_model(cfg, kind, device)
-    if fp8:
-        fp8_base(model_module.backend_parts()[0], device, cfg.model.fp8_scaling)
-    info = {"command": command, "kind": kind}
+    info, merged_lora = {"command": command, "kind": kind}, None
     if kind == "stack":
         info["init_from"] = str(load_stage1(model_module, cfg.task.init_from, cfg.task.init_step))
+        if cfg.task.stage1_lora == "merge":
+            merged_lora = merge_stage1_lora(model_module, cfg, device)
+    if fp8:  # after the merge: the stage-1 LoRA goes into the base weights, not into float8 layers
+        fp8_base(model_module.backend_parts()[0], device, cfg.model.fp8_scaling)
     if distill:
         info["teacher_step"] = source_best_step(RunFolder(cfg.task.teacher))
         load_head(model_module.head, cfg.task.teacher, info["teacher_step"])  # predictions use the teacher's head
@@ -161,7 +170,7 @@ def train_task(cfg: Config, command: str) -> dict:
     # W&B decided now (its key and server), not after minutes of loading; only rank 0 logs.
     cfg.logging.wandb, wandb_note = wandb_mode(cfg.logging) if dist_info.is_main else ("disabled", None)
     if kind == "stack" and dist_info.is_main:
-        keep_projection(model_module, run)
+        keep_stage1(model_module, run, merged_lora)
 
     # English training data, tokenized for what reads it (the student's view; the teacher's too in distill).
     data = TaskData(cfg)

@@ -3,8 +3,9 @@
 kinds of body:
 - llm:        the LLM + a new task LoRA on the LLM's own tokenization (task-train; the task-distill teacher)
 - mt_encoder: the MT encoder + LoRA on the MT tokenization (the "MT encoder alone" baseline)
-- stack:      the stage-1 stack on the MT tokenization: its stage-1 LoRA continues, the projection U stays as
-              stage 1 left it (the paper trains only the LoRA adapters in stage 2)
+- stack:      the stage-1 stack on the MT tokenization: its stage-1 LoRA continues (the paper), or, with
+              task.stage1_lora merge (the authors' released model), is merged into the frozen LLM under a fresh
+              task LoRA; the projection U stays as stage 1 left it (stage 2 trains only LoRA adapters)
 
 The task representation is the pooled vector (model.pooling) or, for multiple choice and token classification,
 each answer's or word's own span mean-pooled (portable/heads.span_pool). In task-distill the stack's representation is pulled towards the teacher's (MSE), and the
@@ -24,7 +25,7 @@ from mtllm_train.config import Config, ConfigError, stored_quantization
 from mtllm_train.files import atomic_path
 from mtllm_train.model.loading import build_llm, build_mt_encoder, seeded
 from mtllm_train.portable.pooling import pool
-from mtllm_train.model.stack import add_lora, build_stack, lora_train_mode
+from mtllm_train.model.stack import add_lora, build_stack, lora_train_mode, trainable_parameters
 from mtllm_train.tasks.data import label_names
 from mtllm_train.portable.format import task_head, task_shape
 from mtllm_train.portable.heads import span_pool
@@ -115,7 +116,7 @@ def build_task_model(cfg: Config, kind: str, device: torch.device | str = "cpu")
 
 def load_stage1(model: TaskModel, run_dir: str, step: int) -> Path:
     """Start the stack from a stage-1 run's checkpoint: its LoRA and its projection U. U stays frozen in stage 2,
-    so it is not in stage-2 checkpoints: keep_projection writes it into the stage-2 run folder."""
+    so it is not in stage-2 checkpoints: keep_stage1 writes it into the stage-2 run folder."""
     source = RunFolder(run_dir)
     identity = source.identity()
     if identity is not None:
@@ -131,11 +132,48 @@ def load_stage1(model: TaskModel, run_dir: str, step: int) -> Path:
     return checkpoints.path(step or None)
 
 
-def keep_projection(model: TaskModel, run_dir: Path) -> None:
-    """Write the stack's frozen U into the stage-2 run folder, for evaluation and export to load."""
-    with atomic_path(RunFolder(run_dir).projection_file) as tmp:
+def merged_stage1(llm: nn.Module, lora_state: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    """The LLM with a stage-1 LoRA merged into its weights: the adapter `llm` (a peft model) holds, or the one
+    `lora_state` (its tensors by name) loads into it."""
+    if lora_state is not None:
+        differing = set(trainable_parameters(llm)) ^ set(lora_state)
+        if differing:
+            raise ConfigError(f"the kept stage-1 LoRA does not fit the model built from the run's settings "
+                              f"({len(differing)} names differ, e.g. {sorted(differing)[0]})")
+        llm.load_state_dict(lora_state, strict=False)
+    return llm.merge_and_unload()
+
+
+def merge_stage1_lora(model: TaskModel, cfg: Config, device: torch.device | str = "cpu",
+                      lora_state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """task.stage1_lora merge: the stack's stage-1 LoRA (loaded from its checkpoint, or `lora_state`) merged into
+    the frozen LLM, and a fresh task LoRA on it (seeded alike on every rank). Returns the merged LoRA's tensors
+    (the stage-2 run keeps them: keep_stage1)."""
+    kept = {name: tensor.detach().cpu().clone() for name, tensor in trainable_parameters(model.body.llm).items()}
+    with seeded(cfg.model.init_seed, device):
+        model.body.llm = add_lora(merged_stage1(model.body.llm, lora_state), cfg.model)
+    return lora_state or kept
+
+
+def keep_stage1(model: TaskModel, run_dir: Path, merged_lora: dict[str, torch.Tensor] | None = None) -> None:
+    """Write what stage 2 keeps frozen of stage 1 into the stage-2 run folder, for evaluation and export to load:
+    the stack's U, and a merged stage-1 LoRA."""
+    run = RunFolder(run_dir)
+    with atomic_path(run.projection_file) as tmp:
         save_file({name: tensor.detach().cpu().contiguous() for name, tensor in
                    model.body.projection.state_dict().items()}, str(tmp))
+    if merged_lora is not None:
+        with atomic_path(run.stage1_lora_file) as tmp:
+            save_file({name: tensor.contiguous() for name, tensor in merged_lora.items()}, str(tmp))
+
+
+def kept_stage1_lora(run_dir: Path) -> dict[str, torch.Tensor]:
+    """The stage-1 LoRA a task.stage1_lora merge run merged into its frozen LLM."""
+    path = RunFolder(run_dir).stage1_lora_file
+    if not path.is_file():
+        raise ConfigError(f"{run_dir}: a task.stage1_lora merge run without its merged stage-1 LoRA ({path.name}); "
+                          f"it cannot be rebuilt")
+    return load_file(str(path))
 
 
 def load_projection(model: TaskModel, run_dir: Path) -> None:
@@ -191,6 +229,8 @@ def load_task_run(run_dir: Path | RunFolder, device: torch.device | str = "cpu")
     cfg = run.settings()
     model = build_task_model(cfg, identity["kind"], device)
     load_projection(model, run)
+    if identity["kind"] == "stack" and cfg.task.stage1_lora == "merge":
+        merge_stage1_lora(model, cfg, device, kept_stage1_lora(run))
     if identity["command"] == "task-distill":  # not in this run's checkpoints: the teacher's head is frozen
         load_head(model.head, cfg.task.teacher, identity["teacher_step"])
     return model, identity, cfg
