@@ -483,6 +483,12 @@ def test_token_classification_trains_selects_and_evaluates_by_entity_f1(tmp_path
         predicted.append([ENTITY_LABELS[k] for k in tags])
     assert 0.3 < reported < 1.0  # learnt, not perfect: the count is exercised
     assert reported == pytest.approx(f1_score(gold, predicted))
+    # POS-style scoring of the same words: accuracy over every word of the split
+    cfg.task.metric = "accuracy"
+    evaluator = Evaluator(cfg, tmp_path / "ner", finetune.init_distributed(cfg.distributed), "llm")
+    correct = sum(g == p for gold_tags, tags in zip(gold, predicted) for g, p in zip(gold_tags, tags))
+    assert evaluator.scores(model, "test", ["wikiann:de"])["wikiann:de"] == pytest.approx(
+        correct / sum(map(len, gold)))
     exported = load_mtllm(export_run(str(tmp_path / "ner"), str(tmp_path / "export")))
     assert exported.predict([{"words": row["tokens"]} for row in rows]) == predicted
     assert exported.predict(" ".join(rows[0]["tokens"])) == predicted[0]  # a text: its white-space words
