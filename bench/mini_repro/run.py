@@ -81,6 +81,11 @@ LLM_NAMES = {"minilm": "MiniLM", "smollm2": "SmolLM2"}
 # on fewer texts.
 SMOLLM2_SIZES = {"ding de": 250, "bible es": 250, "sentiment en": 500, "sentiment de": 150, "sentiment fr": 150,
                  "sentiment nl": 150}
+# The in-training multilingual probe (probe.sets): per language, pairs of its retrieval set that the held-out
+# evaluation does not use, so that the probe's ranking of checkpoints can be checked against the evaluation's.
+PROBE_LANGUAGES = {"ding de": "deu_Latn", "gettext fr": "fra_Latn", "gettext es": "spa_Latn",
+                   "gettext ru": "rus_Cyrl", "gettext ja": "jpn_Jpan", "gettext zh_CN": "zho_Hans"}
+PROBE_PAIRS = 200
 
 
 @dataclass
@@ -100,12 +105,14 @@ class Run:
     def run_name(self) -> str:
         return f"{self.config.stem}__{re.sub(r'[^a-z0-9]+', '_', self.name.lower()).strip('_')}"
 
-    def train_overrides(self) -> list[str]:
+    def train_overrides(self, probe_sets: Path) -> list[str]:
+        """The run's settings; the multilingual probe runs at every checkpoint, on `probe_sets`."""
         cfg = load_config(self.config)
         steps = self.steps or cfg.train.steps
         every = min(self.probe_every or cfg.checkpoint.every, steps)
         return [f"run.name={self.run_name}", f"train.steps={steps}", f"checkpoint.every={every}",
-                f"checkpoint.keep_last={steps // every + 1}", *self.overrides]
+                f"checkpoint.keep_last={steps // every + 1}", f"probe.every={every}", f"probe.sets=[{probe_sets}]",
+                *self.overrides]
 
     def eval_steps(self, checkpoints: list[int]) -> list[int]:
         """Step 0, the checkpoints at multiples of eval_every, and the last one."""
@@ -143,15 +150,42 @@ def sample(items: list, count: int, seed: int = 0) -> list:
     return random.Random(seed).sample(items, min(count, len(items)))
 
 
-def evaluation_sets(unpacked: Path) -> tuple[dict, dict]:
-    """Retrieval pairs {name: [(X, English)]} and sentiment {language: [(text, label)]}."""
-    retrieval = {"ding de": sample(assets.ding_pairs(next(unpacked.glob("trans-de-en/usr/share/trans/de-en"))), PAIRS)}
-    for language, pairs in assets.gettext_pairs(languages=GETTEXT).items():
-        retrieval[f"gettext {language}"] = sample(pairs, PAIRS)
-    retrieval["bible es"] = sample(assets.bible_pairs(unpacked), PAIRS)
+def evaluation_sets(unpacked: Path) -> tuple[dict, dict, dict]:
+    """Retrieval pairs {name: [(X, English)]}, sentiment {language: [(text, label)]}, and the probe's pairs
+    {name: [(X, English)]} (PROBE_LANGUAGES' sets, none of the pairs retrieval holds)."""
+    found = {"ding de": assets.ding_pairs(next(unpacked.glob("trans-de-en/usr/share/trans/de-en")))}
+    found |= {f"gettext {language}": pairs for language, pairs in assets.gettext_pairs(languages=GETTEXT).items()}
+    found["bible es"] = assets.bible_pairs(unpacked)
+    retrieval = {name: sample(pairs, PAIRS) for name, pairs in found.items()}
+    probe = {}
+    for name in PROBE_LANGUAGES:
+        evaluated = set(retrieval[name])
+        probe[name] = sample([pair for pair in found[name] if pair not in evaluated], PROBE_PAIRS, seed=1)
     sentiment = {language: sample(rows, SENTIMENT_ENGLISH if language == "en" else SENTIMENT_PER_LANGUAGE)
                  for language, rows in assets.sentiment_sets(unpacked).items()}
-    return retrieval, sentiment
+    return retrieval, sentiment, probe
+
+
+def write_probe_sets(probe: dict, path: Path) -> Path:
+    """The probe's pairs as a probe.sets file (lang, text, english), each English sentence once per language."""
+    lines = []
+    for name, pairs in probe.items():
+        seen = set()
+        for text, english in pairs:
+            if english not in seen:
+                seen.add(english)
+                lines.append(json.dumps({"lang": PROBE_LANGUAGES[name], "text": text, "english": english},
+                                        ensure_ascii=False))
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def probe_at(run_dir: Path) -> dict[int, dict[str, float]]:
+    """The in-training probe's mean R@1 (both directions, all languages) per probed step: "teacher" (the stack on X
+    against the teacher on English: the space the held-out evaluation scores) and "stack" (English read by the
+    stack too: the exported embedder's)."""
+    return {record["step"]: {"teacher": record["probe_teacher_mean"], "stack": record["probe_stack_mean"]}
+            for record in RunFolder(run_dir).metrics() if "probe_stack_mean" in record}
 
 
 def subset(retrieval: dict, sentiment: dict, sizes: dict[str, int]) -> tuple[dict, dict]:
@@ -306,17 +340,18 @@ def main() -> None:
         build_shards(corpus, work / f"shards_{llm}", models[llm], models["e5"])
     lap("assets and shards")
 
+    retrieval, sentiment, probe_pairs = evaluation_sets(unpacked)
+    probe_sets = write_probe_sets(probe_pairs, work / "probe_bitext.jsonl")
     # Absolute paths: the configs' own (relative) paths point at the default --work.
     for run in runs:
         if args.fresh:
             shutil.rmtree(work / "runs" / run.run_name, ignore_errors=True)
         mtllm("train", "--config", str(run.config), f"run.dir={work / 'runs'}", f"data.shards={work / f'shards_{run.llm}'}",
               f"model.mt_encoder={models['e5']}", f"model.llm={models[run.llm]}", "logging.progress_bar=false",
-              *run.train_overrides())
+              *run.train_overrides(probe_sets))
         lap(f"train {run.name}")
 
     probe_texts = collapse_probe.heldout_english(unpacked, PROBE_TEXTS, corpus)
-    retrieval, sentiment = evaluation_sets(unpacked)
     if args.max_texts:
         retrieval, sentiment = capped(retrieval, sentiment, args.max_texts)
     saved = {"command": " ".join(["bench/mini_repro/run.py", *sys.argv[1:]]), "runs": {}, "baselines": {},
@@ -339,7 +374,8 @@ def main() -> None:
         saved["runs"][run.name] = {"run_name": run.run_name, "config": str(run.config.relative_to(ROOT)),
                                    "llm": run.llm, "overrides": run.overrides, "texts": evaluators[run.llm].counts,
                                    "probe": rows, "plateau_steps": collapse_probe.plateau_length(rows),
-                                   "curve": evaluators[run.llm].curve(run, run_dir, stack)}
+                                   "curve": evaluators[run.llm].curve(run, run_dir, stack),
+                                   "multilingual_probe": probe_at(run_dir)}
         lap(f"evaluate {run.name}")
     write_results(results, saved, work)
 
@@ -482,6 +518,8 @@ def write_results(path: Path, saved: dict, work: Path) -> None:
     runs, baselines = saved["runs"], saved["baselines"]
     for run in runs.values():
         run["curve"] = {int(step): scores for step, scores in run["curve"].items()}
+        # JSON keys are strings; runs from before the multilingual probe have none
+        run["multilingual_probe"] = {int(step): probe for step, probe in run.get("multilingual_probe", {}).items()}
         run["metrics"] = training_metrics(work / "runs" / run["run_name"])
     minilm = {name: run for name, run in runs.items() if run["llm"] == "minilm"}
     others = {name: run for name, run in runs.items() if run["llm"] != "minilm"}
@@ -544,7 +582,34 @@ def stage1_sections(runs: dict, baselines: dict) -> list[str]:
     lines += markdown_table(["step", *runs], [[str(step), *(
         (f"{r['student_var'] / r['teacher_var']:.3f} / {r['fvu']:.3f} / {r['centred_fvu']:.3f} / {r['cos_means']:.2f}"
          if (r := by_step[name].get(step)) else "") for name in runs)] for step in shown])
-    return lines + [""]
+    return lines + ["", *probe_section(runs)]
+
+
+def probe_section(runs: dict) -> list[str]:
+    """The in-training multilingual probe against the held-out evaluation at the checkpoints both scored: does the
+    probe rank checkpoints as the evaluation does (Spearman's rank correlation over every variant's checkpoints)?"""
+    from scipy.stats import spearmanr
+
+    pairs = [(name, step, run["multilingual_probe"][step], means(run["curve"][step])[0])
+             for name, run in runs.items() for step in run["curve"] if step in run["multilingual_probe"]]
+    if len(pairs) < 3:
+        return []
+    held_out = [r1 for *_, r1 in pairs]
+    rho = {space: spearmanr([probe[space] for _, _, probe, _ in pairs], held_out).statistic
+           for space in ("teacher", "stack")}
+    languages = ", ".join(f"{code} ({name})" for name, code in PROBE_LANGUAGES.items())
+    return ["## The in-training probe against the held-out evaluation", "",
+            f"`probe.every` = the checkpoint spacing, on {PROBE_PAIRS} pairs per language that the held-out retrieval "
+            f"sets do not contain: {languages}. Probe: mean R@1 over both directions and the languages, X read by the "
+            f"stack against English read by the teacher (the held-out evaluation's space) or by the stack (the "
+            f"exported embedder's); held-out: the mean R@1 of the retrieval sets above (X -> English among "
+            f"{PAIRS}).", "",
+            *markdown_table(["variant", "step", "probe (teacher space)", "probe (stack space)", "held-out mean R@1"],
+                            [[name, str(step), f"{probe['teacher']:.3f}", f"{probe['stack']:.3f}", f"{r1:.3f}"]
+                             for name, step, probe, r1 in pairs]), "",
+            f"Spearman rank correlation with the held-out mean R@1 over these {len(pairs)} checkpoints: "
+            f"{rho['teacher']:.3f} (teacher space), {rho['stack']:.3f} (stack space). The probe's curves per language "
+            f"are in each run's loss_curve.png (RUN/loss_curve.png, the multilingual-probe panel).", ""]
 
 
 def smoke_section(name: str, run: dict, baselines: dict) -> list[str]:
