@@ -20,7 +20,6 @@ it prints one line saying it is skipped, and exits 0.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -33,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import assets  # noqa: E402
 import collapse_probe  # noqa: E402
 from evaluate import recall_at_1  # noqa: E402
-from run import ROOT, MINILM_CONFIG, TextBatches, build_shards, mtllm, sample  # noqa: E402
+from run import ROOT, MINILM_CONFIG, TextBatches, build_shards, mtllm, sample, write_probe_sets  # noqa: E402
 
 from mtllm_train.run_folder import RunFolder  # noqa: E402
 from mtllm_train.export import load_trained_stack  # noqa: E402
@@ -61,20 +60,6 @@ def retrieval_sets(unpacked: Path, pairs: int) -> dict[str, list[tuple[str, str]
 
 
 PROBE_CODES = {"German (Ding)": "deu_Latn", "French (gettext)": "fra_Latn"}
-
-
-def probe_file(sets: dict[str, list[tuple[str, str]]], path: Path) -> Path:
-    """The retrieval pairs as a probe set (probe.sets): one line per pair, an English sentence once a language."""
-    lines = []
-    for name, pairs in sets.items():
-        seen = set()
-        for text, english in pairs:
-            if english not in seen:
-                seen.add(english)
-                lines.append(json.dumps({"lang": PROBE_CODES[name], "text": text, "english": english},
-                                        ensure_ascii=False))
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
 
 
 def print_probe(records: list[dict]) -> None:
@@ -176,7 +161,7 @@ def main() -> None:
     run_dir = out / "stage1"
     shutil.rmtree(run_dir, ignore_errors=True)  # the demo starts from step 0 every time
     sets = retrieval_sets(unpacked, args.pairs)
-    bitext = probe_file(sets, out / "probe_bitext.jsonl")
+    bitext = write_probe_sets(sets, PROBE_CODES, out / "probe_bitext.jsonl")
     print(f"[real 2/4] stage 1: {args.steps} steps of 32 English texts, U fit by least squares first "
           f"({MINILM_CONFIG.relative_to(ROOT)} + model.projection_init=least_squares); the multilingual probe "
           f"every {args.steps // 4} steps on {bitext.name}", flush=True)

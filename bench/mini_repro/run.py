@@ -166,16 +166,16 @@ def evaluation_sets(unpacked: Path) -> tuple[dict, dict, dict]:
     return retrieval, sentiment, probe
 
 
-def write_probe_sets(probe: dict, path: Path) -> Path:
-    """The probe's pairs as a probe.sets file (lang, text, english), each English sentence once per language."""
+def write_probe_sets(probe: dict, codes: dict[str, str], path: Path) -> Path:
+    """Pairs {name: [(X, English)]} as a probe.sets file (lang: codes[name], text, english), each English sentence
+    once per language."""
     lines = []
     for name, pairs in probe.items():
         seen = set()
         for text, english in pairs:
             if english not in seen:
                 seen.add(english)
-                lines.append(json.dumps({"lang": PROBE_LANGUAGES[name], "text": text, "english": english},
-                                        ensure_ascii=False))
+                lines.append(json.dumps({"lang": codes[name], "text": text, "english": english}, ensure_ascii=False))
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
 
@@ -341,7 +341,7 @@ def main() -> None:
     lap("assets and shards")
 
     retrieval, sentiment, probe_pairs = evaluation_sets(unpacked)
-    probe_sets = write_probe_sets(probe_pairs, work / "probe_bitext.jsonl")
+    probe_sets = write_probe_sets(probe_pairs, PROBE_LANGUAGES, work / "probe_bitext.jsonl")
     # Absolute paths: the configs' own (relative) paths point at the default --work.
     for run in runs:
         if args.fresh:
