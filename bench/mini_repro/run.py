@@ -332,7 +332,7 @@ def main() -> None:
         timings[name], lap_start = time.time() - lap_start, time.time()
 
     unpacked = assets.download(work)
-    models = assets.models(work, unpacked)
+    models = assets.models(work, unpacked, names=("e5", *sorted({run.llm for run in runs})))  # SmolLM2 only with --smollm2
     corpus = work / "data" / "english.jsonl"
     if not corpus.is_file():
         print(f"english corpus: {assets.english_corpus(unpacked, corpus)} chunks")

@@ -2,7 +2,8 @@
 
 set-up (process group, task model, data, backend, optimizer) -> resume -> per step: this rank's share of the
 global batch, forward, loss (task-train: cross-entropy of the head; task-distill: MSE between the stack's and
-the fine-tuned LLM's task representations), backward, one optimizer step -> every task.validate_every of
+the fine-tuned LLM's task representations; each averaged over the global batch's targets: examples, or the
+words of a token task), backward, one optimizer step -> every task.validate_every of
 training: dev scores for every language, a checkpoint, and pruning to the checkpoints S-DEV / T-DEV select.
 
 The batch order is a function of (seed, epoch), and a global batch is cut into the same examples whatever the
