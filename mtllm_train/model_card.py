@@ -7,6 +7,12 @@ from __future__ import annotations
 import yaml
 
 from mtllm_train.portable.configuration_mtllm import MTLLMConfig
+from mtllm_train.portable.format import task_shape
+
+
+def hub_task(task: dict) -> str:
+    """The Hub's task type of a stage-2 model: a label per word, or per text."""
+    return "token-classification" if task_shape(task["name"]) == "token" else "text-classification"
 
 
 def model_card(config: MTLLMConfig) -> str:
@@ -17,8 +23,8 @@ def model_card(config: MTLLMConfig) -> str:
     languages = sorted({code.split("_")[0] for code in config.languages}) or ["en"]
     front = {"library_name": "transformers", **({"base_model": bases} if bases else {}), "language": languages,
              "tags": ["mtllm", "model-stacking", "self-distillation", "multilingual"]
-             + (["sentence-transformers", "feature-extraction"] if task is None else ["text-classification"]),
-             "pipeline_tag": "feature-extraction" if task is None else "text-classification"}
+             + (["sentence-transformers", "feature-extraction"] if task is None else [hub_task(task)]),
+             "pipeline_tag": "feature-extraction" if task is None else hub_task(task)}
     if facts.get("scores"):
         front["model-index"] = [{"name": facts["run"], "results": _index_results(task, facts["scores"])}]
     kind = ("an embedder (stage 1: self-distillation)" if task is None else
@@ -85,6 +91,6 @@ def _index_results(task: dict, scores: dict) -> list[dict]:
                    for language, score in per_language.items()]
         metrics.append({"type": task["metric"], "name": f"{task['metric']} (average)",
                         "value": round(100 * sum(per_language.values()) / len(per_language), 2)})
-        results.append({"task": {"type": "text-classification", "name": task["name"]},
+        results.append({"task": {"type": hub_task(task), "name": task["name"]},
                         "dataset": {"name": row, "type": row.split(":")[0]}, "metrics": metrics})
     return results

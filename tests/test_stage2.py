@@ -493,6 +493,7 @@ def test_token_classification_trains_selects_and_evaluates_by_entity_f1(tmp_path
     exported = load_mtllm(export_run(str(tmp_path / "ner"), str(tmp_path / "export")))
     assert exported.predict([{"words": row["tokens"]} for row in rows]) == predicted
     assert exported.predict(" ".join(rows[0]["tokens"])) == predicted[0]  # a text: its white-space words
+    assert "pipeline_tag: token-classification" in (tmp_path / "export" / "README.md").read_text()
 
 
 @pytest.fixture(scope="module")
