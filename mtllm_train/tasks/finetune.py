@@ -85,9 +85,11 @@ def loss_targets(items: dict[str, list[dict]], views: list[str], token_task: boo
     tokens in every view the loss reads (a step's loss is divided by its global count, whatever the ranks)."""
     if not token_task:
         return [1] * len(items[views[0]])
-    return [sum(all(view_items[index]["spans"][word] for view_items in (items[view] for view in views))
-                for word in range(len(items[views[0]][index]["spans"])))
-            for index in range(len(items[views[0]]))]
+    targets = []
+    for index in range(len(items[views[0]])):
+        spans = [items[view][index]["spans"] for view in views]  # each view's word spans of this example
+        targets.append(sum(all(view_spans[word] for view_spans in spans) for word in range(len(spans[0]))))
+    return targets
 
 
 def teacher_representations(teacher: TaskModel, items: list[dict], batch_size: int, data: TaskData,
@@ -110,19 +112,22 @@ def teacher_representations(teacher: TaskModel, items: list[dict], batch_size: i
     return {"representations": torch.cat(rows)} | ({"present": torch.cat(present)} if present else {})
 
 
-def cached_targets(cached: dict[str, torch.Tensor], items: list[dict], micro: list[int],
-                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+def cache_per_example(cached: dict[str, torch.Tensor], items: list[dict]) -> dict:
+    """The cache of a token task (one row per word) cut into one tensor per example; others as they are."""
+    if "present" not in cached:
+        return cached
+    words = [len(item["label"]) for item in items]
+    return {name: tensor.split(words) for name, tensor in cached.items()}
+
+
+def cached_targets(cached: dict, micro: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A micro-batch's cached teacher representations (and, for token classification, their words' presence,
     padded to the batch's most words as the student's batch is)."""
     if "present" not in cached:
         return cached["representations"][micro].to(device), None
-    offsets = [0]
-    for item in items:
-        offsets.append(offsets[-1] + len(item["label"]))
-    pick = [slice(offsets[index], offsets[index + 1]) for index in micro]
     pad = torch.nn.utils.rnn.pad_sequence
-    return (pad([cached["representations"][where] for where in pick], batch_first=True).to(device),
-            pad([cached["present"][where] for where in pick], batch_first=True).to(device))
+    return (pad([cached["representations"][index] for index in micro], batch_first=True).to(device),
+            pad([cached["present"][index] for index in micro], batch_first=True).to(device))
 
 
 def cached_teacher(cfg: Config, run: RunFolder, is_main: bool, teacher_step: int, train_spec_digest: str,
@@ -196,8 +201,9 @@ def train_task(cfg: Config, command: str) -> dict:
             fp8_base(teacher.body, device, cfg.model.fp8_scaling)
         if cfg.task.cache_teacher:
             digest = hashlib.sha256(json.dumps(examples, sort_keys=True).encode()).hexdigest()
-            cached = cached_teacher(cfg, run, dist_info.is_main, info["teacher_step"], digest, lambda: teacher_representations(
-                teacher, train_items["llm"], cfg.task.eval_batch_size, data, device))
+            computed = cached_teacher(cfg, run, dist_info.is_main, info["teacher_step"], digest, lambda: (
+                teacher_representations(teacher, train_items["llm"], cfg.task.eval_batch_size, data, device)))
+            cached = cache_per_example(computed, train_items["llm"])
             del teacher
         else:
             model_module.teacher = teacher
@@ -242,8 +248,7 @@ def train_task(cfg: Config, command: str) -> dict:
                         if distill:
                             teacher_present = None
                             if cached is not None:
-                                teacher_representation, teacher_present = cached_targets(
-                                    cached, train_items["llm"], micro, device)
+                                teacher_representation, teacher_present = cached_targets(cached, micro, device)
                             # Every target vector (one per example, per answer or per word) weighs the same.
                             errors = squared_error(representation, teacher_representation)
                             if token_task:  # the words both views have tokens for
