@@ -37,6 +37,27 @@ def test_bidirectional_attention_sees_the_future(tiny_cfg, llm_spec, mask_kind, 
             assert moved == 0.0, "causal LLM: position 0 must not depend on the last token"
 
 
+TINY_BERT = {"model_type": "bert", "vocab_size": 2000, "hidden_size": 64, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "intermediate_size": 128, "max_position_embeddings": 128}
+
+
+@pytest.mark.parametrize("llm_spec, bidirectional", [("llama", True), ("llama", False), ("gpt2", True),
+                                                     ("gpt2", False), ("bert", False)])
+def test_the_stacks_llm_pass_masks_attention_as_the_llms_own_forward(tiny_cfg, llm_spec, bidirectional):
+    """The mask the stack builds for its LLM pass (always a tensor, for compiled layers) is the one the LLM's own
+    forward uses: causal, both ways (model.bidirectional), and both ways for an encoder such as BERT / MiniLM
+    (which a causal mask once turned into another model: the mini reproduction's teacher)."""
+    tiny_cfg.model.llm = {"llama": tiny_cfg.model.llm, "gpt2": TINY_GPT2, "bert": TINY_BERT}[llm_spec]
+    tiny_cfg.model.bidirectional = bidirectional
+    stack = build_stack(tiny_cfg.model).eval()
+    input_ids = torch.randint(5, 2000, (2, 7))
+    mask = torch.ones_like(input_ids)
+    mask[1, 5:] = 0
+    with torch.no_grad(), stack.llm.disable_adapter():
+        own = stack.llm(input_ids=input_ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(stack.teacher_hidden(input_ids, mask)[mask.bool()], own[mask.bool()], rtol=0, atol=1e-6)
+
+
 def test_bidirectional_padding_is_still_masked(tiny_cfg):
     llm = build_llm(tiny_cfg.model)
     input_ids = torch.randint(5, 2000, (1, 6))

@@ -14,7 +14,7 @@ from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
-from transformers.masking_utils import create_causal_mask
+from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.pytorch_utils import Conv1D
 
@@ -43,6 +43,9 @@ class MTLLM(nn.Module):
                                     dtype=torch.float32)
         self.pooling = pooling
         self.llm_input_dtype = llm.get_input_embeddings().weight.dtype
+        # How the LLM's own forward masks attention: causally (a decoder), or both ways (an encoder such as BERT /
+        # MiniLM, or a decoder made bidirectional, whose attention modules make_bidirectional cleared).
+        self.llm_attends_causally = any(getattr(module, "is_causal", False) is True for module in llm.modules())
 
     def train(self, mode: bool = True) -> MTLLM:
         """Only the trainable parts follow `mode`: E and M's own dropout stay off; LoRA dropout follows."""
@@ -54,11 +57,16 @@ class MTLLM(nn.Module):
     def llm_hidden(self, inputs_embeds: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
         """The LLM (adapters as they are set) on input embeddings [B, T, D]: last hidden states [B, T, D].
 
-        The attention mask is built here, always as a tensor: transformers leaves it out (None) for a batch without
-        padding, and a compiled layer then needs a second graph, compiled whenever such a batch first comes."""
-        attention_mask = create_causal_mask(config=self.llm.config, inputs_embeds=inputs_embeds,
-                                            attention_mask=padding_mask, past_key_values=None,
-                                            allow_is_causal_skip=False)
+        The attention mask is built here as the LLM's own forward builds it (causal or both ways), always as a
+        tensor: transformers leaves it out (None) for a batch without padding, and a compiled layer then needs a
+        second graph, compiled whenever such a batch first comes."""
+        if self.llm_attends_causally:
+            attention_mask = create_causal_mask(config=self.llm.config, inputs_embeds=inputs_embeds,
+                                                attention_mask=padding_mask, past_key_values=None,
+                                                allow_is_causal_skip=False)
+        else:
+            attention_mask = create_bidirectional_mask(config=self.llm.config, inputs_embeds=inputs_embeds,
+                                                       attention_mask=padding_mask, allow_is_bidirectional_skip=False)
         return self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask).last_hidden_state
 
     def teacher_hidden(self, llm_input_ids: torch.Tensor, llm_attention_mask: torch.Tensor) -> torch.Tensor:
