@@ -188,7 +188,7 @@ def test_readme_configuration_reference_matches_the_dataclasses():
 
 
 def test_demo_runs_end_to_end(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "mtllm_train", "demo", "--workdir", str(tmp_path), "--steps", "80"],
+    done = subprocess.run([sys.executable, "-m", "mtllm_train", "demo", "--workdir", str(tmp_path), "--steps", "40"],
                           cwd=ROOT,
                           capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -196,7 +196,7 @@ def test_demo_runs_end_to_end(tmp_path):
     assert "preempted: saved step" in done.stderr + done.stdout
     assert "resumed from" in done.stderr + done.stdout
     assert re.search(r"set-up took [\d.]+ s \(stack built on cpu in [\d.]+ s\)", done.stderr + done.stdout)
-    assert "steps            0 -> 80 (resumed once)" in done.stdout
+    assert "steps            0 -> 40 (resumed once)" in done.stdout
     assert (tmp_path / "tiny" / "loss_curve.png").stat().st_size > 10_000
     assert (tmp_path / "tiny" / "export" / "adapter" / "adapter_model.safetensors").is_file()
     for route in ("AutoModel", "SentenceTransformer"):  # the export loads three ways, to the same vectors

@@ -425,6 +425,14 @@ FINDINGS = """## Against the targets (the run above: 120 steps per variant, not 
   word states onto MiniLM's own word embeddings also maps German or Spanish words near the embeddings of their
   English translations; at step 0 (before any training) it already gives mean R@1 0.411 against the teacher's
   0.260. With NLLB's encoder, which is not sentence-aligned, the start is expected to help less; not measured.
+- The in-training multilingual probe (its own 6 x 200 pairs, none in the held-out sets) ranks the 9 evaluated
+  checkpoints as the held-out retrieval does: Spearman 0.950 in the evaluation's space (X by the stack, English by
+  the teacher), 0.883 in the stack's own space (English by the stack too, the exported embedder's). Within each
+  learning variant the teacher-space probe orders steps 40 < 80 < 120 as the held-out R@1 does; the stack-space
+  probe puts start fix's step 80 a hair above 120 (0.852 vs 0.851; held-out 0.505 vs 0.536), and on the paper's
+  collapsed run it reads 0.13-0.14 where the held-out R@1 is 0.001 (the stack maps both sides alike: the
+  teacher-space probe, 0.006, is the one that shows the collapse). So `probe.select: teacher` is the choice when
+  the aim is the teacher's space; measured 2026-12-05.
 - Sentiment: both fixes above the teacher on X everywhere (0.60-0.75 vs 0.49-0.54); the spans variant ends lower on
   de (0.625 vs 0.690) and higher on fr / nl: within the noise of a 500-review test set (+-0.02).
 
@@ -527,6 +535,9 @@ def write_results(path: Path, saved: dict, work: Path) -> None:
     if minilm:
         sections += stage1_sections(minilm, baselines["minilm"])
         plot_curves(path.parent / "curve.png", minilm, baselines["minilm"])
+        last_plot = RunFolder(work / "runs" / list(minilm.values())[-1]["run_name"]).plot_file
+        if last_plot.is_file():  # the run's own plot: loss, FVU, lr, gradient norm, the probe per language
+            shutil.copy(last_plot, path.parent / "probe_curve.png")
     for name, run in others.items():
         sections += smoke_section(name, run, baselines[run["llm"]])
     timings = saved["timings_s"]
@@ -609,7 +620,8 @@ def probe_section(runs: dict) -> list[str]:
                              for name, step, probe, r1 in pairs]), "",
             f"Spearman rank correlation with the held-out mean R@1 over these {len(pairs)} checkpoints: "
             f"{rho['teacher']:.3f} (teacher space), {rho['stack']:.3f} (stack space). The probe's curves per language "
-            f"are in each run's loss_curve.png (RUN/loss_curve.png, the multilingual-probe panel).", ""]
+            f"are in each run's loss_curve.png (its last panel); the last variant's is copied here:", "",
+            "![the last variant's run, with the probe panel](probe_curve.png)", ""]
 
 
 def smoke_section(name: str, run: dict, baselines: dict) -> list[str]:
