@@ -566,7 +566,9 @@ def test_stage1_lora_merge_trains_a_fresh_task_lora_on_the_merged_base(runs):
     texts = [example["text"] for example in evaluator.data.split(language.test, language.code)]
     assert exported.predict(texts, lang="ind_Latn") == [cfg.task.labels[k] for k in logits.argmax(-1).tolist()]
     # task-distill merges alike: the student is the merged stack with a fresh LoRA, the run keeps what it merged
-    distilled = run_task(root, data, "merged_distill", "task-distill", **extra, **{"task.teacher": str(root / "llm")})
-    assert distilled["losses"][-1] < distilled["losses"][0]
+    distilled = run_task(root, data, "merged_distill", "task-distill",
+                         **{**extra, "task.epochs": 3, "task.teacher": str(root / "llm")})
+    losses = distilled["losses"]
+    assert sum(losses[-4:]) < sum(losses[:4]), losses  # 12 steps: the last epoch's MSE below the first's
     kept = load_file(str(root / "merged_distill" / "stage1_lora.safetensors"))
     assert kept.keys() == stage1_lora.keys() and all(torch.equal(kept[name], stage1_lora[name]) for name in kept)
