@@ -8,8 +8,8 @@ kinds of body:
               task LoRA; the projection U stays as stage 1 left it (stage 2 trains only LoRA adapters)
 
 The task representation is the pooled vector (model.pooling) or, for multiple choice and token classification,
-each answer's or word's own span mean-pooled (portable/heads.span_pool). In task-distill the stack's representation is pulled towards the teacher's (MSE), and the
-teacher's head, frozen, predicts.
+each answer's or word's own span mean-pooled (portable/heads.span_pool). In task-distill the stack's
+representation is pulled towards the teacher's (MSE), and the teacher's head, frozen, predicts.
 """
 
 from __future__ import annotations
@@ -149,10 +149,11 @@ def merge_stage1_lora(model: TaskModel, cfg: Config, device: torch.device | str 
     """task.stage1_lora merge: the stack's stage-1 LoRA (loaded from its checkpoint, or `lora_state`) merged into
     the frozen LLM, and a fresh task LoRA on it (seeded alike on every rank). Returns the merged LoRA's tensors
     (the stage-2 run keeps them: keep_stage1)."""
-    kept = {name: tensor.detach().cpu().clone() for name, tensor in trainable_parameters(model.body.llm).items()}
+    merged = lora_state if lora_state is not None else {
+        name: tensor.detach().cpu().clone() for name, tensor in trainable_parameters(model.body.llm).items()}
     with seeded(cfg.model.init_seed, device):
         model.body.llm = add_lora(merged_stage1(model.body.llm, lora_state), cfg.model)
-    return lora_state or kept
+    return merged
 
 
 def keep_stage1(model: TaskModel, run_dir: Path, merged_lora: dict[str, torch.Tensor] | None = None) -> None:
