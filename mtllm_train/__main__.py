@@ -35,6 +35,8 @@ EXAMPLES = {
     "verify": ["mtllm verify exports/tiny"],
     "evaluate-embedder": ["mtllm evaluate-embedder --model exports/tiny --bitext shards/sample/bitext_probe.jsonl "
                           "--out exports/tiny_bitext"],
+    "mteb": ["mtllm mteb --model exports/tiny --tasks FloresBitextMining --languages deu_Latn,swh_Latn --out exports/tiny_mteb",
+             "mtllm mteb --model exports/tiny --tasks my_tasks.py:MyBitext --fallback pcm-Latn=eng_Latn"],
     "probe-set": ["mtllm probe-set --flores data/flores200_dataset --out data/flores200_dev_probe.jsonl"],
     "prepare-llm2vec": ["mtllm prepare-llm2vec --out models/llm2vec-llama3-8b"],
     "tiny-tokenizers": ["mtllm tiny-tokenizers"],
@@ -230,6 +232,31 @@ def _evaluate_embedder(args: argparse.Namespace) -> None:
     print(f"(written to {args.out}.json and {args.out}.md)")
 
 
+def _mteb(args: argparse.Namespace) -> None:
+    from mtllm_train.config import ConfigError
+
+    try:
+        from mtllm_train.mteb_eval import find_tasks, run_mteb
+    except ModuleNotFoundError as err:
+        if (err.name or "").split(".")[0] not in ("mteb", "datasets"):
+            raise
+        raise ConfigError("mtllm mteb needs the mteb package: pip install -e .[mteb] (mteb==2.26.24)") from None
+
+    fallbacks = {}
+    for pair in args.fallback:
+        code, _, target = pair.partition("=")
+        if not (code and target):
+            raise ConfigError(f"--fallback {pair}: expected MTEB_CODE=FLORES_CODE, e.g. pcm-Latn=eng_Latn")
+        fallbacks[code] = target
+    languages = args.languages.split(",") if args.languages else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # mteb's own notices (tensor copies, dataset revisions)
+        run_mteb(args.model, find_tasks(args.tasks, languages), args.out, fallbacks, args.batch_size)
+    print(open(f"{args.out}/summary.md", encoding="utf-8").read(), end="")
+    print(f"(mteb's result files in {args.out}/results, predictions in {args.out}/predictions, the language each "
+          f"call was read as in {args.out}/summary.json)")
+
+
 def _prepare_llm2vec(args: argparse.Namespace) -> None:
     from mtllm_train.llm2vec import prepare_llm2vec
 
@@ -376,6 +403,18 @@ def build_parser() -> argparse.ArgumentParser:
                           help="a bitext set (jsonl / tsv / parquet: lang, text, english); repeat for more")
     embedder.add_argument("--out", default="embedder_eval", help="OUT.json and OUT.md (default embedder_eval)")
     embedder.set_defaults(func=_evaluate_embedder)
+
+    mteb = command("mteb", "MTEB tasks (the mteb library) on a stage-1 export, each text read in its subset's language")
+    mteb.add_argument("--model", required=True, help="a stage-1 export folder (mtllm export) or a hub id")
+    mteb.add_argument("--tasks", required=True, nargs="+",
+                      help="mteb task names (e.g. FloresBitextMining Tatoeba), or FILE.py:CLASS for a task of your own")
+    mteb.add_argument("--languages", default=None,
+                      help="comma-separated languages to keep (deu or deu_Latn; default: every subset of the tasks)")
+    mteb.add_argument("--fallback", action="append", default=[],
+                      help="MTEB_CODE=FLORES_CODE for a language the MT encoder lacks (e.g. pcm-Latn=eng_Latn); repeat")
+    mteb.add_argument("--out", default="mteb_results", help="output folder (default mteb_results)")
+    mteb.add_argument("--batch-size", type=int, default=32, help="texts per forward (default 32)")
+    mteb.set_defaults(func=_mteb)
 
     verify = command("verify", "check that an export computes what it recorded when exported (exit 1 if not)")
     verify.add_argument("model", help="an export folder (mtllm export) or a hub id")

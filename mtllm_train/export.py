@@ -314,6 +314,16 @@ def load_mtllm(path_or_hub_id: str | Path, device: str | torch.device | None = N
     return MTLLMModel.from_pretrained(path_or_hub_id, device=device, dtype=dtype, guard=guard)
 
 
+def load_embedder(path_or_hub_id: str | Path, command: str) -> MTLLMModel:
+    """A stage-1 export (an MT-LLM stack without a task head), for the commands that evaluate embedders."""
+    model = load_mtllm(path_or_hub_id)
+    if model.config.body != "stack" or model.head is not None:
+        raise ConfigError(f"--model {path_or_hub_id}: {command} reads a stage-1 embedder export (an MT-LLM stack "
+                          f"without a task head); this one is a {model.config.body} "
+                          f"{'task model' if model.head is not None else 'model'}")
+    return model
+
+
 def verify_export(path_or_hub_id: str | Path) -> guard.Report | None:
     """`mtllm verify`: the export's probes recomputed against the recorded ones (None: it recorded none)."""
     with warnings.catch_warnings():

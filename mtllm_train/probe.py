@@ -315,13 +315,9 @@ EMBEDDER_ROWS = (("MT-LLM (X and English by the stack)", "stack", "stack"),
 def evaluate_embedder(export: str, sets: list[str], out: str) -> dict:
     """`mtllm evaluate-embedder`: per-language bitext mining of a stage-1 export against the two baselines;
     OUT.json and OUT.md. R@1 per language is the mean of both directions."""
-    from mtllm_train.export import load_mtllm
+    from mtllm_train.export import load_embedder
 
-    model = load_mtllm(export)
-    if model.config.body != "stack" or model.head is not None:
-        raise ConfigError(f"--model {export}: evaluate-embedder reads a stage-1 embedder export (an MT-LLM stack "
-                          f"without a task head); this one is a {model.config.body} "
-                          f"{'task model' if model.head is not None else 'model'}")
+    model = load_embedder(export, "evaluate-embedder")
     teacher = model.teacher_tokenizer is not None and not model.config.merged
 
     def read(texts: list[str], lang: str, how: str) -> torch.Tensor:
