@@ -44,7 +44,10 @@ PAIR_COLUMNS = ("sentence1", "sentence2")
 
 
 def flores_code(mteb_code: str, codes: set[str], fallbacks: dict[str, str]) -> str | None:
-    """The MT encoder's code for an MTEB language code, or None when it has none (and no fallback)."""
+    """The MT encoder's code for an MTEB language code, or None when it has none (and no fallback). An MT
+    tokenizer without language codes (e5's: `codes` empty) reads every language alike."""
+    if not codes:
+        return fallbacks.get(mteb_code, mteb_code.replace("-", "_"))
     for candidate in (fallbacks.get(mteb_code), mteb_code.replace("-", "_"), MTEB_ALIASES.get(mteb_code)):
         if candidate in codes:
             return candidate
@@ -143,7 +146,10 @@ def find_tasks(specs: list[str], languages: list[str] | None = None) -> list:
                 raise ConfigError(f"--tasks {spec}: no file {path} (expected FILE.py:CLASS, an mteb task class)")
             module_spec = importlib.util.spec_from_file_location(Path(path).stem, path)
             module = importlib.util.module_from_spec(module_spec)
-            module_spec.loader.exec_module(module)
+            try:
+                module_spec.loader.exec_module(module)
+            except Exception as err:  # the user's own file: whatever it raises, it is one line naming it
+                raise ConfigError(f"--tasks {spec}: importing {path} failed ({type(err).__name__}: {err})") from None
             task_class = getattr(module, class_name, None)
             if not (isinstance(task_class, type) and issubclass(task_class, AbsTask)):
                 raise ConfigError(f"--tasks {spec}: {path} has no mteb task class {class_name!r} (a subclass of "
@@ -190,7 +196,7 @@ def run_mteb(export: str, tasks, out: str, fallbacks: dict[str, str] | None = No
     model = load_embedder(export, "mtllm mteb")
     fallbacks = fallbacks or {}
     for code, target in fallbacks.items():
-        if target not in model.config.languages:
+        if model.config.languages and target not in model.config.languages:
             raise ConfigError(f"--fallback {code}={target}: {target!r} is not a language code of the MT tokenizer")
     check_tasks(tasks, set(model.config.languages), fallbacks)
     load_task_data(tasks)
