@@ -12,6 +12,7 @@ import re
 import sys
 import textwrap
 import warnings
+from pathlib import Path
 from importlib.metadata import PackageNotFoundError, version
 
 EXAMPLES = {
@@ -250,9 +251,10 @@ def _mteb(args: argparse.Namespace) -> None:
         fallbacks[code] = target
     languages = args.languages.split(",") if args.languages else None
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # mteb's own notices (tensor copies, dataset revisions)
+        # mteb's and datasets' own notices (tensor copies, dataset revisions); the export's load check still warns
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"(mteb|datasets)\b")
         run_mteb(args.model, find_tasks(args.tasks, languages), args.out, fallbacks, args.batch_size)
-    print(open(f"{args.out}/summary.md", encoding="utf-8").read(), end="")
+    print(Path(args.out, "summary.md").read_text(encoding="utf-8"), end="")
     print(f"(mteb's result files in {args.out}/results, predictions in {args.out}/predictions, the language each "
           f"call was read as in {args.out}/summary.json)")
 
@@ -409,7 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
     mteb.add_argument("--tasks", required=True, nargs="+",
                       help="mteb task names (e.g. FloresBitextMining Tatoeba), or FILE.py:CLASS for a task of your own")
     mteb.add_argument("--languages", default=None,
-                      help="comma-separated languages to keep (deu or deu_Latn; default: every subset of the tasks)")
+                      help="comma-separated languages (deu or deu_Latn): keep the subsets all of whose languages are "
+                           "among them (English too in bitext and STS tasks; default: every subset)")
     mteb.add_argument("--fallback", action="append", default=[],
                       help="MTEB_CODE=FLORES_CODE for a language the MT encoder lacks (e.g. pcm-Latn=eng_Latn); repeat")
     mteb.add_argument("--out", default="mteb_results", help="output folder (default mteb_results)")

@@ -302,26 +302,38 @@ def _sentence_transformers_files(folder: Path, pooling: str, max_length: int, hi
         {"word_embedding_dimension": hidden, "pooling_mode": ST_POOLING[pooling]}, indent=2))
 
 
+def _refuse_non_export(path_or_hub_id: str | Path) -> None:
+    if Path(path_or_hub_id).exists() and not _is_export(Path(path_or_hub_id)):
+        raise ConfigError(f"{path_or_hub_id}: not an exported MT-LLM (no config.json of model_type mtllm); create "
+                          f"one with `mtllm export`")
+
+
 def load_mtllm(path_or_hub_id: str | Path, device: str | torch.device | None = None,
                dtype: torch.dtype | str | None = None, guard: str | None = None) -> MTLLMModel:
     """An exported MT-LLM (local folder or hub id), frozen, in eval mode: `encode(texts, lang=...)` for an
     embedder, `predict(inputs, lang=...)` / `predict_proba` for a task model. Inputs follow its device.
     guard: warn, strict or off: what a load does when the export computes other outputs than it recorded
     (default: MTLLM_GUARD, else warn)."""
-    if Path(path_or_hub_id).exists() and not _is_export(Path(path_or_hub_id)):
-        raise ConfigError(f"{path_or_hub_id}: not an exported MT-LLM (no config.json of model_type mtllm); create "
-                          f"one with `mtllm export`")
+    _refuse_non_export(path_or_hub_id)
     return MTLLMModel.from_pretrained(path_or_hub_id, device=device, dtype=dtype, guard=guard)
 
 
-def load_embedder(path_or_hub_id: str | Path, command: str) -> MTLLMModel:
-    """A stage-1 export (an MT-LLM stack without a task head), for the commands that evaluate embedders."""
-    model = load_mtllm(path_or_hub_id)
-    if model.config.body != "stack" or model.head is not None:
+def embedder_config(path_or_hub_id: str | Path, command: str) -> MTLLMConfig:
+    """The config of a stage-1 export (an MT-LLM stack without a task head), read without its weights, for the
+    commands that evaluate embedders; any other export is refused in one line."""
+    _refuse_non_export(path_or_hub_id)
+    config = MTLLMConfig.from_pretrained(str(path_or_hub_id))
+    if config.body != "stack" or config.task is not None:
         raise ConfigError(f"--model {path_or_hub_id}: {command} reads a stage-1 embedder export (an MT-LLM stack "
-                          f"without a task head); this one is a {model.config.body} "
-                          f"{'task model' if model.head is not None else 'model'}")
-    return model
+                          f"without a task head); this one is a {config.body} "
+                          f"{'task model' if config.task is not None else 'model'}")
+    return config
+
+
+def load_embedder(path_or_hub_id: str | Path, command: str) -> MTLLMModel:
+    """A stage-1 export, checked by `embedder_config` before its weights load."""
+    embedder_config(path_or_hub_id, command)
+    return load_mtllm(path_or_hub_id)
 
 
 def verify_export(path_or_hub_id: str | Path) -> guard.Report | None:

@@ -1,6 +1,7 @@
 """mteb tasks over the shipped bitext sample (shards/sample/bitext_probe.jsonl), for `mtllm mteb` without the hub:
 `--tasks tests/mteb_tasks.py:SampleBitext` and the others. Each shape of language labelling mteb has:
-two-language subsets (either column order), a parallel task (a column per language) and one-language subsets."""
+two-language subsets (told apart by column or by script), a parallel task (a column per language) and
+one-language subsets; and tasks that cannot be read."""
 
 import json
 from pathlib import Path
@@ -75,8 +76,36 @@ class SampleSTS(AbsTaskSTS):
         self.data_loaded = True
 
 
+class SampleCrossSTS(AbsTaskSTS):
+    """Two-language subsets. `rus-eng` lists Russian first but holds it in sentence2 (as mteb's data may): the
+    scripts tell the columns apart. `deu-eng` (one script): its columns follow its languages' order."""
+
+    metadata = metadata("SampleCrossSTS", "STS", {"rus-eng": ["rus-Cyrl", "eng-Latn"],
+                                                  "deu-eng": ["deu-Latn", "eng-Latn"]}, "cosine_spearman")
+
+    def load_data(self, **kwargs) -> None:
+        def rows(first: list[str], second: list[str]) -> DatasetDict:
+            return DatasetDict(test=Dataset.from_dict({"sentence1": first, "sentence2": second, "score": STS_SCORES}))
+
+        self.dataset = {"rus-eng": rows(texts("eng_Latn"), texts("rus_Cyrl")),
+                        "deu-eng": rows(texts("deu_Latn"), texts("eng_Latn"))}
+        self.data_loaded = True
+
+
+class SampleMisnamedParallel(AbsTaskBitextMining):
+    """A parallel task whose columns are not language codes (de, en): its language cannot be told."""
+
+    parallel_subsets = True
+    metadata = metadata("SampleMisnamedParallel", "BitextMining", {"de-en": ["deu-Latn", "eng-Latn"]}, "accuracy")
+
+    def load_data(self, **kwargs) -> None:
+        self.dataset = DatasetDict(test=Dataset.from_dict({"de": texts("deu_Latn"), "en": texts("eng_Latn")}))
+        self.data_loaded = True
+
+
 class SamplePairs(AbsTaskPairClassification):
-    """A two-language subset of a task type that may send both columns in one call: refused."""
+    """A pair classification task whose only subset mixes two languages: mteb does not say which text is in
+    which, so it is refused."""
 
     metadata = metadata("SamplePairs", "PairClassification", {"deu-eng": ["deu-Latn", "eng-Latn"]}, "max_ap")
 
