@@ -34,6 +34,7 @@ from mteb.models.model_meta import ModelMeta
 from mtllm_train.config import ConfigError
 from mtllm_train.files import write_atomic
 from mtllm_train.portable.tokens import ENGLISH
+from mtllm_train.tasks.data import hub_failure
 
 # MTEB's code of a macrolanguage (or another script name) -> the FLORES-200 code of the language NLLB-200 holds.
 MTEB_ALIASES = {
@@ -270,10 +271,8 @@ def load_task_data(tasks) -> None:
         try:
             task.load_data()
         except Exception as err:  # datasets raises many kinds (offline, missing, gated); each is the same failure
-            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ConfigError(f"--tasks {task.metadata.name}: loading its data failed ({first_line}); mteb's "
-                              f"tasks read the Hugging Face hub (run where it is reachable, or where the datasets "
-                              f"cache holds them), a task of your own its load_data") from None
+            raise hub_failure(f"--tasks {task.metadata.name}", err, "; a task of your own reads what its "
+                                                                  "load_data reads") from None
 
 
 def run_mteb(export: str, tasks, out: str, fallbacks: dict[str, str] | None = None, batch_size: int = 32) -> dict:

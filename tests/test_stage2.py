@@ -2,6 +2,7 @@
 evaluate with S-DEV / T-DEV, translate-test, resume, the teacher cache, 2-process runs, user errors."""
 
 import json
+import sys
 
 import pytest
 import torch
@@ -219,7 +220,7 @@ def test_multiple_choice_spans_cover_each_answer_and_long_passages_are_cut():
         assert llm_tokenizer.decode([item["ids"][k] for k in span]).strip() == answer
 
 
-def test_stage2_user_errors_name_the_problem(runs, tmp_path):
+def test_stage2_user_errors_name_the_problem(runs, tmp_path, monkeypatch):
     root, data = runs
     with pytest.raises(ConfigError, match=r"task.teacher: required by task-distill"):
         run_task(tmp_path, data, "x", "task-distill", **{"task.init_from": str(root / "s1")})
@@ -231,7 +232,12 @@ def test_stage2_user_errors_name_the_problem(runs, tmp_path):
         run_task(tmp_path, data, "x", **{"task.eval": bad_language})
     with pytest.raises(ConfigError, match=r"task.train: 64 examples is less than one global batch"):
         run_task(tmp_path, data, "x", **{"train.global_batch_size": 128, "data.micro_batch_size": 8})
-    with pytest.raises(ConfigError, match=r"hf://org/x:train: reading Hugging Face datasets needs the `datasets`"):
+    with pytest.raises(ConfigError, match=r"hf://org/x:train: loading its data failed \(.*\); it is read from the "
+                                          r"Hugging Face hub: run where the hub is reachable"):
+        run_task(tmp_path, data, "x", **{"task.train": "hf://org/x:train"})  # the hub is offline in the tests
+    with monkeypatch.context() as patch, pytest.raises(ConfigError, match=r"hf://org/x:train: reading Hugging Face "
+                                                                          r"datasets needs the `datasets`"):
+        patch.setitem(sys.modules, "datasets", None)  # without the optional package
         run_task(tmp_path, data, "x", **{"task.train": "hf://org/x:train"})
     with pytest.raises(ConfigError, match=r"holds a stage-1 run; give this stage-2 run its own run.name"):
         run_task(root, data, "s1")

@@ -106,7 +106,18 @@ def hf_rows(spec: str):
         raise ConfigError(f"{spec}: expected hf://org/dataset[/config]:split, e.g. hf://facebook/xnli/de:validation")
     parts = name.split("/")
     path, config = ("/".join(parts[:2]), "/".join(parts[2:]) or None) if len(parts) > 2 else (name, None)
-    yield from enumerate(datasets.load_dataset(path, config, split=split), 1)
+    try:
+        rows = datasets.load_dataset(path, config, split=split)
+    except Exception as err:  # datasets raises many kinds (offline, missing, gated): each is the same failure
+        raise hub_failure(spec, err) from None
+    yield from enumerate(rows, 1)
+
+
+def hub_failure(what: str, err: Exception, otherwise: str = "") -> ConfigError:
+    """One line for data the Hugging Face hub did not give (offline, missing, gated, ...)."""
+    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return ConfigError(f"{what}: loading its data failed ({first_line}); it is read from the Hugging Face hub: run "
+                       f"where the hub is reachable, or where the datasets cache holds it{otherwise}")
 
 
 def load_split(spec: str, task: str, label_names: tuple[str, ...] = NLI_LABELS, lang: str | None = None,
