@@ -61,6 +61,16 @@ SCRIPT_NAMES = {
 _CODE = re.compile(r"[a-z]{3}([_-][A-Z][a-z]{3})?")
 
 
+def listed(items: list[str], shown: int = 4) -> str:
+    """The first `shown` items, comma-separated, with ", ..." when there are more."""
+    return ", ".join(items[:shown]) + (", ..." if len(items) > shown else "")
+
+
+def column_language(column: str) -> str:
+    """The MTEB code of a parallel task's column, which is named by its FLORES-200 code."""
+    return column.replace("_", "-")
+
+
 def flores_code(mteb_code: str, codes: set[str], fallbacks: dict[str, str]) -> str | None:
     """The MT encoder's code for an MTEB language code, or None when it has none (and no fallback). An MT
     tokenizer without language codes (e5's: `codes` empty) reads every language alike."""
@@ -100,12 +110,12 @@ def keep_readable_subsets(tasks) -> list[str]:
             continue
         if len(left_out) == len(task.hf_subsets):
             raise ConfigError(f"--tasks {task.metadata.name}: every subset mixes languages in a "
-                              f"{task.metadata.type} task ({', '.join(left_out[:4])}{', ...' if len(left_out) > 4 else ''}), "
+                              f"{task.metadata.type} task ({listed(left_out)}), "
                               f"and mteb does not say which text is in which: the stack, which needs each text's "
                               f"language, cannot run it")
         task.hf_subsets = [subset for subset in task.hf_subsets if subset not in left_out]
         notes.append(f"{task.metadata.name}: left out {len(left_out)} subset(s) mixing languages "
-                     f"({', '.join(left_out[:4])}{', ...' if len(left_out) > 4 else ''}): mteb does not say which "
+                     f"({listed(left_out)}): mteb does not say which "
                      f"of their texts is in which language")
     return notes
 
@@ -114,7 +124,7 @@ def call_languages(task, subset: str) -> list[str]:
     """The MTEB codes a subset's calls are read in: a parallel task's columns (named in its subsets, as FLORES
     codes) or the subset's languages."""
     if getattr(task, "parallel_subsets", False):
-        return [column.replace("_", "-") for column in subset.split("-")]
+        return [column_language(column) for column in subset.split("-")]
     return subset_languages(task, subset)
 
 
@@ -127,7 +137,7 @@ def check_languages(tasks, codes: set[str], fallbacks: dict[str, str]) -> None:
                 if flores_code(lang, codes, fallbacks) is None:
                     missing.setdefault(lang, []).append(f"{task.metadata.name}/{subset}")
     if missing:
-        named = "; ".join(f"{lang} ({', '.join(where[:2])}{', ...' if len(where) > 2 else ''})"
+        named = "; ".join(f"{lang} ({listed(where, 2)})"
                           for lang, where in sorted(missing.items()))
         raise ConfigError(f"--tasks: the MT encoder has no language code for {named}; give each a fallback "
                           f"(--fallback CODE=FLORES_CODE, e.g. --fallback {min(missing)}=eng_Latn) or leave it out "
@@ -164,7 +174,7 @@ class StackEncoder(AbsEncoder):
         """(the FLORES-200 code the texts of one call are read as, how it was found)."""
         task = self.tasks[task_name]
         if getattr(task, "parallel_subsets", False) and subset not in task.hf_subsets:
-            lang, how = subset.replace("_", "-"), "column"  # a parallel task's column: its name is the language
+            lang, how = column_language(subset), "column"  # mteb names a parallel task's column as the subset
         else:
             langs = subset_languages(task, subset)
             lang, how = langs[0], "subset"
@@ -210,7 +220,7 @@ def keep_languages(task, languages: list[str]) -> None:
             if all(wanted(lang, requested) for lang in subset_languages(task, subset))]
     if not kept:
         raise ConfigError(f"--languages {','.join(languages)}: {task.metadata.name} has none of them (its subsets: "
-                          f"{', '.join(task.hf_subsets[:8])}{', ...' if len(task.hf_subsets) > 8 else ''})")
+                          f"{listed(task.hf_subsets, 8)})")
     task.hf_subsets = kept
 
 
