@@ -99,6 +99,19 @@ def test_mteb_refuses_in_one_line_what_it_cannot_read(exported, tmp_path, capsys
         assert err.count("\n") == 1 and err.startswith("mtllm: error: ")
         return err
 
+    def refused_model(model: str) -> str:
+        assert main(["mteb", "--model", model, "--tasks", f"{TASKS}:SampleSTS", "--out", str(tmp_path / "out")]) == 2
+        return capsys.readouterr().err
+
+    # Only a stage-1 embedder export, told from its config before any weights load (the folders hold no weights).
+    config = json.loads((exported / "config.json").read_text())
+    for name, changes, kind in (("task", {"task": {"name": "classification", "labels": ["a", "b"]}}, "stack task model"),
+                                ("llm", {"body": "llm"}, "llm model")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps({**config, **changes}))
+        assert f"mtllm mteb reads a stage-1 embedder export (an MT-LLM stack without a task head); this one is a " \
+               f"{kind}" in refused_model(str(tmp_path / name))
+    assert "not an exported MT-LLM (no config.json of model_type mtllm)" in refused_model(str(tmp_path))
     assert "no language code for pcm-Latn (SampleSTS/pcm); give each a fallback" in refused(
         "--tasks", f"{TASKS}:SampleSTS")
     assert "--tasks SamplePairs: every subset mixes languages in a PairClassification task (deu-eng)" in refused(
