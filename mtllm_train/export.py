@@ -169,10 +169,8 @@ def export_run(run: str, out: str | None = None, step: int | None = None, force:
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     try:
-        stage1_lora = None
-        if identity is not None and identity["kind"] == "stack" and cfg.task.stage1_lora == "merge":
-            from mtllm_train.tasks.models import kept_stage1_lora
-            stage1_lora = kept_stage1_lora(run_folder)
+        from mtllm_train.tasks.models import kept_stage1_lora, merges_stage1
+        stage1_lora = kept_stage1_lora(run_folder) if merges_stage1(identity, cfg) else None
         _write_export(partial, model, body, task, cfg, _training_facts(run_folder, cfg, meta, identity), merge,
                       stage1_lora)
         del model  # the export is loaded back next: one copy of the model in memory at a time

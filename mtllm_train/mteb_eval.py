@@ -28,6 +28,7 @@ from collections import Counter
 from pathlib import Path
 
 from mteb.abstasks.aggregated_task import AbsTaskAggregate
+from mteb.abstasks.task_metadata import TaskMetadata
 from mteb.models.abs_encoder import AbsEncoder
 from mteb.models.model_meta import ModelMeta
 
@@ -69,6 +70,17 @@ def listed(items: list[str], shown: int = 4) -> str:
 def column_language(column: str) -> str:
     """The MTEB code of a parallel task's column, which is named by its FLORES-200 code."""
     return column.replace("_", "-")
+
+
+def local_task_metadata(name: str, task_type: str, eval_langs: dict | list, main_score: str,
+                        split: str = "test") -> TaskMetadata:
+    """The metadata of an mteb task of one's own over local files (`--tasks FILE.py:CLASS`): what mteb requires,
+    with the catalogue fields (reference, dates, licence, ...) left empty."""
+    return TaskMetadata(name=name, dataset={"path": f"local/{name}", "revision": "1"}, description=name,
+                        reference=None, type=task_type, category="t2t", modalities=["text"], eval_splits=[split],
+                        eval_langs=eval_langs, main_score=main_score, date=None, domains=None, task_subtypes=None,
+                        license=None, annotations_creators=None, dialect=None, sample_creation=None,
+                        bibtex_citation="")
 
 
 def flores_code(mteb_code: str, codes: set[str], fallbacks: dict[str, str]) -> str | None:
@@ -185,10 +197,11 @@ class StackEncoder(AbsEncoder):
     @staticmethod
     def _language_of_pair(task, subset: str, split: str, langs: list[str], texts: list[str]) -> tuple[str, str]:
         scripts = [SCRIPT_NAMES.get(lang.split("-")[-1], set()) for lang in langs]
-        found = dominant_script(texts)
-        by_script = [lang for lang, names in zip(langs, scripts) if found in names]
-        if len(by_script) == 1 and not scripts[0] & scripts[1]:
-            return by_script[0], "script"
+        if all(scripts) and not scripts[0] & scripts[1]:  # two known, different scripts: the letters tell
+            found = dominant_script(texts)
+            by_script = [lang for lang, names in zip(langs, scripts) if found in names]
+            if len(by_script) == 1:
+                return by_script[0], "script"
         data = task.dataset[subset] if subset in task.dataset else task.dataset
         pair = getattr(task, "column_names", PAIR_COLUMNS)
         columns = [name for name in pair if list(data[split][name]) == texts]

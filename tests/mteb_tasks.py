@@ -9,8 +9,9 @@ from pathlib import Path
 from datasets import Dataset, DatasetDict
 from mteb.abstasks.pair_classification import AbsTaskPairClassification
 from mteb.abstasks.sts import AbsTaskSTS
-from mteb.abstasks.task_metadata import TaskMetadata
 from mteb.abstasks.text.bitext_mining import AbsTaskBitextMining
+
+from mtllm_train.mteb_eval import local_task_metadata as metadata
 
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = [json.loads(line) for line in open(ROOT / "shards/sample/bitext_probe.jsonl", encoding="utf-8")]
@@ -21,14 +22,6 @@ def texts(lang: str) -> list[str]:
     if lang == "eng_Latn":
         return [row["english"] for row in ROWS if row["lang"] == "deu_Latn"]
     return [row["text"] for row in ROWS if row["lang"] == lang]
-
-
-def metadata(name: str, task_type: str, eval_langs, main_score: str) -> TaskMetadata:
-    return TaskMetadata(name=name, dataset={"path": f"local/{name}", "revision": "1"},
-                        description="the shipped bitext sample", reference=None, type=task_type, category="t2t",
-                        modalities=["text"], eval_splits=["test"], eval_langs=eval_langs, main_score=main_score,
-                        date=None, domains=None, task_subtypes=None, license=None, annotations_creators=None,
-                        dialect=None, sample_creation=None, bibtex_citation="")
 
 
 class SampleBitext(AbsTaskBitextMining):

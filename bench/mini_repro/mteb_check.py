@@ -20,8 +20,9 @@ import sys
 from pathlib import Path
 
 from datasets import Dataset, DatasetDict
-from mteb.abstasks.task_metadata import TaskMetadata
 from mteb.abstasks.text.bitext_mining import AbsTaskBitextMining
+
+from mtllm_train.mteb_eval import local_task_metadata
 
 ROOT = Path(__file__).resolve().parents[2]
 PROBE_SET = ROOT / ".cache/mini_repro/probe_bitext.jsonl"
@@ -39,14 +40,10 @@ def probe_pairs() -> dict[str, list[tuple[str, str]]]:
 
 class ProbeBitext(AbsTaskBitextMining):
     LANGUAGES = ("deu_Latn", "fra_Latn", "spa_Latn", "rus_Cyrl", "jpn_Jpan", "zho_Hans")
-    metadata = TaskMetadata(
-        name="MiniReproProbeBitext", dataset={"path": "local/mini_repro_probe", "revision": "1"},
-        description="the mini reproduction's probe set", reference=None, type="BitextMining", category="t2t",
-        modalities=["text"], eval_splits=["test"], main_score="accuracy", date=None, domains=None,
-        task_subtypes=None, license=None, annotations_creators=None, dialect=None, sample_creation=None,
-        bibtex_citation="",
-        eval_langs={subset: [code.replace("_", "-") for code in subset.split("-")]
-                    for lang in LANGUAGES for subset in (f"{lang}-eng_Latn", f"eng_Latn-{lang}")})
+    metadata = local_task_metadata(
+        "MiniReproProbeBitext", "BitextMining",
+        {subset: [code.replace("_", "-") for code in subset.split("-")]
+         for lang in LANGUAGES for subset in (f"{lang}-eng_Latn", f"eng_Latn-{lang}")}, "accuracy")
 
     def load_data(self, **kwargs) -> None:
         pairs = probe_pairs()

@@ -168,6 +168,11 @@ def keep_stage1(model: TaskModel, run_dir: Path, merged_lora: dict[str, torch.Te
             save_file({name: tensor.contiguous() for name, tensor in merged_lora.items()}, str(tmp))
 
 
+def merges_stage1(identity: dict | None, cfg: Config) -> bool:
+    """Whether a stage-2 run merged its stack's stage-1 LoRA into the frozen LLM (task.stage1_lora merge)."""
+    return identity is not None and identity["kind"] == "stack" and cfg.task.stage1_lora == "merge"
+
+
 def kept_stage1_lora(run_dir: Path) -> dict[str, torch.Tensor]:
     """The stage-1 LoRA a task.stage1_lora merge run merged into its frozen LLM."""
     path = RunFolder(run_dir).stage1_lora_file
@@ -230,7 +235,7 @@ def load_task_run(run_dir: Path | RunFolder, device: torch.device | str = "cpu")
     cfg = run.settings()
     model = build_task_model(cfg, identity["kind"], device)
     load_projection(model, run)
-    if identity["kind"] == "stack" and cfg.task.stage1_lora == "merge":
+    if merges_stage1(identity, cfg):
         merge_stage1_lora(model, cfg, device, kept_stage1_lora(run))
     if identity["command"] == "task-distill":  # not in this run's checkpoints: the teacher's head is frozen
         load_head(model.head, cfg.task.teacher, identity["teacher_step"])
